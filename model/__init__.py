@@ -1,0 +1,3 @@
+from .compat import import_sat as _import_sat
+
+_import_sat()
