@@ -1,0 +1,70 @@
+"""Model configurations as plain dicts, in the key names of sat's model_config.json."""
+
+# The released visualglm-6b checkpoint (spec section 1.2).
+VISUALGLM_6B = {
+    "model_class": "VisualGLMModel",
+    "tokenizer_type": "THUDM/chatglm-6b",
+    "num_layers": 28,
+    "hidden_size": 4096,
+    "num_attention_heads": 32,
+    "vocab_size": 130528,
+    "layernorm_order": "post",
+    "model_parallel_size": 1,
+    "max_sequence_length": 2048,
+    "image_length": 32,
+    "eva_args": {
+        "num_layers": 39, "hidden_size": 1408, "num_attention_heads": 16, "vocab_size": 1,
+        "layernorm_order": "pre", "model_parallel_size": 1, "max_sequence_length": 257,
+        "inner_hidden_size": 6144, "use_final_layernorm": False, "layernorm_epsilon": 1e-06,
+        "image_size": [224, 224], "pre_len": 1, "post_len": 0, "in_channels": 3, "num_classes": 0,
+        "patch_size": 14,
+    },
+    "qformer_args": {
+        "num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "vocab_size": 32,
+        "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": 0,
+        "is_decoder": [True, False] * 6, "cross_attn_hidden_size": 1408, "layernorm_epsilon": 1e-12,
+    },
+    "bos_token_id": 130004,
+    "mask_token_id": 130000,
+    "gmask_token_id": 130001,
+    "pad_token_id": 3,
+}
+
+
+def tiny_config(vocab_size=1000, bos_token_id=5, mask_token_id=6, gmask_token_id=7, pad_token_id=3,
+                num_layers=2, hidden_size=64, num_attention_heads=4, image_length=32,
+                image_size=224, patch_size=14, eva_layers=1, eva_hidden=32, qformer_layers=2,
+                qformer_hidden=64, tokenizer_type=None, **extra) -> dict:
+    """A small VisualGLM of the same architecture, for tests and the bundled model."""
+    return {
+        "model_class": "VisualGLMModel",
+        "tokenizer_type": tokenizer_type,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "num_attention_heads": num_attention_heads,
+        "inner_hidden_size": 4 * hidden_size,
+        "vocab_size": vocab_size,
+        "layernorm_order": "post",
+        "model_parallel_size": 1,
+        "max_sequence_length": 2048,
+        "image_length": image_length,
+        "eva_args": {
+            "num_layers": eva_layers, "hidden_size": eva_hidden, "num_attention_heads": max(1, eva_hidden // 16),
+            "vocab_size": 1, "layernorm_order": "pre", "model_parallel_size": 1,
+            "max_sequence_length": (image_size // patch_size) ** 2 + 1, "inner_hidden_size": 4 * eva_hidden,
+            "use_final_layernorm": False, "layernorm_epsilon": 1e-06, "image_size": [image_size, image_size],
+            "pre_len": 1, "post_len": 0, "in_channels": 3, "num_classes": 0, "patch_size": patch_size,
+        },
+        "qformer_args": {
+            "num_layers": qformer_layers, "hidden_size": qformer_hidden,
+            "num_attention_heads": max(1, qformer_hidden // 16), "vocab_size": image_length,
+            "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": 0,
+            "is_decoder": [i % 2 == 0 for i in range(qformer_layers)], "cross_attn_hidden_size": eva_hidden,
+            "layernorm_epsilon": 1e-12,
+        },
+        "bos_token_id": bos_token_id,
+        "mask_token_id": mask_token_id,
+        "gmask_token_id": gmask_token_id,
+        "pad_token_id": pad_token_id,
+        **extra,
+    }

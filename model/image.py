@@ -1,0 +1,89 @@
+"""Reading images from paths, URLs, bytes or PIL objects, and the BLIP-2 eval preprocessing.
+
+Preprocessing (spec 4.1): RGB -> bicubic resize to the configured square size (no crop, aspect ratio
+not kept) -> [0, 1] -> CLIP mean/std normalisation. PIL/numpy only: torchvision cannot be imported
+beside the CPU torch build.
+"""
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_PIXELS = 64_000_000        # far above any photo; stops decompression bombs
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+
+
+class ImageLoadError(ValueError):
+    """The image could not be read: missing file, not an image, truncated, too large, bad URL..."""
+
+
+def _decode(data: bytes, what: str, max_pixels: int) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(f"{what} is {w}x{h} pixels, over the limit of {max_pixels} pixels.")
+            img.load()  # decode now, so a truncated file fails here and not later
+            return img.convert("RGB")
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ImageLoadError(f"{what} is not a readable image ({e}).") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageLoadError(f"{what} could not be decoded: it is truncated or corrupt ({e}).") from e
+
+
+def _fetch(url: str, max_bytes: int, timeout: float = 20.0) -> bytes:
+    import requests
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as r:
+            r.raise_for_status()
+            data = bytearray()
+            for chunk in r.iter_content(65536):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise ImageLoadError(f"{url} is larger than {max_bytes} bytes.")
+            return bytes(data)
+    except requests.RequestException as e:
+        raise ImageLoadError(f"Could not download {url}: {e}") from e
+
+
+def load_image(source, *, allow_path: bool = True, allow_url: bool = True,
+               max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image from a local path, an http(s) URL, raw bytes or a PIL image.
+    Servers pass allow_path=False / allow_url=False for anything that came from a user."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > max_bytes:
+            raise ImageLoadError(f"The image is {len(data)} bytes, over the limit of {max_bytes} bytes.")
+        return _decode(data, "The image", max_pixels)
+    if isinstance(source, (str, Path)):
+        text = str(source).strip()
+        if text.startswith(("http://", "https://")):
+            if not allow_url:
+                raise ImageLoadError("Fetching images from URLs is disabled here.")
+            return _decode(_fetch(text, max_bytes), text, max_pixels)
+        if not allow_path:
+            raise ImageLoadError("Reading images from local paths is disabled here.")
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ImageLoadError(f"Image file not found: {path}")
+        if path.stat().st_size > max_bytes:
+            raise ImageLoadError(f"{path} is larger than {max_bytes} bytes.")
+        return _decode(path.read_bytes(), str(path), max_pixels)
+    raise ImageLoadError(f"Unsupported image source of type {type(source).__name__}.")
+
+
+def preprocess(img: Image.Image, size) -> torch.Tensor:
+    """PIL image -> normalised tensor [1, 3, H, W] (float32)."""
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    img = img.convert("RGB").resize((w, h), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 255.0                     # [H, W, 3]
+    arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())[None]        # [1, 3, H, W]

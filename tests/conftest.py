@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny tokenizer trained on the spot and a tiny random VisualGLM checkpoint."""
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import model  # noqa: E402,F401  (applies the sat compatibility fixes before anything imports sat)
+
+CORPUS_ZH = ["这张图片的背景是什么颜色？", "图中有一个红色的圆形。", "描述这张图片。", "左上角有一个蓝色的三角形。",
+             "图片里有几个形状？", "有两个形状。", "你好，请问你是谁？", "我是一个视觉语言模型。"]
+CORPUS_EN = ["What colour is the background?", "There is a red circle in the image.", "Describe the image.",
+             "How many shapes are there?", "There are two shapes.", "Hello, who are you?", "Is there a star?"]
+
+
+def corpus():
+    rng = random.Random(0)
+    lines = []
+    for _ in range(300):
+        zh, en = rng.choice(CORPUS_ZH), rng.choice(CORPUS_EN)
+        lines += [f"<img></img>问：{zh}\n答：{rng.choice(CORPUS_ZH)}", f"<img></img>Q:{en}\nA:{rng.choice(CORPUS_EN)}",
+                  f"{zh}\t{en}  {en}"]
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    from model.tokenizer import train_tokenizer
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(corpus(), out, vocab_size=600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from model.tokenizer import ChatGLMTokenizer
+    return ChatGLMTokenizer.from_pretrained(tokenizer_dir)
+
+
+def make_tiny_config(tok, **kw):
+    from model.configs import tiny_config
+    return tiny_config(vocab_size=len(tok) + 8, bos_token_id=tok.bos_token_id, mask_token_id=tok.mask_token_id,
+                       gmask_token_id=tok.gmask_token_id, pad_token_id=tok.pad_token_id, **kw)
+
+
+def randomize(m, seed=0, std=0.2):
+    """Random weights with enough spread that greedy decoding produces varied tokens."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "layernorm" in name or "ln_vision" in name:
+                continue
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return m
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tokenizer):
+    return make_tiny_config(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory, tiny_config, tokenizer_dir):
+    """A tiny random VisualGLM saved in sat format, with its tokenizer files inside."""
+    from model.checkpoint import build_model, save_checkpoint
+    m = randomize(build_model(tiny_config, device="cpu"))
+    out = tmp_path_factory.mktemp("ckpt") / "visualglm-test"
+    save_checkpoint(m, out)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(tokenizer_dir / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny(ckpt_dir):
+    """(model, tokenizer) loaded through the real loader."""
+    from model.loading import load_model_and_tokenizer
+    return load_model_and_tokenizer(str(ckpt_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory):
+    from PIL import Image, ImageDraw
+    path = tmp_path_factory.mktemp("img") / "red_circle.png"
+    img = Image.new("RGB", (224, 224), "white")
+    ImageDraw.Draw(img).ellipse([60, 60, 160, 160], fill="red")
+    img.save(path)
+    return path

@@ -1,0 +1,495 @@
+"""Tests of the synthetic data package (scenes, questions, grading, splits, few-shot zip) and of
+evaluate.evaluate(). Fast and model-free."""
+import importlib.util
+import io
+import json
+import random
+import re
+import zipfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from synthetic import grading
+from synthetic.dataset import build_corpus, generate_split, load_split
+from synthetic.fewshot import FEWSHOT_DIRNAME, build_fewshot_files, write_fewshot_zip
+from synthetic.grading import grade
+from synthetic.qa import (LANGS, PRETRAIN_TYPES, QUESTION_TYPES, TEMPLATES, make_conversation, make_qa,
+                          sample_qa)
+from synthetic.scenes import (BACKGROUND_COLOURS, CELLS, IMAGE_SIZE, SHAPE_COLOURS, SHAPE_KINDS, Scene, Shape,
+                              cell_box, sample_scene)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_evaluate_module():
+    spec = importlib.util.spec_from_file_location("visualglm_evaluate", REPO / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ----------------------------------------------------------------------------- scenes
+
+def test_scene_sampling_is_deterministic_and_varied():
+    a = [sample_scene(random.Random(11)) for _ in range(3)]
+    assert a[0] == a[1] == a[2]
+    rng = random.Random(0)
+    scenes = [sample_scene(rng) for _ in range(400)]
+    assert {s.background for s in scenes} == set(BACKGROUND_COLOURS)
+    assert {sh.colour for s in scenes for sh in s.shapes} == set(SHAPE_COLOURS)
+    assert {sh.kind for s in scenes for sh in s.shapes} == set(SHAPE_KINDS)
+    assert {sh.cell for s in scenes for sh in s.shapes} == set(CELLS)
+    assert {len(s.shapes) for s in scenes} == {1, 2, 3}
+    assert np.array_equal(scenes[0].render_array(), scenes[0].render_array())
+
+
+def test_scenes_respect_constraints_and_pixels():
+    rng = random.Random(123)
+    for _ in range(150):
+        scene = sample_scene(rng)
+        pixels = np.asarray(scene.render())
+        assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and pixels.dtype == np.uint8
+        bg = BACKGROUND_COLOURS[scene.background]
+        for y, x in [(0, 0), (0, IMAGE_SIZE - 1), (IMAGE_SIZE - 1, 0), (IMAGE_SIZE - 1, IMAGE_SIZE - 1)]:
+            assert tuple(pixels[y, x]) == bg
+        assert len({s.cell for s in scene.shapes}) == len(scene.shapes)
+        assert len({(s.colour, s.kind) for s in scene.shapes}) == len(scene.shapes)
+        masks = []
+        for shape in scene.shapes:
+            assert shape.colour != scene.background
+            assert SHAPE_COLOURS[shape.colour] != bg
+            cx, cy = shape.centre
+            assert tuple(pixels[int(cy), int(cx)]) == SHAPE_COLOURS[shape.colour]
+            mask = shape.mask()
+            ys, xs = np.nonzero(mask)
+            x0, y0, x1, y1 = cell_box(shape.cell)
+            assert xs.min() >= x0 and xs.max() + 1 <= x1 + 1e-9 and ys.min() >= y0 and ys.max() + 1 <= y1 + 1e-9
+            # large enough to be seen through 14-px patches
+            assert xs.max() - xs.min() >= 28 and ys.max() - ys.min() >= 28
+            masks.append(mask)
+        for i in range(len(masks)):
+            for j in range(i + 1, len(masks)):
+                assert not np.any(masks[i] & masks[j])
+        untouched = ~np.any(np.stack(masks), axis=0)
+        assert np.all(pixels[untouched] == np.array(bg, dtype=np.uint8))
+
+
+def test_scene_rejects_invalid_layouts():
+    with pytest.raises(ValueError):
+        Scene("white", (Shape("circle", "white", "top"),))
+    with pytest.raises(ValueError):
+        Scene("black", (Shape("circle", "red", "top"), Shape("star", "blue", "top")))
+    with pytest.raises(ValueError):
+        Scene("black", (Shape("circle", "red", "top"), Shape("circle", "red", "left")))
+    scene = Scene("gray", (Shape("star", "red", "left"),))
+    assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
+
+
+# ----------------------------------------------------------------------------- questions
+
+def test_every_type_in_both_languages_with_paraphrases():
+    rng = random.Random(5)
+    templates = defaultdict(set)
+    prompts = defaultdict(set)
+    for _ in range(600):
+        scene = sample_scene(rng)
+        for qtype in QUESTION_TYPES:
+            for lang in LANGS:
+                qa = make_qa(scene, qtype, lang, rng)
+                templates[(qtype, lang)].add(qa.template)
+                prompts[(qtype, lang)].add(qa.prompt)
+                assert grade(qa.type, qa.answer, qa.label, lang), qa
+                assert not qa.prompt.startswith(("问：", "Q:")) and "答：" not in qa.prompt
+                if lang == "zh":
+                    assert re.search(r"[\u4e00-\u9fff]", qa.prompt) and re.search(r"[\u4e00-\u9fff]", qa.label)
+                    assert qa.label.endswith("。")
+                else:
+                    assert qa.prompt.isascii() and qa.label.isascii() and qa.label.endswith(".")
+    for qtype in QUESTION_TYPES:
+        for lang in LANGS:
+            assert len(TEMPLATES[qtype][lang]) >= 3
+            assert len(templates[(qtype, lang)]) >= 3, (qtype, lang)
+            assert len(prompts[(qtype, lang)]) >= 3
+
+
+def test_example_answers():
+    scene = Scene("light blue", (Shape("circle", "red", "top-left"), Shape("star", "blue", "centre")))
+    rng = random.Random(0)
+    assert make_qa(scene, "colour", "en", rng).label == "The circle is red."
+    assert make_qa(scene, "colour", "zh", random.Random(0)).label in ("圆形是红色的。", "星形是蓝色的。")
+    assert make_qa(scene, "background", "zh", rng).label == "背景是浅蓝色的。"
+    assert make_qa(scene, "background", "en", rng).label == "The background is light blue."
+    assert make_qa(scene, "count", "zh", rng).label == "图中有两个图形。"
+    assert make_qa(scene, "count", "en", rng).label == "There are two shapes."
+    assert make_qa(scene, "describe", "en", rng).label == (
+        "There are two shapes: a red circle in the top-left corner and a blue star in the centre.")
+    assert make_qa(scene, "describe", "zh", rng).label == "图中有两个图形：左上角有一个红色的圆形，中间有一个蓝色的星形。"
+
+
+def test_shape_kind_named_alone_only_when_unique():
+    scene = Scene("white", (Shape("circle", "red", "top-left"), Shape("circle", "blue", "centre"),
+                            Shape("star", "red", "bottom")))
+    rng = random.Random(1)
+    for _ in range(200):
+        colour_q = make_qa(scene, "colour", "en", rng)
+        if "circle" in colour_q.prompt:
+            assert "top-left corner" in colour_q.prompt or "centre" in colour_q.prompt
+        position_q = make_qa(scene, "position", "en", rng)
+        if "circle" in position_q.prompt:
+            assert "red circle" in position_q.prompt or "blue circle" in position_q.prompt
+        zh = make_qa(scene, "position", "zh", rng)
+        if "圆形" in zh.prompt:
+            assert "红色的圆形" in zh.prompt or "蓝色的圆形" in zh.prompt
+        shape_q = make_qa(scene, "shape", "en", rng)
+        if "red" in shape_q.prompt:
+            assert "top-left corner" in shape_q.prompt or "at the bottom" in shape_q.prompt
+
+
+def test_exists_is_balanced_and_negatives_are_absent():
+    rng = random.Random(9)
+    answers = []
+    for _ in range(1000):
+        scene = sample_scene(rng)
+        qa = make_qa(scene, "exists", rng.choice(LANGS), rng)
+        answers.append(qa.answer["exists"])
+        colour = next(c for c in SHAPE_COLOURS if (c in qa.prompt) or (grading._COLOURS_ZH[c][0] in qa.prompt))
+        kinds = [k for k in SHAPE_KINDS if k in qa.prompt or grading._SHAPES_ZH[k][0] in qa.prompt]
+        assert len(kinds) == 1
+        assert scene.has(colour, kinds[0]) == qa.answer["exists"]
+    assert 0.45 < sum(answers) / len(answers) < 0.55
+
+
+def test_conversations():
+    rng = random.Random(3)
+    for _ in range(100):
+        turns = make_conversation(sample_scene(rng), rng)
+        assert 2 <= len(turns) <= 3
+        assert len({t.type for t in turns}) == len(turns)
+        assert len({t.lang for t in turns}) == 1
+        assert "background" not in {t.type for t in turns}
+
+
+# ----------------------------------------------------------------------------- splits
+
+def test_generate_split_deterministic(tmp_path):
+    a = generate_split(tmp_path / "a" / "split", 12, seed=4, multi_turn_fraction=0.3)
+    b = generate_split(tmp_path / "b" / "split", 12, seed=4, multi_turn_fraction=0.3)
+    assert a == b
+    fa, fb = _files(tmp_path / "a" / "split"), _files(tmp_path / "b" / "split")
+    assert fa == fb and len(fa) == 13
+    generate_split(tmp_path / "c" / "split", 12, seed=5, multi_turn_fraction=0.3)
+    fc = _files(tmp_path / "c" / "split")
+    assert fc["dataset.json"] != fa["dataset.json"]
+    assert sum(fa[n] != fc[n] for n in fa if n.endswith(".png")) >= 10
+
+
+def test_split_format(tmp_path):
+    items = generate_split(tmp_path / "train", 60, seed=1, multi_turn_fraction=0.3)
+    on_disk = json.loads((tmp_path / "train" / "dataset.json").read_text(encoding="utf-8"))
+    assert on_disk == items
+    multi = [it for it in items if "conversations" in it]
+    single = [it for it in items if "conversations" not in it]
+    assert multi and single
+    for item in items:
+        assert item["img"].startswith("train/") and (tmp_path / item["img"]).is_file()
+        assert item["lang"] in LANGS
+        if "conversations" in item:
+            assert item["type"] == "multi_turn" and 2 <= len(item["conversations"]) <= 3
+            assert item["answer"] == [t["answer"] for t in item["conversations"]]
+            for turn in item["conversations"]:
+                assert set(turn) >= {"prompt", "label", "type", "answer"}
+                assert grade(turn, None, turn["label"], item["lang"])
+        else:
+            assert set(item) == {"img", "prompt", "label", "type", "lang", "answer"}
+            assert grade(item, None, item["label"], item["lang"])
+    loaded = load_split(tmp_path / "train")
+    assert all(Path(it["img"]).is_absolute() and Path(it["img"]).is_file() for it in loaded)
+    with Image.open(loaded[0]["img"]) as im:
+        assert im.size == (IMAGE_SIZE, IMAGE_SIZE) and im.mode == "RGB"
+
+
+def test_background_held_out(tmp_path):
+    items = generate_split(tmp_path / "pre", 150, seed=3, multi_turn_fraction=0.4)
+    types = Counter(t["type"] for it in items for t in it.get("conversations", [it]))
+    assert "background" not in types and set(types) == set(PRETRAIN_TYPES)
+    items = generate_split(tmp_path / "all", 150, seed=3, multi_turn_fraction=0.4, include_background=True)
+    types = Counter(t["type"] for it in items for t in it.get("conversations", [it]))
+    assert set(types) == set(QUESTION_TYPES)
+    with pytest.raises(ValueError):
+        generate_split(tmp_path / "bad", 2, seed=3, types=["background"])
+    only = generate_split(tmp_path / "bg", 10, seed=3, types=["background"], include_background=True)
+    assert {it["type"] for it in only} == {"background"}
+    rng = random.Random(0)
+    assert all(sample_qa(sample_scene(rng), rng).type != "background" for _ in range(300))
+
+
+def test_corpus():
+    corpus = build_corpus(n_images=50, seed=0)
+    text = "\n".join(corpus)
+    assert all(isinstance(t, str) and t for t in corpus)
+    for word in ("浅蓝色", "粉色", "灰色", "light blue", "background", "背景", "三角形", "右下角", "Describe"):
+        assert word in text
+    assert build_corpus(n_images=50, seed=0) == corpus
+
+
+# ----------------------------------------------------------------------------- grading
+
+@pytest.mark.parametrize("qtype, answer, response", [
+    ("colour", {"colour": "red"}, "The circle is red."),
+    ("colour", {"colour": "red"}, "圆形是红色的。"),
+    ("colour", {"colour": "red"}, "红的"),
+    ("colour", {"colour": "blue"}, "It's BLUE！"),
+    ("colour", {"colour": "gray"}, "grey"),
+    ("background", {"background": "light blue"}, "The background is light-blue."),
+    ("background", {"background": "light blue"}, "背景是浅蓝色的。"),
+    ("background", {"background": "pink"}, "背景是粉红色"),
+    ("background", {"background": "yellow"}, "黄色。"),
+    ("shape", {"shape": "triangle"}, "The red object is a triangle."),
+    ("shape", {"shape": "triangle"}, "红色的图形是三角形。"),
+    ("shape", {"shape": "star"}, "五角星"),
+    ("shape", {"shape": "circle"}, "It is a circle"),
+    ("count", {"count": 2}, "There are two shapes."),
+    ("count", {"count": 2}, "图中有两个图形。"),
+    ("count", {"count": 2}, "２"),
+    ("count", {"count": 3}, "There are 3 shapes."),
+    ("count", {"count": 3}, "三个"),
+    ("count", {"count": 1}, "图中有1个三角形。"),
+    ("count", {"count": 1}, "There is only one shape."),
+    ("position", {"position": "top-left"}, "The circle is in the top-left corner."),
+    ("position", {"position": "top-left"}, "upper left"),
+    ("position", {"position": "top-left"}, "圆形在左上角。"),
+    ("position", {"position": "top"}, "It is at the top."),
+    ("position", {"position": "top"}, "在上方中间"),
+    ("position", {"position": "centre"}, "It's in the middle of the image."),
+    ("position", {"position": "centre"}, "中间"),
+    ("position", {"position": "bottom-right"}, "右下角"),
+    ("position", {"position": "left"}, "The red circle is on the left."),
+    ("exists", {"exists": True}, "Yes, there is a red circle."),
+    ("exists", {"exists": True}, "是的，图中有红色的圆形。"),
+    ("exists", {"exists": True}, "有。"),
+    ("exists", {"exists": False}, "No, there is no red circle."),
+    ("exists", {"exists": False}, "没有，图中没有红色的圆形。"),
+    ("exists", {"exists": False}, "There isn't one."),
+    ("exists", {"exists": False}, "不，没有。"),
+    ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"},
+                             {"colour": "blue", "kind": "star", "position": "centre"}]},
+     "There are two shapes: a red circle in the top-left corner and a blue star in the centre."),
+    ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"},
+                             {"colour": "blue", "kind": "star", "position": "centre"}]},
+     "图中有两个图形：左上角有一个红色的圆形，中间有一个蓝色的星形。"),
+    ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"},
+                             {"colour": "blue", "kind": "star", "position": "centre"}]},
+     "A blue star and a red circle on a white background."),
+    ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"}]},
+     "The circle is red."),
+])
+def test_grade_accepts(qtype, answer, response):
+    assert grade(qtype, answer, response, "en")
+    assert grade(qtype, answer, response, "zh")
+
+
+@pytest.mark.parametrize("qtype, answer, response", [
+    ("colour", {"colour": "blue"}, "The circle is light blue."),       # substring trap
+    ("colour", {"colour": "blue"}, "圆形是浅蓝色的。"),
+    ("colour", {"colour": "red"}, "背景是粉红色的。"),
+    ("colour", {"colour": "red"}, "The circle is red and blue."),      # wrong extra colour
+    ("colour", {"colour": "red"}, "圆形是红色的，背景是黄色的。"),      # background named too
+    ("colour", {"colour": "red"}, "The circle is green."),
+    ("colour", {"colour": "red"}, "I don't know."),
+    ("colour", {"colour": "red"}, "The circle is colored."),            # 'red' inside a word
+    ("background", {"background": "light blue"}, "The background is blue."),
+    ("background", {"background": "light blue"}, "背景是蓝色的。"),
+    ("background", {"background": "pink"}, "背景是红色的。"),
+    ("background", {"background": "yellow"}, "背景是橘黄色的。"),
+    ("shape", {"shape": "square"}, "It is a circle."),
+    ("shape", {"shape": "square"}, "圆形"),
+    ("shape", {"shape": "square"}, "a square and a circle"),
+    ("count", {"count": 3}, "图中有一个三角形。"),                      # 三 of 三角形 is no number
+    ("count", {"count": 2}, "There are three shapes."),
+    ("count", {"count": 2}, "图中有三个图形。"),
+    ("count", {"count": 2}, "shapes"),
+    ("position", {"position": "top-left"}, "It is at the top."),       # 'top' is not 'top-left'
+    ("position", {"position": "top"}, "It is in the top-left corner."),
+    ("position", {"position": "top"}, "圆形在左上角。"),
+    ("position", {"position": "top-left"}, "圆形在上方。"),
+    ("position", {"position": "left"}, "It is on the right."),
+    ("position", {"position": "centre"}, "top or centre"),
+    ("exists", {"exists": True}, "No, there is no red circle."),
+    ("exists", {"exists": True}, "没有，图中没有红色的圆形。"),
+    ("exists", {"exists": False}, "Yes, there is a red circle."),
+    ("exists", {"exists": False}, "是的，图中有红色的圆形。"),
+    ("exists", {"exists": False}, "I don't know."),
+    ("exists", {"exists": True}, "I'm not sure."),
+    ("exists", {"exists": False}, ""),
+    ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"},
+                             {"colour": "blue", "kind": "star", "position": "centre"}]},
+     "A blue circle and a red star."),                                  # colours swapped
+    ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"},
+                             {"colour": "blue", "kind": "star", "position": "centre"}]},
+     "A red circle."),                                                  # a shape missing
+    ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"}]},
+     "A red circle and a green square."),                               # an extra shape
+    ("describe", {"shapes": [{"colour": "blue", "kind": "circle", "position": "top-left"}]},
+     "一个浅蓝色的圆形。"),
+])
+def test_grade_rejects(qtype, answer, response):
+    assert not grade(qtype, answer, response, "en")
+    assert not grade(qtype, answer, response, "zh")
+
+
+def test_grade_takes_items():
+    item = {"type": "colour", "answer": {"colour": "purple"}, "lang": "en"}
+    assert grade(item, None, "It is violet.")
+    assert not grade(item, None, "It is pink.")
+    with pytest.raises(ValueError):
+        grade("nonsense", {}, "x", "en")
+
+
+# ----------------------------------------------------------------------------- evaluate()
+
+_OTHER_COLOUR = {c: o for c, o in zip(SHAPE_COLOURS, list(SHAPE_COLOURS)[1:] + list(SHAPE_COLOURS)[:1])}
+_OTHER_BG = {c: o for c, o in zip(BACKGROUND_COLOURS, list(BACKGROUND_COLOURS)[1:] + list(BACKGROUND_COLOURS)[:1])}
+_OTHER_KIND = {k: o for k, o in zip(SHAPE_KINDS, SHAPE_KINDS[1:] + SHAPE_KINDS[:1])}
+_OTHER_CELL = {c: o for c, o in zip(CELLS, CELLS[1:] + CELLS[:1])}
+
+
+def _wrong_answer(qtype, answer):
+    if qtype == "colour":
+        return f"It is {_OTHER_COLOUR[answer['colour']]}."
+    if qtype == "background":
+        return f"The background is {_OTHER_BG[answer['background']]}."
+    if qtype == "shape":
+        return f"It is a {_OTHER_KIND[answer['shape']]}."
+    if qtype == "count":
+        return f"There are {answer['count'] % 3 + 1} shapes."
+    if qtype == "position":
+        return f"It is {_OTHER_CELL[answer['position']]}."
+    if qtype == "exists":
+        return "No." if answer["exists"] else "Yes."
+    if qtype == "describe":
+        return " and ".join(f"a {_OTHER_COLOUR[s['colour']]} {s['kind']}" for s in answer["shapes"])
+    raise AssertionError(qtype)
+
+
+def _truth_table(items):
+    table = {}
+    for item in items:
+        for turn in item.get("conversations", [item]):
+            table[(item["img"], turn["prompt"])] = (turn["type"], turn["answer"], turn["label"])
+    return table
+
+
+def test_evaluate_with_fake_answer_fns(tmp_path):
+    ev = _load_evaluate_module()
+    generate_split(tmp_path / "ev", 80, seed=2, multi_turn_fraction=0.3, include_background=True)
+    items = load_split(tmp_path / "ev")
+    truth = _truth_table(items)
+    n_turns = sum(len(it.get("conversations", [it])) for it in items)
+    seen_history = []
+
+    def right(image_path, prompt, history, english):
+        seen_history.append(len(history))
+        assert Path(image_path).is_file() and isinstance(english, bool)
+        return truth[(image_path, prompt)][2]
+
+    def wrong(image_path, prompt, history, english):
+        qtype, answer, _ = truth[(image_path, prompt)]
+        return _wrong_answer(qtype, answer)
+
+    def only_chinese(image_path, prompt, history, english):
+        return wrong(image_path, prompt, history, english) if english else right(image_path, prompt, history, english)
+
+    def only_colour(image_path, prompt, history, english):
+        qtype = truth[(image_path, prompt)][0]
+        return right(image_path, prompt, history, english) if qtype == "colour" else "I don't know."
+
+    res = ev.evaluate(items, right)
+    assert res["overall"]["all"] == {"correct": n_turns, "total": n_turns, "accuracy": 1.0}
+    assert set(res["rows"]) == set(QUESTION_TYPES) | {"multi_turn"}
+    assert max(seen_history) >= 1  # multi-turn items pass the earlier turns as history
+    assert ev.evaluate(items, wrong)["overall"]["all"]["accuracy"] == 0.0
+    assert all(r["all"]["accuracy"] == 0.0 for r in ev.evaluate(items, wrong)["rows"].values())
+
+    res = ev.evaluate(items, only_chinese)
+    n_zh = sum(len(it.get("conversations", [it])) for it in items if it["lang"] == "zh")
+    assert res["overall"]["zh"]["accuracy"] == 1.0 and res["overall"]["en"]["accuracy"] == 0.0
+    assert res["overall"]["all"]["correct"] == n_zh
+    assert res["overall"]["all"]["accuracy"] == pytest.approx(n_zh / n_turns)
+
+    res = ev.evaluate(items, only_colour)
+    n_colour = sum(1 for r in res["records"] if r["type"] == "colour")
+    assert res["overall"]["all"]["correct"] == n_colour
+    assert res["rows"]["colour"]["all"]["accuracy"] == 1.0
+    assert res["rows"]["count"]["all"]["accuracy"] == 0.0
+    table = ev.format_table(res)
+    assert "colour" in table and "overall" in table and "100.0%" in table
+
+
+def test_evaluate_cli_oracle(tmp_path):
+    ev = _load_evaluate_module()
+    out = tmp_path / "res.json"
+    res = ev.main(["--oracle", "--generate", "20", "--seed", "8", "--include_background",
+                   "--out_dir", str(tmp_path / "gen"), "--json", str(out)])
+    assert res["overall"]["all"]["accuracy"] == 1.0
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["overall"]["all"]["accuracy"] == 1.0
+    res = ev.main(["--oracle", "--split", str(tmp_path / "gen"), "--types", "count"])
+    assert set(res["rows"]) == {"count"}
+
+
+# ----------------------------------------------------------------------------- fewshot-data.zip
+
+def _zip_contents(path):
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        return {name: archive.read(name) for name in archive.namelist() if not name.endswith("/")}
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_shipped_fewshot_zip_is_valid():
+    path = REPO / "fewshot-data.zip"
+    assert path.is_file() and path.stat().st_size < 1_000_000
+    files = _zip_contents(path)
+    images = sorted(n for n in files if n.endswith(".png"))
+    assert len(images) == 20 and all(n.startswith(FEWSHOT_DIRNAME + "/") for n in files)
+    items = json.loads(files[f"{FEWSHOT_DIRNAME}/dataset.json"].decode("utf-8"))
+    assert len(items) == 20 and sorted(it["img"] for it in items) == images
+    langs = Counter(it["lang"] for it in items)
+    assert langs == {"zh": 10, "en": 10}
+    assert len({it["answer"]["background"] for it in items}) == len(BACKGROUND_COLOURS)
+    for item in items:
+        assert item["type"] == "background"
+        assert item["prompt"] in TEMPLATES["background"][item["lang"]]
+        pixels = _pixels(files[item["img"]])
+        assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        corners = {tuple(pixels[y, x]) for y in (0, IMAGE_SIZE - 1) for x in (0, IMAGE_SIZE - 1)}
+        assert corners == {BACKGROUND_COLOURS[item["answer"]["background"]]}
+        assert grade(item, None, item["label"], item["lang"])
+
+
+def test_fewshot_zip_equals_fresh_rebuild(tmp_path):
+    shipped = _zip_contents(REPO / "fewshot-data.zip")
+    rebuilt_path = write_fewshot_zip(tmp_path / "fewshot-data.zip")
+    rebuilt = _zip_contents(rebuilt_path)
+    assert sorted(shipped) == sorted(rebuilt)
+    for name in shipped:
+        if name.endswith(".png"):
+            assert np.array_equal(_pixels(shipped[name]), _pixels(rebuilt[name])), name
+        else:
+            assert shipped[name] == rebuilt[name], name
+    # the zip itself is reproducible byte for byte (fixed order, timestamps and attributes)
+    again = write_fewshot_zip(tmp_path / "again.zip")
+    assert again.read_bytes() == rebuilt_path.read_bytes()
+    assert build_fewshot_files(seed=1) != build_fewshot_files()
