@@ -1,0 +1,108 @@
+"""The chat engine: prompt formats, history, text-only turns, streaming, image reuse, errors."""
+import pytest
+import torch
+
+from model.chat import (ChatEngine, PromptTooLongError, build_prompt, chat, encode_prompt, has_chinese,
+                        process_response, stream_chat)
+from model.image import ImageLoadError
+
+GREEDY = dict(top_k=1, max_length=400, repetition_penalty=1.3)
+
+
+def test_prompt_formats():
+    hist = [("q1", "a1")]
+    assert build_prompt("q2", hist) == "<img></img>问：q1\n答：a1\n问：q2\n答："
+    assert build_prompt("q2", hist, english=True) == "<img></img>Q:q1\nA:a1\nQ:q2\nA:"
+    assert build_prompt("hi", None, image=False) == "问：hi\n答："
+
+
+def test_encode_prompt_splits_around_image_slots(tokenizer):
+    ids, pre = encode_prompt(tokenizer, build_prompt("描述这张图片。"), image_length=32)
+    head = tokenizer.encode("<img>", add_special_tokens=False)
+    tail = tokenizer.encode("</img>问：描述这张图片。\n答：", add_special_tokens=False)
+    assert pre == len(head)
+    assert ids == head + [tokenizer.pad_token_id] * 32 + tail + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+    text_ids, pre = encode_prompt(tokenizer, build_prompt("hi", image=False))
+    assert pre == -1 and text_ids[-2:] == [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+
+
+def test_process_response():
+    assert process_response(" 你好,世界!ok, fine? [[训练时间]] ") == "你好，世界！ok, fine? 2023年"
+    assert process_response("a:b") == "a:b" and process_response("是:") == "是："
+    assert has_chinese("图") and not has_chinese("image")
+
+
+def test_two_turns_with_history_and_image_reuse(tiny, image_file, monkeypatch):
+    model, tok = tiny
+    calls = []
+    original = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda x: calls.append(1) or original(x))
+    r1, h1, img = chat(str(image_file), model, tok, "描述这张图片。", **dict(GREEDY, max_length=110))
+    assert h1 == [("描述这张图片。", r1)] and img.dim() == 3
+    r2, h2, img2 = chat(None, model, tok, "背景是什么颜色？", history=h1, image=img, **GREEDY)
+    assert h2 == [("描述这张图片。", r1), ("背景是什么颜色？", r2)]
+    assert len(calls) == 1 and img2 is img               # encoded once for the conversation
+    # a second turn really sees the first: same question without history answers differently or equally,
+    # but the prompt must contain the first turn
+    engine = ChatEngine(model, tok)
+    req = engine.make_request("背景是什么颜色？", h1, img, False, engine_params())
+    assert tok.decode(req.ids).count("描述这张图片") == 1
+
+
+def engine_params():
+    from model.generation import SamplingParams
+    return SamplingParams(**GREEDY)
+
+
+def test_text_only_and_english(tiny):
+    model, tok = tiny
+    r, h, img = chat(None, model, tok, "Hello, who are you?", english=True, **GREEDY)
+    assert img is None and h == [("Hello, who are you?", r)]
+    r_zh, _, _ = chat("", model, tok, "Hello, who are you?", english=False, **GREEDY)
+    assert isinstance(r_zh, str)
+
+
+def test_english_and_chinese_prompts_differ_in_tokens(tiny):
+    model, tok = tiny
+    engine = ChatEngine(model, tok)
+    zh = engine.make_request("hi", [], None, False, engine_params()).ids
+    en = engine.make_request("hi", [], None, True, engine_params()).ids
+    assert zh != en and "Q:" in tok.decode(en)
+
+
+def test_streaming_matches_chat_with_same_seed(tiny, image_file):
+    model, tok = tiny
+    sampling = dict(top_k=20, top_p=0.9, temperature=1.0, max_length=150)
+    final, _, _ = chat(str(image_file), model, tok, "描述这张图片。", generator=torch.Generator().manual_seed(3), **sampling)
+    steps = [r for r, _, _ in stream_chat(str(image_file), model, tok, "描述这张图片。",
+                                          generator=torch.Generator().manual_seed(3), **sampling)]
+    assert len(steps) > 3 and steps[-1] == final
+    assert all(len(a) <= len(b) + 1 for a, b in zip(steps, steps[1:]))  # grows (modulo punctuation rewrite)
+    other, _, _ = chat(str(image_file), model, tok, "描述这张图片。", generator=torch.Generator().manual_seed(4), **sampling)
+    assert other != final  # the seed matters: sampling is really on
+
+
+def test_prompt_too_long(tiny):
+    model, tok = tiny
+    with pytest.raises(PromptTooLongError, match="max_length"):
+        chat(None, model, tok, "描述这张图片。" * 50, max_length=30)
+
+
+def test_bad_images_are_clear_errors(tiny, tmp_path):
+    model, tok = tiny
+    with pytest.raises(ImageLoadError, match="not found"):
+        chat(str(tmp_path / "nope.png"), model, tok, "hi")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not an image")
+    with pytest.raises(ImageLoadError, match="not a readable image"):
+        chat(str(bad), model, tok, "hi")
+
+
+def test_server_engine_refuses_paths_and_urls(tiny, image_file):
+    model, tok = tiny
+    engine = ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False)
+    with pytest.raises(ImageLoadError, match="disabled"):
+        engine.encode_image(str(image_file))
+    with pytest.raises(ImageLoadError, match="disabled"):
+        engine.encode_image("http://127.0.0.1:9/x.png")
+    assert engine.encode_image(image_file.read_bytes()).dim() == 3
