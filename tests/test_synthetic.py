@@ -496,3 +496,15 @@ def test_fewshot_zip_equals_fresh_rebuild(tmp_path):
     again = write_fewshot_zip(tmp_path / "again.zip")
     assert again.read_bytes() == rebuilt_path.read_bytes()
     assert build_fewshot_files(seed=1) != build_fewshot_files()
+
+
+def test_evaluate_cli_with_tiny_checkpoint(tmp_path, ckpt_dir):
+    """The CLI's answer_fn goes through model.loading + model.chat (a tiny random model: ~0%)."""
+    ev = _load_evaluate_module()
+    res = ev.main(["--from_pretrained", str(ckpt_dir), "--device", "cpu", "--generate", "4", "--seed", "1",
+                   "--multi_turn_fraction", "0.5", "--max_length", "160", "--out_dir", str(tmp_path / "gen"),
+                   "--json", str(tmp_path / "res.json")])
+    n_turns = sum(len(it.get("conversations", [it])) for it in load_split(tmp_path / "gen"))
+    assert res["overall"]["all"]["total"] == n_turns
+    assert all(isinstance(r["response"], str) for r in res["records"])
+    assert json.loads((tmp_path / "res.json").read_text(encoding="utf-8"))["overall"]["all"]["total"] == n_turns
