@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install everything the project needs (inference, fine-tuning, serving, tests).
+#   bash setup.sh            # full install (DeepSpeed included)
+#   bash setup.sh --no-ds    # inference only, no DeepSpeed
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -d .venv ] || "$PY" -m venv .venv
+. .venv/bin/activate
+if [ "${1:-}" = "--no-ds" ]; then
+  pip install -r requirements_wo_ds.txt
+  pip install --no-deps SwissArmyTransformer==0.4.12
+else
+  pip install -r requirements.txt
+fi
+python -c "import model, sat; print('VisualGLM environment ready: torch', __import__('torch').__version__)"
