@@ -25,7 +25,13 @@ so that a faster kernel can replace it later without touching the modules.
 What is not supported: sat's model-parallel re-splitting (`mp_split_model`) of an already quantized
 model (quantize after splitting: each rank then quantizes its own shard), and sat's `LoraMixin.reinit`
 on a quantized layer (sat's lora2 looks the layer type up in a fixed table). Apply LoRA first: the
-float `original` linear inside a `LoraLinear` is then what gets quantized.
+float `original` linear inside a `LoraLinear` is then what gets quantized (gradients reach the LoRA
+matrices through `_linear_forward`); sat's `merge_lora` cannot merge into it, use `dequantize_weight`.
+
+Loading: quantize a model whose weights are real, or pass ``empty_init=True`` (for uninitialised
+``skip_init`` or meta-device models) and then ``load_state_dict`` a quantized state dict, or a float
+one, which QuantizedLinear quantizes while loading (with ``assign=True`` on a meta model).
+Quantizing uninitialised memory is refused when it holds inf/NaN.
 """
 from __future__ import annotations
 
@@ -373,29 +379,30 @@ def _is_target(module: nn.Module, include_nn_linear: bool) -> bool:
 def _collect(scope: nn.Module, bits: int, include_nn_linear: bool, scope_name: str
              ) -> List[Tuple[str, nn.Module, List[Tuple[nn.Module, str]]]]:
     """All target linears under scope (without descending into them), each with every (parent, attr)
-    place it is registered at (a shared module is quantized once and stays shared)."""
-    found: Dict[int, Tuple[str, nn.Module, List[Tuple[nn.Module, str]]]] = {}
-    visited = set()
+    place it is registered at (a shared module is quantized once and stays shared).
 
-    def walk(module: nn.Module, path: str) -> None:
-        if id(module) in visited:
-            return
-        visited.add(id(module))
+    Iterative on purpose: a recursive closure would form a reference cycle that keeps every float
+    layer alive until the next garbage collection, doubling peak memory during quantization."""
+    found: Dict[int, Tuple[str, nn.Module, List[Tuple[nn.Module, str]]]] = {}
+    visited = {id(scope)}
+    stack = [(scope, scope_name)]
+    while stack:
+        module, path = stack.pop()
         for name, child in module.named_children():
             child_path = f"{path}.{name}" if path else name
             if isinstance(child, QuantizedLinear):
                 if child.bits != bits:
                     raise ValueError(f"{child_path} is already quantized to {child.bits} bits; "
                                      f"cannot re-quantize to {bits}")
-                continue
-            if _is_target(child, include_nn_linear):
+            elif _is_target(child, include_nn_linear):
                 entry = found.setdefault(id(child), (child_path, child, []))
                 entry[2].append((module, name))
-            else:
-                walk(child, child_path)
-
-    walk(scope, scope_name)
-    return list(found.values())
+            elif id(child) not in visited:
+                visited.add(id(child))
+                stack.append((child, child_path))
+    jobs = list(found.values())
+    found.clear()
+    return jobs
 
 
 def quantize(model: nn.Module, bits: int, *, targets: str = "glm", include_nn_linear: bool = False,
@@ -441,6 +448,7 @@ def quantize(model: nn.Module, bits: int, *, targets: str = "glm", include_nn_li
         if w.is_meta and not empty_init:
             raise ValueError(f"{path}: weight is on the meta device; load or materialize the weights "
                              f"first (or pass empty_init=True and load a quantized state dict)")
+    w = module = None  # keep no reference to a float layer beyond its replacement
 
     show = len(jobs) > _PROGRESS_THRESHOLD if progress is None else progress
     bar = None

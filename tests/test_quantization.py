@@ -321,6 +321,93 @@ def test_quantize_transformer_directly_and_bare_modules():
         torch.testing.assert_close(t(x), ref)
 
 
+def test_visualglm_scope_includes_vision_tower_only_with_all():
+    """On the project's VisualGLMModel: 'glm' leaves the image mixin alone, 'all' quantizes the EVA /
+    Q-Former sat linears too, and glm_proj (a plain nn.Linear) only with include_nn_linear."""
+    checkpoint = pytest.importorskip("model.checkpoint")
+    configs = pytest.importorskip("model.configs")
+    cfg = configs.tiny_config()
+    base = checkpoint.build_model(cfg, device="cpu").eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "layernorm" not in name and "ln_vision" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    L = cfg["image_length"]
+    S, ctx = 1 + L + 7, 1 + L + 5
+    ids = torch.randint(10, cfg["vocab_size"], (1, S), generator=g)
+    ids[0, ctx - 2], ids[0, ctx - 1] = cfg["gmask_token_id"], cfg["bos_token_id"]
+    pos = torch.cat([torch.arange(ctx), torch.full((S - ctx,), ctx - 2)])
+    block = torch.cat([torch.zeros(ctx, dtype=torch.long), torch.arange(1, S - ctx + 1)])
+    position_ids = torch.stack([pos, block])[None]
+    mask = torch.ones(1, 1, S, S).tril()
+    mask[..., :ctx] = 1
+    image = torch.rand(1, 3, 224, 224, generator=g)
+
+    def logits(m):
+        with torch.no_grad():
+            return m(ids, position_ids=position_ids, attention_mask=mask, image=image, pre_image=1)[0]
+
+    def fresh():
+        m = checkpoint.build_model(cfg, device="cpu").eval()
+        m.load_state_dict(state)
+        return m
+
+    ref = logits(base)
+    in_eva = lambda m: [n for n, x in m.named_modules() if n.startswith("mixins.eva") and isinstance(x, QuantizedLinear)]
+    m = quantize(fresh(), 8)
+    assert in_eva(m) == []
+    errors = {}
+    for bits in (8, 4):
+        m = quantize(fresh(), bits, targets="all")
+        assert len(in_eva(m)) > 0
+        assert type(m.get_mixin("eva").model.glm_proj) is nn.Linear
+        assert not any(isinstance(x, (ColumnParallelLinear, RowParallelLinear)) for x in m.modules())
+        out = logits(m)
+        assert torch.isfinite(out).all()
+        errors[bits] = float((out - ref).norm() / ref.norm())
+    assert errors[8] < errors[4] < 1.0
+    assert errors[8] < 0.05
+    m = quantize(fresh(), 8, targets="all", include_nn_linear=True)
+    assert isinstance(m.get_mixin("eva").model.glm_proj, QuantizedLinear)
+    assert torch.isfinite(logits(m)).all()
+
+
+def test_float_layers_are_released_one_by_one(monkeypatch):
+    """Each float layer is freed as soon as it is replaced (not only at the end, and without waiting
+    for the cycle collector), so peak memory stays about one float layer above the quantized model."""
+    import gc
+    import weakref
+
+    m = _build()
+    gc.collect()
+    gc.disable()
+    try:
+        refs = []
+        original = QuantizedLinear.from_float.__func__
+
+        def spy(cls, linear, bits, **kw):
+            # every float layer handled before this one must be gone already
+            assert all(r() is None for r in refs), "an earlier float layer is still alive"
+            refs.append(weakref.ref(linear.weight))
+            return original(cls, linear, bits, **kw)
+
+        monkeypatch.setattr(QuantizedLinear, "from_float", classmethod(spy))
+        quantize(m, 8, targets="all")
+        assert len(refs) == 4 * NUM_LAYERS + 1
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+def test_progress_bar_only_for_many_layers(capsys):
+    quantize(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]), 8, include_nn_linear=True)
+    assert "quantization" not in capsys.readouterr().err
+    quantize(nn.Sequential(*[nn.Linear(4, 4) for _ in range(51)]), 8, include_nn_linear=True)
+    assert "int8 quantization" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------
 # state dict
 # ----------------------------------------------------------------------------------------------------
