@@ -65,3 +65,26 @@ def test_image_changes_logits_and_text_only_path_works(tiny_config):
         a = m(ids, image=torch.randn(1, 3, 224, 224), pre_image=2, **kw)[0]
         b = m(ids, image=torch.randn(1, 3, 224, 224), pre_image=2, **kw)[0]
     assert not torch.allclose(a, text) and not torch.allclose(a, b)
+
+
+def test_forward_matches_independent_reference(tiny_config):
+    """Our sat-based model against tests/reference.py, written from the spec on the raw state dict."""
+    from model.positions import batch_inputs
+    import reference
+    m = randomize(build_model(tiny_config, device="cpu"), seed=3).eval()
+    sd = {k: v.detach() for k, v in m.state_dict().items()}
+    L = tiny_config["image_length"]
+    ids = [20, 21] + [3] * L + [22, 23, 24, 25, tiny_config["gmask_token_id"], tiny_config["bos_token_id"]]
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref_image = reference.vision(sd, tiny_config, pixels[0])
+        assert torch.allclose(m.encode_image(pixels)[0], ref_image, atol=1e-4)
+        t, pos, mask, _ = batch_inputs([ids], pad_id=3)
+        ours = m(t, position_ids=pos, attention_mask=mask, image=pixels, pre_image=2)[0][0]
+        ref = reference.glm_logits(sd, tiny_config, ids, ref_image, pre_image=2)
+        assert ours.abs().max() > 0.1
+        assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+        text_ids = [30, 31, 32, tiny_config["gmask_token_id"], tiny_config["bos_token_id"]]
+        t, pos, mask, _ = batch_inputs([text_ids], pad_id=3)
+        assert torch.allclose(m(t, position_ids=pos, attention_mask=mask)[0][0],
+                              reference.glm_logits(sd, tiny_config, text_ids), atol=1e-4)
