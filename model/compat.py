@@ -27,9 +27,26 @@ def _stub_triton_rotary() -> None:
     sys.modules[name] = stub
 
 
+TRAINER_DEPS = ("wandb", "tensorboardX", "datasets")
+
+
+def _allow_sat_without_trainer_deps() -> None:
+    """sat 0.4.12's __init__ imports its own DeepSpeed trainer whenever deepspeed is installed, and that
+    trainer imports wandb, tensorboardX and datasets (wandb is not even a declared requirement), so
+    `import sat` fails without them although models need none. When one is missing we mark that trainer
+    module unavailable; sat then reports training_main as unavailable, exactly as it does without
+    DeepSpeed. Our fine-tuning drives DeepSpeed itself and does not use sat's trainer."""
+    name = "sat.training.deepspeed_training"
+    if name in sys.modules or importlib.util.find_spec("deepspeed") is None:
+        return
+    if any(importlib.util.find_spec(dep) is None for dep in TRAINER_DEPS):
+        sys.modules[name] = None  # importing it now raises ModuleNotFoundError naming 'deepspeed_training'
+
+
 def import_sat():
     """Import SwissArmyTransformer 0.4.12 with the fixes this project relies on applied."""
     _stub_triton_rotary()
+    _allow_sat_without_trainer_deps()
     try:
         return importlib.import_module("sat")
     except ModuleNotFoundError as e:
@@ -39,3 +56,57 @@ def import_sat():
                 "(or requirements_wo_ds.txt, then pip install --no-deps SwissArmyTransformer==0.4.12)"
             ) from e
         raise
+
+
+# ----------------------------------------------------------------------------------------------
+# sat 0.4.12: LoraLinear(..., qlora=True) raises NameError
+
+SAT_QLORA_BUG_VERSIONS = ("0.4.12",)   # fixed in sat's git after 0.4.12; no later release on PyPI
+
+
+def _sat_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("SwissArmyTransformer")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def fix_sat_qlora_dtype(force: bool = False) -> bool:
+    """sat 0.4.12, sat/model/finetune/lora2.py, `LoraLinear.__init__`: the `qlora=True` branch never
+    assigns `dtype`, which the code after the branch needs to create matrix_A / matrix_B, so every
+    QLoRA build fails with `NameError: cannot access free variable 'dtype'`.
+
+    Fix (applied once, only to the versions listed above unless force=True): build the layer through
+    the working non-QLoRA branch, which takes the dtype from the original layer (what upstream does
+    now), then put a bitsandbytes NF4 layer holding the same weight and bias in `.original`, which is
+    all the QLoRA branch was meant to do differently. Returns True if the fix is (now) in place."""
+    import_sat()
+    from sat.model.finetune import lora2
+    init = lora2.LoraLinear.__init__
+    if getattr(init, "_visualglm_fixed", False):
+        return True
+    if not force and _sat_version() not in SAT_QLORA_BUG_VERSIONS:
+        return False
+    upstream_init = init
+
+    def __init__(self, original_cls, partition, in_dim, out_dim, r, lora_alpha=1., lora_dropout=0.,
+                 qlora=False, original_obj=None):
+        upstream_init(self, original_cls, partition, in_dim, out_dim, r, lora_alpha, lora_dropout,
+                      qlora=False, original_obj=original_obj)
+        if not qlora:
+            return
+        if not hasattr(lora2, "HackLinearNF4"):  # sat defines it only when bitsandbytes imports
+            raise ImportError("QLoRA needs bitsandbytes (pip install bitsandbytes); "
+                              "`from bitsandbytes.nn import LinearNF4` failed when sat was imported.")
+        has_bias = original_obj.bias is not None
+        nf4 = lora2.HackLinearNF4(in_dim, out_dim, bias=has_bias)
+        nf4.weight.data = original_obj.weight.data.detach().clone()  # still float: bitsandbytes
+        if has_bias:                                                  # quantizes on .to(device)
+            nf4.bias.data = original_obj.bias.data.detach().clone()
+        self.original = nf4
+
+    __init__._visualglm_fixed = True
+    __init__._upstream = upstream_init
+    lora2.LoraLinear.__init__ = __init__
+    return True
