@@ -33,8 +33,8 @@ VISUALGLM_6B = {
 
 def tiny_config(vocab_size=1000, bos_token_id=5, mask_token_id=6, gmask_token_id=7, pad_token_id=3,
                 num_layers=2, hidden_size=64, num_attention_heads=4, image_length=32,
-                image_size=224, patch_size=14, eva_layers=1, eva_hidden=32, qformer_layers=2,
-                qformer_hidden=64, tokenizer_type=None, **extra) -> dict:
+                image_size=224, patch_size=14, eva_layers=1, eva_hidden=32, eva_heads=None, qformer_layers=2,
+                qformer_hidden=64, qformer_heads=None, tokenizer_type=None, **extra) -> dict:
     """A small VisualGLM of the same architecture, for tests and the bundled model."""
     return {
         "model_class": "VisualGLMModel",
@@ -49,7 +49,7 @@ def tiny_config(vocab_size=1000, bos_token_id=5, mask_token_id=6, gmask_token_id
         "max_sequence_length": 2048,
         "image_length": image_length,
         "eva_args": {
-            "num_layers": eva_layers, "hidden_size": eva_hidden, "num_attention_heads": max(1, eva_hidden // 16),
+            "num_layers": eva_layers, "hidden_size": eva_hidden, "num_attention_heads": eva_heads or max(1, eva_hidden // 16),
             "vocab_size": 1, "layernorm_order": "pre", "model_parallel_size": 1,
             "max_sequence_length": (image_size // patch_size) ** 2 + 1, "inner_hidden_size": 4 * eva_hidden,
             "use_final_layernorm": False, "layernorm_epsilon": 1e-06, "image_size": [image_size, image_size],
@@ -57,7 +57,7 @@ def tiny_config(vocab_size=1000, bos_token_id=5, mask_token_id=6, gmask_token_id
         },
         "qformer_args": {
             "num_layers": qformer_layers, "hidden_size": qformer_hidden,
-            "num_attention_heads": max(1, qformer_hidden // 16), "vocab_size": image_length,
+            "num_attention_heads": qformer_heads or max(1, qformer_hidden // 16), "vocab_size": image_length,
             "layernorm_order": "post", "model_parallel_size": 1, "max_sequence_length": 0,
             "is_decoder": [i % 2 == 0 for i in range(qformer_layers)], "cross_attn_hidden_size": eva_hidden,
             "layernorm_epsilon": 1e-12,

@@ -1,0 +1,98 @@
+"""Recipe for the bundled small VisualGLM, `visualglm-tiny`: same architecture, smaller sizes.
+
+    python -m synthetic.tiny_model prepare --out work/tiny          # data splits, tokenizer, model_config.json
+    python finetune_visualglm.py --mode pretrain --from_config work/tiny/model_config.json ...
+    python -m synthetic.tiny_model export --from <training output> --to pretrained/visualglm-tiny
+
+`scripts/train_visualglm_tiny.sh` runs the whole recipe; docs/visualglm-tiny.md records how the
+shipped checkpoint was made (hardware, time, seed) and what it scores.
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+# Sizes chosen to stay well under 25 MB in fp16 while leaving the ViT enough capacity to learn
+# colours, shapes, counts and positions from scratch (head size 64 everywhere, like the big model).
+TINY_ARCH = dict(num_layers=4, hidden_size=320, num_attention_heads=5, eva_layers=4, eva_hidden=192,
+                 eva_heads=3, qformer_layers=2, qformer_hidden=192, qformer_heads=3, image_length=32)
+TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
+
+
+def tokenizer_corpus(seed: int):
+    """Questions and answers as the chat engine presents them, so prompt pieces get their own tokens."""
+    from model.chat import build_prompt
+    from .dataset import build_corpus
+    texts = build_corpus(n_images=3000, seed=seed)
+    templated = []
+    for i, t in enumerate(texts[:4000]):
+        english = t[:1].isascii()
+        templated.append(build_prompt(t, [("q", "a")] if i % 3 == 0 else None, english=english, image=i % 2 == 0))
+    return texts + templated
+
+
+def prepare(out: Path, n_train: int, n_valid: int, questions_per_image: int, seed: int, vocab_size: int) -> dict:
+    from model.configs import tiny_config
+    from model.tokenizer import train_tokenizer
+    from .dataset import EVAL_SEED, generate_split
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(tokenizer_corpus(seed), out / "tokenizer", vocab_size=vocab_size)
+    vocab = -(-len(tok) // 64) * 64  # round up: rows beyond the tokenizer are never produced
+    config = tiny_config(vocab_size=vocab, bos_token_id=tok.bos_token_id, mask_token_id=tok.mask_token_id,
+                         gmask_token_id=tok.gmask_token_id, pad_token_id=tok.pad_token_id,
+                         tokenizer_type="visualglm-tiny", **TINY_ARCH)
+    (out / "model_config.json").write_text(json.dumps(config, indent=2))
+    generate_split(out / "data" / "train", n_train, seed=seed, questions_per_image=questions_per_image)
+    generate_split(out / "data" / "valid", n_valid, seed=EVAL_SEED + 1000)
+    print(f"tokenizer: {len(tok)} pieces; model vocab {vocab}; data in {out / 'data'}")
+    return config
+
+
+def export(src: str, dst: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:
+    """A trained checkpoint -> a plain fp16 VisualGLMModel folder with its tokenizer inside."""
+    from model.checkpoint import build_model, load_model, save_checkpoint
+    trained = load_model(src, device="cpu", dtype=torch.float32)
+    config = {k: v for k, v in trained.config.items()
+              if k not in ("pre_seq_len", "lora_rank", "use_ptuning", "use_lora", "use_qlora", "layer_range")}
+    config["model_class"] = "VisualGLMModel"
+    plain = build_model(config, device="cpu", dtype=torch.float16)
+    state = {k: v for k, v in trained.state_dict().items()}
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"cannot export: missing {missing[:5]}, unexpected {unexpected[:5]} (merge adapters first)")
+    out = save_checkpoint(plain.half(), dst, config=config, overwrite=overwrite)
+    for f in TOKENIZER_FILES:
+        shutil.copy(Path(tokenizer_dir) / f, out / f)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"exported {out} ({size / 2**20:.1f} MiB)")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prepare", help="generate data, train the tokenizer, write model_config.json")
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--train-images", type=int, default=20000)
+    a.add_argument("--valid-images", type=int, default=200)
+    a.add_argument("--questions-per-image", type=int, default=3)
+    a.add_argument("--vocab-size", type=int, default=3000)
+    a.add_argument("--seed", type=int, default=1)
+    e = sub.add_parser("export", help="write the trained model as pretrained/visualglm-tiny (fp16)")
+    e.add_argument("--from", dest="src", required=True)
+    e.add_argument("--to", type=Path, required=True)
+    e.add_argument("--tokenizer", type=Path, required=True)
+    e.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    import model  # noqa: F401  sat compatibility fixes
+    if args.cmd == "prepare":
+        prepare(args.out, args.train_images, args.valid_images, args.questions_per_image, args.seed, args.vocab_size)
+    else:
+        export(args.src, args.to, args.tokenizer, args.overwrite)
+
+
+if __name__ == "__main__":
+    main()
