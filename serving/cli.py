@@ -1,0 +1,99 @@
+"""Command-line plumbing shared by api.py, web_demo.py (and their Hugging Face twins): model flags,
+the loader that builds a chat engine, and running the HTTP server with the model loading behind it."""
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("visualglm.serving")
+
+
+def _flag(parser, name, **kw):
+    """--some-flag, also accepted as --some_flag (the original scripts use underscores)."""
+    names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+    return parser.add_argument(*names, **kw)
+
+
+def add_model_args(parser: argparse.ArgumentParser, default_model: str = "visualglm-6b") -> None:
+    g = parser.add_argument_group("model")
+    _flag(g, "--from_pretrained", default=default_model, help="checkpoint name (in $SAT_HOME) or folder")
+    _flag(g, "--quant", type=int, choices=[4, 8], default=None, help="quantize the GLM weights to 8 or 4 bits")
+    _flag(g, "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _flag(g, "--tokenizer", default=None, help="folder with ice_text.model (default: found automatically)")
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("batching and queue")
+    _flag(g, "--max-batch", type=int, default=8, help="most requests generated together in one batch")
+    _flag(g, "--max-queue", type=int, default=32,
+          help="most requests waiting while a batch runs; beyond that new ones are refused (API: 503)")
+    _flag(g, "--batch-wait-ms", type=float, default=10.0,
+          help="how long the worker waits for more requests before starting a batch")
+
+
+def worker_options(args) -> dict:
+    return dict(max_batch=args.max_batch, max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1000.0)
+
+
+def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=None):
+    """A callable that loads a sat checkpoint and returns a ChatEngine that refuses image paths and URLs
+    (servers take images only as data; the API fetches URLs itself when the operator allows it)."""
+    def load():
+        from model.chat import ChatEngine
+        from model.loading import load_model_and_tokenizer
+        model, tok = load_model_and_tokenizer(from_pretrained, device=device, quant=quant, tokenizer=tokenizer)
+        model.eval()
+        return ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False)
+    return load
+
+
+def model_name_of(from_pretrained: str) -> str:
+    return Path(str(from_pretrained).rstrip("/")).name or "visualglm-6b"
+
+
+def add_api_args(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--host", default="0.0.0.0", help="address to listen on (127.0.0.1: this machine only)")
+    _flag(parser, "--port", type=int, default=8080)
+    _flag(parser, "--model-name", default=None, help="model id reported by /v1/models (default: checkpoint name)")
+    g = parser.add_argument_group("limits and security")
+    _flag(g, "--allow-remote-images", action="store_true",
+          help="fetch http(s) image URLs sent by clients (off: only inline base64 / data: URLs)")
+    _flag(g, "--allow-private-image-hosts", action="store_true",
+          help="with --allow-remote-images, also fetch from loopback / private / link-local addresses")
+    _flag(g, "--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest image accepted (413 above)")
+    _flag(g, "--max-image-pixels", type=int, default=50_000_000,
+          help="largest width x height accepted, checked before decoding (decompression bombs)")
+    _flag(g, "--api-key", default=os.environ.get("VISUALGLM_API_KEY"),
+          help="require 'Authorization: Bearer KEY' on POST endpoints (default: $VISUALGLM_API_KEY, unset: open)")
+    _flag(g, "--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)")
+    _flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run_api(args, loader) -> int:
+    """Start uvicorn at once (so /health answers 503 while loading); load the model on the worker
+    thread; exit with status 1 if loading fails."""
+    import uvicorn
+    from .app import create_app
+    from .worker import Worker
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = Worker(loader=loader, **worker_options(args))
+    app = create_app(worker, model_name=args.model_name or model_name_of(args.from_pretrained),
+                     allow_remote_images=args.allow_remote_images,
+                     allow_private_image_hosts=args.allow_private_image_hosts,
+                     max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                     api_key=args.api_key, cors_origins=args.cors_origin)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    failed = threading.Event()
+
+    def watch_loading():
+        if not worker.wait_ready() and worker.state == "failed":
+            print(f"error: could not load the model: {worker.error}", file=sys.stderr)
+            failed.set()
+            server.should_exit = True
+    threading.Thread(target=watch_loading, daemon=True).start()
+    server.run()
+    return 1 if failed.is_set() else 0

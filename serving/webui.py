@@ -1,0 +1,150 @@
+"""The Gradio (6.x) web demo, built on a Worker so that concurrent visitors are batched together.
+
+    demo = build_demo(worker)            # web_demo.py (sat) and web_demo_hf.py share this
+    demo.queue().launch(...)
+
+One conversation is about one image: uploading another image (or Clear) starts a new conversation.
+Answers stream into the chat; the language of the prompt template and of the notices follows the
+user's text (Chinese when it contains Han characters).
+"""
+from typing import List, Optional, Tuple
+
+import anyio
+
+from model.chat import PromptTooLongError, has_chinese
+from model.generation import SamplingParams
+
+from .errors import NotReadyError, QueueFullError, ServingError
+from .text import TextAssembler
+from .worker import Worker
+
+DEFAULTS = dict(max_length=2048, top_p=0.4, temperature=0.8, top_k=100, repetition_penalty=1.2)
+
+NOTICES = {
+    "empty": ("请输入问题。", "Please type a question."),
+    "no_image": ("请先上传一张图片，再提问。", "Please upload an image first, then ask about it."),
+    "too_long": ("对话太长，超出了模型的长度上限：请点击“清除”重新开始，或调大最大长度。",
+                 "The conversation is too long for the model: press Clear to start over, or raise the maximum length."),
+    "busy": ("服务繁忙，请稍后再试。", "The server is busy; please try again in a moment."),
+    "loading": ("模型还在加载，请稍后再试。", "The model is still loading; please try again shortly."),
+    "failed": ("生成出错：", "Generation failed: "),
+}
+INTRO = ("**VisualGLM-6B**: upload an image, then ask questions about it (Chinese or English). "
+         "上传图片后即可就图片内容提问（中文或英文）。新图片或“清除”会开始新的对话。")
+
+
+def notice(key: str, chinese: bool) -> str:
+    zh, en = NOTICES[key]
+    return zh if chinese else en
+
+
+def messages_of(history) -> list:
+    out = []
+    for q, a in history:
+        out += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return out
+
+
+def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optional[dict] = None):
+    import gradio as gr
+
+    d = dict(DEFAULTS, **(defaults or {}))
+
+    async def respond(query: str, image, history: List[Tuple[str, str]], max_length, top_p, temperature):
+        """Yields (chat messages, history pairs, text box value). The history pairs are the truth; the
+        chat messages are drawn from them."""
+        query = (query or "").strip()
+        history = [tuple(pair) for pair in (history or [])]
+        chat = messages_of(history)
+        chinese = has_chinese(query)
+        if not query:
+            gr.Warning(f"{NOTICES['empty'][0]} / {NOTICES['empty'][1]}")
+            yield chat, history, query
+            return
+        if image is None:
+            gr.Warning(notice("no_image", chinese))
+            yield chat, history, query
+            return
+        try:
+            params = SamplingParams(max_length=int(max_length), top_p=float(top_p), temperature=float(temperature),
+                                    top_k=int(d["top_k"]), repetition_penalty=float(d["repetition_penalty"]))
+            job = await anyio.to_thread.run_sync(worker.prepare, query, history, image, not chinese, params)
+            stream = worker.submit(job)
+        except PromptTooLongError:
+            gr.Warning(notice("too_long", chinese))
+            yield chat, history, query
+            return
+        except QueueFullError:
+            gr.Warning(notice("busy", chinese))
+            yield chat, history, query
+            return
+        except NotReadyError:
+            gr.Warning(notice("loading", chinese))
+            yield chat, history, query
+            return
+        except (ServingError, ValueError) as e:
+            gr.Warning(notice("failed", chinese) + str(e))
+            yield chat, history, query
+            return
+
+        def state(answer: str):
+            messages = chat + [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+            # the partial answer is kept in the history too, so that Stop leaves both in agreement
+            return messages, history + [(query, answer)], ""
+
+        yield state("")
+        text = TextAssembler(worker.engine.decode)
+        try:
+            async for ids in stream:
+                if text.add(ids):
+                    yield state(text.text)
+            text.finish()
+            yield state(text.text)
+        except ServingError as e:
+            text.finish()
+            messages, pairs, _ = state(text.text)
+            messages[-1] = {"role": "assistant", "content": f"{text.text}\n\n⚠️ {notice('failed', chinese)}{e}"}
+            yield messages, pairs, ""
+        finally:
+            stream.cancel()        # the visitor pressed Stop / Clear or left: free the batch row
+
+    def new_conversation():
+        return [], []
+
+    # Gradio keeps uploads in its cache folder: delete them after an hour (checked every 10 minutes)
+    with gr.Blocks(title=title, delete_cache=(600, 3600), analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        history = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(type="pil", label="Image / 图片", elem_id="image", height=320)
+                max_length = gr.Slider(64, max(worker.max_context, 64), value=min(d["max_length"], worker.max_context),
+                                       step=1, label="Maximum length / 最大长度", elem_id="max_length")
+                top_p = gr.Slider(0.0, 1.0, value=d["top_p"], step=0.01, label="Top P", elem_id="top_p")
+                temperature = gr.Slider(0.0, 2.0, value=d["temperature"], step=0.01, label="Temperature / 温度",
+                                        elem_id="temperature")
+            with gr.Column(scale=4):
+                chatbot = gr.Chatbot(label=title, elem_id="chatbot", height=460)
+                query = gr.Textbox(show_label=False, placeholder="Ask about the image… / 就图片提问…", lines=1, max_lines=6,
+                                   elem_id="query")
+                with gr.Row():
+                    send = gr.Button("Send / 发送", variant="primary", elem_id="send")
+                    stop = gr.Button("Stop / 停止", elem_id="stop")
+                    clear = gr.Button("Clear / 清除", elem_id="clear")
+
+        inputs = [query, image, history, max_length, top_p, temperature]
+        outputs = [chatbot, history, query]
+        limit = dict(concurrency_limit=worker.max_batch, concurrency_id="chat")
+        sent = send.click(respond, inputs, outputs, **limit)
+        submitted = query.submit(respond, inputs, outputs, **limit)
+        stop.click(None, None, None, cancels=[sent, submitted])
+        clear.click(lambda: (None, [], [], ""), None, [image, chatbot, history, query], cancels=[sent, submitted])
+        image.upload(new_conversation, None, [chatbot, history], cancels=[sent, submitted])
+        image.clear(new_conversation, None, [chatbot, history], cancels=[sent, submitted])
+        chatbot.clear(new_conversation, None, [chatbot, history], cancels=[sent, submitted])
+    return demo
+
+
+def launch(demo, worker: Worker, *, host: str = "0.0.0.0", port: int = 7860, share: bool = False, **kw):
+    demo.queue(max_size=max(worker.max_batch + worker.max_queue, 1))
+    return demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, show_error=True, **kw)

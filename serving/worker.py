@@ -1,0 +1,421 @@
+"""The model worker: one background thread owns the model and runs every generation.
+
+Front ends (the HTTP API, the Gradio demo) never touch the model from their event loop. They call
+
+    job = worker.prepare(query, history, image, english, params)   # any thread: tokenize, preprocess
+    stream = worker.submit(job)                                     # on the event loop; may raise
+    async for ids in stream: ...                                    # new token ids as they come
+    stream.cancel()                                                 # client gone: stop this row
+
+Requests that wait together are run as one batch: the thread takes up to `max_batch` waiting jobs
+(after waiting `batch_wait` seconds for more to arrive), encodes their images in one call, and runs
+them through one `generate()` call, whose rows each keep their own sampling settings. A batch runs
+until its last row is done; requests arriving meanwhile wait for the next batch (static batching).
+At most `max_queue` requests may wait while a batch runs; `submit` raises QueueFullError beyond that.
+
+Tokens go back to each consumer's asyncio.Queue through loop.call_soon_threadsafe. A cancelled job
+that is still waiting leaves the queue at once; a running one is dropped from the batch at the next
+step (nothing more is sent), and the batch ends as soon as no row is left that someone waits for: a
+batch whose last listeners left is closed right away instead of running on to its longest row.
+
+The worker depends on this much of the engine (model.chat.ChatEngine, or any object alike):
+`make_request(query, history, image_embeds, english, params, generator)`, `encode_image(pixels)`
+for a [B, 3, H, W] tensor, `decode(ids, final=)`, `eos_ids()`, `tokenizer.pad_token_id`, `model`
+(with `image_size` and a `config` dict), and optionally `preprocess_image(pil)` and
+`generate_batch(requests)` where an engine needs its own.
+"""
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from model.generation import SamplingParams, generate
+from model.image import preprocess
+
+from .errors import GenerationError, NotReadyError, QueueFullError
+
+log = logging.getLogger("visualglm.serving")
+
+
+@dataclasses.dataclass
+class Finished:
+    reason: str                                  # "stop", "length", "cancelled" or "error"
+    error: Optional[Exception] = None
+
+
+class Job:
+    """One prepared request: its token ids and sampling settings, and its image pixels if any."""
+
+    def __init__(self, request, pixels: Optional[torch.Tensor] = None, image_key: Optional[str] = None):
+        self.request = request
+        self.pixels = pixels
+        self.image_key = image_key
+        self.cancelled = threading.Event()
+        self.state = "new"                       # new -> queued -> running -> done
+        self.generated = 0
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[Exception] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.queue: Optional[asyncio.Queue] = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.ids)
+
+
+class Stream:
+    """The consumer's side of a job: iterate for lists of new token ids; cancel() to stop."""
+
+    def __init__(self, worker: "Worker", job: Job):
+        self._worker = worker
+        self.job = job
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        queue = self.job.queue
+        while True:
+            item = await queue.get()
+            ids: List[int] = []
+            while not isinstance(item, Finished):
+                ids.extend(item)
+                try:
+                    item = queue.get_nowait()    # take whatever else is there in one go
+                except asyncio.QueueEmpty:
+                    item = None
+                    break
+            if ids:
+                yield ids
+            if isinstance(item, Finished):
+                if item.error is not None:
+                    raise item.error
+                return
+
+    def cancel(self) -> None:
+        self._worker.cancel(self.job)
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.job.finish_reason
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.job.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.job.generated
+
+
+def image_to_pixels(engine, image) -> torch.Tensor:
+    """PIL image (or pixels [3,H,W] / [1,3,H,W]) -> normalised pixels [1, 3, H, W] on the CPU."""
+    if isinstance(image, torch.Tensor):
+        return image if image.dim() == 4 else image[None]
+    custom = getattr(engine, "preprocess_image", None)
+    if custom is not None:
+        return custom(image)
+    return preprocess(image, engine.model.image_size)
+
+
+class Worker:
+    def __init__(self, engine=None, *, loader: Optional[Callable] = None, max_batch: int = 8,
+                 max_queue: int = 32, batch_wait: float = 0.01, image_cache_size: int = 16,
+                 generate_fn: Optional[Callable] = None):
+        """engine: a ready ChatEngine; or loader: a callable returning one, run on the worker thread
+        when it starts (the server answers /health with 503 meanwhile)."""
+        if (engine is None) == (loader is None):
+            raise ValueError("pass either an engine or a loader")
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be at least 1")
+        self.engine = engine
+        self._loader = loader
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batch_wait = batch_wait
+        self.image_cache_size = image_cache_size
+        self._generate_fn = generate_fn
+        self.state = "ready" if engine is not None else "loading"   # loading, ready, failed, stopped
+        self.error: Optional[str] = None
+        self._cond = threading.Condition()
+        self._pending: collections.deque = collections.deque()
+        self._running: List[Job] = []
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._settled = threading.Event()        # loaded or failed
+        if engine is not None:
+            self._settled.set()
+        self._cache: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
+        self.stats = dict(requests=0, rejected=0, cancelled=0, batches=0, generate_calls=0, max_batch_seen=0,
+                          tokens=0, images_encoded=0, image_cache_hits=0, errors=0)
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> "Worker":
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="visualglm-worker", daemon=True)
+                self._thread.start()
+        return self
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        self._settled.wait(timeout)
+        return self.state == "ready"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in self._running:
+                job.cancelled.set()
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        self._fail_pending(NotReadyError("The server is shutting down."))
+        if self.state != "failed":
+            self.state = "stopped"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence (prompt + answer) the model takes."""
+        config = getattr(getattr(self.engine, "model", None), "config", None) or {}
+        return int(config.get("max_sequence_length", 2048))
+
+    def require_ready(self):
+        if self.state == "loading":
+            raise NotReadyError("The model is still loading; try again shortly (GET /health says when it is ready).")
+        if self.state == "failed":
+            raise NotReadyError(f"The model failed to load: {self.error}")
+        if self.state == "stopped" or self._stopping:
+            raise NotReadyError("The server is shutting down.")
+        return self.engine
+
+    # -- front-end side -----------------------------------------------------------------------------
+    def prepare(self, query: str, history, image=None, english: bool = False,
+                params: Optional[SamplingParams] = None, generator: Optional[torch.Generator] = None) -> Job:
+        """Tokenize and preprocess (CPU work; call it from a worker thread of the event loop, not the loop
+        itself). image: a PIL image or pixels. Raises model.chat.PromptTooLongError when the prompt does
+        not fit within params.max_length."""
+        engine = self.require_ready()
+        params = dataclasses.replace(params or SamplingParams())   # the job's own copy
+        pixels = key = None
+        if image is not None:
+            pixels = image_to_pixels(engine, image).float().cpu().contiguous()
+            key = hashlib.sha1(pixels.numpy().tobytes()).hexdigest()
+        # The real embeddings are attached on the worker thread; a stand-in marks "has an image" here.
+        stand_in = torch.zeros(1, 1, 1) if pixels is not None else None
+        request = engine.make_request(query, list(history or []), stand_in, english, params, generator)
+        if pixels is not None:
+            request.image_embeds = None
+        return Job(request, pixels, key)
+
+    def submit(self, job: Job) -> Stream:
+        """Queue a prepared job; call on the event loop that will consume the stream."""
+        job.loop = asyncio.get_running_loop()
+        job.queue = asyncio.Queue()
+        with self._cond:
+            self.require_ready()
+            limit = self.max_queue + (0 if self._running else self.max_batch)
+            if len(self._pending) >= limit:
+                self.stats["rejected"] += 1
+                raise QueueFullError(f"The server is busy: {len(self._pending)} requests are already waiting. "
+                                     f"Try again shortly.")
+            job.state = "queued"
+            self._pending.append(job)
+            self.stats["requests"] += 1
+            self._cond.notify_all()
+        return Stream(self, job)
+
+    def cancel(self, job: Job) -> None:
+        with self._cond:
+            if job.state in ("done", "new"):
+                job.cancelled.set()
+                return
+            if job.state == "queued":
+                self._pending.remove(job)
+                self.stats["cancelled"] += 1
+                self._finish(job, "cancelled")
+                return
+            job.cancelled.set()      # running: the worker thread stops the row at its next step
+
+    # -- worker thread ------------------------------------------------------------------------------
+    def _run(self):
+        if self._loader is not None and self.engine is None:
+            try:
+                engine = self._loader()
+            except BaseException as e:  # noqa: BLE001 - report any failure through /health
+                log.exception("loading the model failed")
+                with self._cond:
+                    self.error = f"{type(e).__name__}: {e}"
+                    self.state = "failed"
+                self._settled.set()
+                return
+            with self._cond:
+                self.engine = engine
+                if self.state == "loading":
+                    self.state = "ready"
+            self._settled.set()
+            log.info("model loaded; serving")
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                deadline = time.monotonic() + self.batch_wait
+                while len(self._pending) < self.max_batch and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if self._stopping:
+                    return
+                batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                for job in batch:
+                    job.state = "running"
+                self._running = batch
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # noqa: BLE001 - the worker must survive anything a batch does
+                log.exception("generation failed")
+                self.stats["errors"] += 1
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                error = GenerationError(f"Generation failed: {type(e).__name__}: {e}")
+                for job in batch:
+                    if job.state != "done":
+                        self._finish(job, "error", error)
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _run_batch(self, batch: List[Job]):
+        batch = self._attach_images(batch)
+        if not batch:
+            return
+        self.stats["batches"] += 1
+        self.stats["generate_calls"] += 1
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+        live = dict(enumerate(batch))
+        steps = self._generate([job.request for job in batch])
+        try:
+            for step in steps:
+                for b, job in list(live.items()):
+                    if job.cancelled.is_set():
+                        del live[b]
+                        self.stats["cancelled"] += 1
+                        self._finish(job, "cancelled")
+                        continue
+                    token = step[b]
+                    if token is None:                    # finished: eos (length ends are caught below)
+                        del live[b]
+                        self._finish(job, self._reason(job))
+                        continue
+                    job.generated += 1
+                    self.stats["tokens"] += 1
+                    self._push(job, [token])
+                    if self._reason(job) == "length":
+                        del live[b]
+                        self._finish(job, "length")
+                if not live:
+                    break
+        finally:
+            steps.close()
+        for job in live.values():                        # the generator ended: every row is done
+            self._finish(job, "cancelled" if job.cancelled.is_set() else self._reason(job))
+
+    def _generate(self, requests):
+        engine = self.engine
+        if self._generate_fn is not None:
+            return self._generate_fn(engine, requests)
+        custom = getattr(engine, "generate_batch", None)
+        if custom is not None:
+            return custom(requests)
+        return generate(engine.model, requests, engine.tokenizer.pad_token_id, engine.eos_ids())
+
+    def _attach_images(self, batch: List[Job]) -> List[Job]:
+        """Encode the batch's images in one call (identical images once, recent ones from the cache)."""
+        need = [job for job in batch if job.pixels is not None]
+        if not need:
+            return batch
+        embeds, missing = {}, collections.OrderedDict()
+        for job in need:
+            if job.image_key in self._cache:
+                self._cache.move_to_end(job.image_key)
+                embeds[job.image_key] = self._cache[job.image_key]
+                self.stats["image_cache_hits"] += 1
+            elif job.image_key not in embeds:
+                missing.setdefault(job.image_key, job.pixels)
+        if missing:
+            try:
+                encoded = self.engine.encode_image(torch.cat(list(missing.values())))
+            except Exception as e:  # noqa: BLE001
+                log.exception("encoding images failed")
+                error = GenerationError(f"Encoding the image failed: {type(e).__name__}: {e}")
+                failed = [job for job in need if job.image_key in missing]
+                for job in failed:
+                    self._finish(job, "error", error)
+                batch = [job for job in batch if job not in failed]
+                need = [job for job in need if job not in failed]
+            else:
+                self.stats["images_encoded"] += len(missing)
+                for key, emb in zip(missing, encoded):
+                    embeds[key] = emb
+                    if self.image_cache_size > 0:
+                        self._cache[key] = emb
+                        while len(self._cache) > self.image_cache_size:
+                            self._cache.popitem(last=False)
+        for job in need:
+            job.request.image_embeds = embeds[job.image_key]
+            job.pixels = None
+        return batch
+
+    @staticmethod
+    def _reason(job: Job) -> str:
+        p = job.request.params
+        if len(job.request.ids) + job.generated >= p.max_length:
+            return "length"
+        if p.max_new_tokens is not None and job.generated >= p.max_new_tokens:
+            return "length"
+        return "stop"
+
+    def _push(self, job: Job, item) -> None:
+        try:
+            job.loop.call_soon_threadsafe(job.queue.put_nowait, item)
+        except RuntimeError:                 # the consumer's event loop is closed: nobody listens
+            job.cancelled.set()
+
+    def _finish(self, job: Job, reason: str, error: Optional[Exception] = None) -> None:
+        if job.state == "done":
+            return
+        job.state = "done"
+        job.finish_reason = reason
+        job.error = error
+        if job.loop is not None:
+            self._push(job, Finished(reason, error))
+
+    def _fail_pending(self, error: Exception) -> None:
+        with self._cond:
+            pending, self._pending = list(self._pending), collections.deque()
+        for job in pending:
+            self._finish(job, "error", error)
