@@ -110,3 +110,16 @@ def fix_sat_qlora_dtype(force: bool = False) -> bool:
     __init__._upstream = upstream_init
     lora2.LoraLinear.__init__ = __init__
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# deepspeed on a CPU-only machine: a 100-second C++ build nobody needs
+
+def skip_deepspeed_shm_comm() -> None:
+    """deepspeed 0.19.8 (CPU accelerator): creating its communication backend (deepspeed.initialize,
+    deepspeed.init_distributed) JIT-compiles the C++ op `deepspeed_shm_comm` (g++ + ninja; about 100 s
+    on 2 cores, then cached in TORCH_EXTENSIONS_DIR), even for a single process. The op only speeds up
+    all-reduce between CPU processes of one host; plain gloo does the same job. Marking it incompatible
+    makes DeepSpeed skip it (`build_shm_op()` returns None). Only call this when training on the CPU."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -1,7 +1,14 @@
 """Each compatibility fix in model/compat.py, shown against the upstream behaviour it works around."""
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from model.compat import SAT_QLORA_BUG_VERSIONS, _sat_version, fix_sat_qlora_dtype, skip_deepspeed_shm_comm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,3 +38,37 @@ def test_sat_import_without_wandb_when_deepspeed_is_installed():
     assert upstream.returncode != 0 and "wandb" in upstream.stderr
     ours = run(hide + "import model, sat\nprint('ok', hasattr(sat, 'training_main'))")
     assert ours.returncode == 0 and "ok False" in ours.stdout, ours.stderr
+
+
+@pytest.mark.skipif(_sat_version() not in SAT_QLORA_BUG_VERSIONS, reason="the fix targets sat 0.4.12")
+def test_sat_lora_linear_qlora_name_error_and_its_fix():
+    pytest.importorskip("bitsandbytes")
+    assert fix_sat_qlora_dtype()
+    assert fix_sat_qlora_dtype()                        # idempotent
+    from sat.model.finetune import lora2
+    original = nn.Linear(64, 32).half()
+
+    # upstream sat 0.4.12: the qlora branch never assigns `dtype`
+    upstream = lora2.LoraLinear.__init__._upstream
+    with pytest.raises(NameError, match="dtype"):
+        upstream(lora2.LoraLinear.__new__(lora2.LoraLinear), nn.Linear, 1, 64, 32, 4, qlora=True,
+                 original_obj=original)
+
+    layer = lora2.LoraLinear(nn.Linear, 1, 64, 32, 4, qlora=True, original_obj=original)
+    assert isinstance(layer.original, lora2.HackLinearNF4)
+    assert torch.equal(layer.original.weight.data, original.weight.data)   # float until .to(device)
+    assert torch.equal(layer.original.bias.data, original.bias.data)
+    assert layer.matrix_A[0].dtype == layer.matrix_B[0].dtype == torch.float16
+    assert tuple(layer.matrix_A[0].shape) == (4, 64) and tuple(layer.matrix_B[0].shape) == (32, 4)
+    # and the non-QLoRA path is unchanged
+    plain = lora2.LoraLinear(nn.Linear, 1, 64, 32, 4, original_obj=nn.Linear(64, 32))
+    assert type(plain.original) is lora2.HackLinear
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the op is only built for DeepSpeed's CPU accelerator")
+def test_deepspeed_cpu_shm_comm_op_is_not_built():
+    from deepspeed.comm.torch import build_shm_op
+    skip_deepspeed_shm_comm()
+    start = time.time()
+    assert build_shm_op() is None                        # upstream: a ~100 s g++ build on first use
+    assert time.time() - start < 5

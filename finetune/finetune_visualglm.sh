@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Fine-tune VisualGLM-6B with LoRA (rank 10 on GLM layers 0 and 14), the original recipe.
+#
+#   bash finetune/finetune_visualglm.sh [extra finetune_visualglm.py flags, which win over the defaults]
+#
+# Environment variables (defaults in brackets):
+#   MODEL        checkpoint name or folder                       [visualglm-6b]
+#   TRAIN_DATA   training set (DATA is an alias)                 [./fewshot-data/dataset.json]
+#   VALID_DATA   validation set                                  [= TRAIN_DATA]
+#   SAVE         folder for runs                                 [./checkpoints]
+#   EXPERIMENT   run name prefix                                 [finetune-visualglm-6b]
+#   ADAPTER      lora | qlora | ptuning                          [lora]
+#   LORA_RANK [10]  LAYER_RANGE ["0 14"]  PRE_SEQ_LEN [4]
+#   TRAIN_ITERS [300]  BATCH_SIZE [4]  GRAD_ACCUM [1]  LR [0.0001]  SAVE_INTERVAL [300]
+#   NUM_GPUS     GPUs on this machine to use                     [all visible; 0 = CPU]
+#   HOSTFILE     DeepSpeed hostfile for several nodes            [none: this machine only]
+#   MASTER_PORT  [16666]   PRECISION fp16 | bf16 | fp32          [fp16 on GPUs, fp32 on the CPU]
+#   PYTHON       interpreter                                     [python3]
+# Without a usable GPU (no nvidia-smi, or torch sees no CUDA device) the same training runs as one
+# CPU process with gloo, in fp32 (or PRECISION=bf16).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(dirname "$HERE")"
+PYTHON="${PYTHON:-python3}"
+
+MODEL="${MODEL:-visualglm-6b}"
+TRAIN_DATA="${TRAIN_DATA:-${DATA:-./fewshot-data/dataset.json}}"
+VALID_DATA="${VALID_DATA:-$TRAIN_DATA}"
+SAVE="${SAVE:-./checkpoints}"
+EXPERIMENT="${EXPERIMENT:-finetune-visualglm-6b}"
+ADAPTER="${ADAPTER:-lora}"
+LORA_RANK="${LORA_RANK:-10}"
+LAYER_RANGE="${LAYER_RANGE:-0 14}"
+PRE_SEQ_LEN="${PRE_SEQ_LEN:-4}"
+TRAIN_ITERS="${TRAIN_ITERS:-300}"
+BATCH_SIZE="${BATCH_SIZE:-4}"
+GRAD_ACCUM="${GRAD_ACCUM:-1}"
+LR="${LR:-0.0001}"
+SAVE_INTERVAL="${SAVE_INTERVAL:-300}"
+MASTER_PORT="${MASTER_PORT:-16666}"
+
+case "$ADAPTER" in
+  lora)    adapter_flags=(--use_lora) ;;
+  qlora)   adapter_flags=(--use_qlora) ;;
+  ptuning) adapter_flags=(--use_ptuning) ;;
+  *) echo "ADAPTER must be lora, qlora or ptuning, not '$ADAPTER'" >&2; exit 2 ;;
+esac
+
+# GPUs: nvidia-smi present and torch sees CUDA devices
+if [[ -z "${NUM_GPUS:-}" ]]; then
+  NUM_GPUS=0
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    NUM_GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
+  fi
+fi
+if [[ "$NUM_GPUS" -gt 0 ]]; then
+  PRECISION="${PRECISION:-fp16}"
+else
+  PRECISION="${PRECISION:-fp32}"
+fi
+case "$PRECISION" in
+  fp16) precision_flags=(--fp16) ;;
+  bf16) precision_flags=(--bf16) ;;
+  fp32) precision_flags=() ;;
+  *) echo "PRECISION must be fp16, bf16 or fp32, not '$PRECISION'" >&2; exit 2 ;;
+esac
+
+# shellcheck disable=SC2206  # LAYER_RANGE is a list of layer numbers
+options=(
+  --experiment-name "$EXPERIMENT"
+  --model-parallel-size 1
+  --mode finetune
+  --train-iters "$TRAIN_ITERS"
+  --resume-dataloader
+  --max_source_length 64
+  --max_target_length 256
+  --lora_rank "$LORA_RANK"
+  --layer_range $LAYER_RANGE
+  --pre_seq_len "$PRE_SEQ_LEN"
+  --train-data "$TRAIN_DATA"
+  --valid-data "$VALID_DATA"
+  --lr-decay-style cosine
+  --warmup .02
+  --save-interval "$SAVE_INTERVAL"
+  --eval-interval 10000
+  --save "$SAVE"
+  --split 1
+  --eval-iters 10
+  --eval-batch-size 8
+  --zero-stage 1
+  --lr "$LR"
+  --batch-size "$BATCH_SIZE"
+  --gradient-accumulation-steps "$GRAD_ACCUM"
+  --skip-init
+  --from_pretrained "$MODEL"
+  "${adapter_flags[@]}"
+  "${precision_flags[@]}"
+)
+
+if [[ "$NUM_GPUS" -gt 0 ]]; then
+  options+=(--checkpoint-activations --distributed-backend nccl)
+  launcher=(deepspeed --master_port "$MASTER_PORT")
+  if [[ -n "${HOSTFILE:-}" ]]; then
+    launcher+=(--hostfile "$HOSTFILE")
+  else
+    launcher+=(--num_gpus "$NUM_GPUS")
+  fi
+  echo "GPU training: ${HOSTFILE:+hostfile $HOSTFILE, }$NUM_GPUS GPU(s) per node, $PRECISION" >&2
+  set -x
+  exec "${launcher[@]}" "$ROOT/finetune_visualglm.py" "${options[@]}" "$@"
+else
+  echo "No CUDA GPU found: training on the CPU (one process, gloo, $PRECISION)" >&2
+  set -x
+  exec "$PYTHON" "$ROOT/finetune_visualglm.py" "${options[@]}" --distributed-backend gloo "$@"
+fi
