@@ -26,6 +26,8 @@ as a LoRA one.
 import argparse
 import math
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -159,10 +161,20 @@ class FineTuneVisualGLMModel(VisualGLMModel):
         layers = args.layer_range
         if layers is not None:
             layers = [int(i) for i in layers]
-            bad = [i for i in layers if not 0 <= i < args.num_layers]
-            if bad or len(set(layers)) != len(layers):
-                raise ValueError(f"--layer_range {' '.join(map(str, layers))}: layer indices must be distinct "
-                                 f"and in 0..{args.num_layers - 1} (it lists layers, it is not a range)")
+            given = " ".join(map(str, layers))
+            if len(set(layers)) != len(layers) or any(i < 0 for i in layers):
+                raise ValueError(f"--layer_range {given}: layer indices must be distinct and >= 0 "
+                                 f"(it lists layers, it is not a range)")
+            kept = [i for i in layers if i < args.num_layers]
+            if not kept:
+                raise ValueError(f"--layer_range {given}: the model has layers 0..{args.num_layers - 1} only")
+            if kept != layers:
+                # the original default "0 14" names layers of the 28-layer model; on a smaller model
+                # (e.g. the bundled visualglm-tiny) the layers that exist still get their adapters
+                warnings.warn(f"--layer_range {given}: the model has {args.num_layers} layers; LoRA goes on "
+                              f"layer(s) {' '.join(map(str, kept))} only")
+                layers = kept
+                args.layer_range = kept
         if args.lora_rank < 1:
             raise ValueError(f"--lora_rank must be >= 1, got {args.lora_rank}")
         self.add_mixin("lora", lora2.LoraMixin(args.num_layers, args.lora_rank, layer_range=layers,

@@ -255,8 +255,12 @@ def test_layer_range_lists_layers_and_lora_scaling_is_one_over_rank():
     assert not any("mlp" in k and "matrix" in k for k in keys)
     qkv = m.transformer.layers[0].attention.query_key_value
     assert qkv.scaling == pytest.approx(0.25) and tuple(qkv.matrix_B[0].shape) == (64, 4)
-    with pytest.raises(ValueError, match="layer_range"):
-        build_model(dict(cfg, layer_range=[0, 14]), device="meta")
+    with pytest.warns(UserWarning, match="layer"):   # the original default "0 14" on a small model
+        small = build_model(dict(cfg, layer_range=[0, 14]), device="meta")
+    assert any("layers.0.attention.query_key_value.original" in k for k in small.state_dict())
+    for bad in ([14, 20], [0, 0], [-1]):
+        with pytest.raises(ValueError, match="layer_range"):
+            build_model(dict(cfg, layer_range=bad), device="meta")
     pt = build_model(dict(cfg, use_lora=False, use_ptuning=True, pre_seq_len=5), device="meta")
     assert tuple(pt.state_dict()["mixins.ptuning.prefix.2"].shape) == (2, 4, 5, 16)
 
