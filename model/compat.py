@@ -4,6 +4,8 @@ Import sat through `import_sat()` (or just import `model`, which calls it) so th
 place first. Every fix here is checked by tests/test_compat.py, which shows the upstream bug.
 """
 import importlib
+import os
+import warnings
 import importlib.util
 import sys
 import types
@@ -43,8 +45,17 @@ def _allow_sat_without_trainer_deps() -> None:
         sys.modules[name] = None  # importing it now raises ModuleNotFoundError naming 'deepspeed_training'
 
 
+def _quiet_sat_logging() -> None:
+    """sat logs its set-up chatter (model-only mode, LOCAL_WORLD_SIZE guesses, ...) at INFO on every
+    model build; users of the demos should see warnings only. SAT_LOGLEVEL=INFO brings it back."""
+    os.environ.setdefault("SAT_LOGLEVEL", "WARNING")
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+
+
 def import_sat():
     """Import SwissArmyTransformer 0.4.12 with the fixes this project relies on applied."""
+    _quiet_sat_logging()
     _stub_triton_rotary()
     _allow_sat_without_trainer_deps()
     try:
