@@ -8,7 +8,7 @@ WORK=${WORK:-work/tiny}
 OUT=${OUT_DIR:-pretrained/visualglm-tiny}
 TRAIN_IMAGES=${TRAIN_IMAGES:-24000}
 SHARDS=${SHARDS:-16}
-ITERS=${ITERS:-6000}
+ITERS=${ITERS:-8000}
 BATCH=${BATCH:-64}
 LR=${LR:-1e-3}
 WORKERS=${WORKERS:-8}
@@ -19,7 +19,7 @@ PY=${PYTHON:-python}
 rm -rf "$WORK"
 $PY -m synthetic.tiny_model prepare --out "$WORK" --train-images "$TRAIN_IMAGES" --shards "$SHARDS" --seed "$SEED"
 # shellcheck disable=SC2046
-$PY finetune_visualglm.py --mode pretrain --from_config "$WORK/model_config.json" --tokenizer "$WORK/tokenizer" \
+$PY finetune_visualglm.py --mode pretrain --from_pretrained "$WORK/init" --tokenizer "$WORK/tokenizer" \
   --train-data $(cat "$WORK/train_files.txt") --valid-data "$WORK/data/valid/dataset.json" \
   --max_source_length 128 --max_target_length 64 --batch-size "$BATCH" --train-iters "$ITERS" \
   --lr "$LR" --lr-decay-style cosine --warmup 0.02 --weight-decay 0.01 --gradient-clipping 1.0 \
