@@ -26,13 +26,16 @@ class PromptTooLongError(ValueError):
 
 
 _CJK = "[\u4e00-\u9fff]"
-_FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
+FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}   # half-width marks turned full-width
+PLACEHOLDERS = {"[[训练时间]]": "2023年"}                                  # strings replaced in answers
 
 
 def process_response(text: str) -> str:
     """Post-processing of the original model: full-width punctuation next to Chinese characters."""
-    text = text.strip().replace("[[训练时间]]", "2023年")
-    for half, full in _FULL_WIDTH.items():
+    text = text.strip()
+    for placeholder, value in PLACEHOLDERS.items():
+        text = text.replace(placeholder, value)
+    for half, full in FULL_WIDTH.items():
         text = re.sub(rf"({_CJK}){re.escape(half)}", rf"\1{full}", text)
         text = re.sub(rf"{re.escape(half)}({_CJK})", rf"{full}\1", text)
     return text

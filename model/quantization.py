@@ -233,15 +233,14 @@ class QuantizedLinear(nn.Module):
         self.parallel = parallel
         self.in_features = in_features
         self.out_features = out_features
-        if parallel == "column":
+        if parallel in ("column", "row"):  # the sizes sat's parallel linears expose (full, not per partition)
             self.input_size = in_features if input_size is None else input_size
             self.output_size = out_features if output_size is None else output_size
+        if parallel == "column":
             self.output_size_per_partition = out_features
             self.stride = stride
             self.gather_output = gather_output
         elif parallel == "row":
-            self.input_size = in_features if input_size is None else input_size
-            self.output_size = out_features if output_size is None else output_size
             self.input_size_per_partition = in_features
             self.input_is_parallel = input_is_parallel
             self.final_bias = final_bias

@@ -9,8 +9,10 @@ so that the concatenated deltas equal the final text.
 """
 from typing import Callable, List, Optional, Sequence
 
-_MARKS = set(",!:;?")          # converted by process_response when a CJK character follows
-_PLACEHOLDERS = ("[[训练时间]]",)
+from model.chat import FULL_WIDTH, PLACEHOLDERS
+
+_MARKS = set(FULL_WIDTH)                  # converted by process_response when a CJK character follows
+_PLACEHOLDERS = tuple(PLACEHOLDERS)       # replaced by process_response once complete
 
 
 def _partial_suffix(text: str, targets: Sequence[str]) -> int:
