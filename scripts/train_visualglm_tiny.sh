@@ -21,7 +21,7 @@ $PY -m synthetic.tiny_model prepare --out "$WORK" --train-images "$TRAIN_IMAGES"
 # shellcheck disable=SC2046
 $PY finetune_visualglm.py --mode pretrain --from_pretrained "$WORK/init" --tokenizer "$WORK/tokenizer" \
   --train-data $(cat "$WORK/train_files.txt") --valid-data "$WORK/data/valid/dataset.json" \
-  --max_source_length 128 --max_target_length 64 --batch-size "$BATCH" --train-iters "$ITERS" \
+  --max_source_length 192 --max_target_length 64 --batch-size "$BATCH" --train-iters "$ITERS" \
   --lr "$LR" --lr-decay-style cosine --warmup 0.02 --weight-decay 0.01 --gradient-clipping 1.0 \
   $PRECISION --seed "$SEED" --num-workers "$WORKERS" --log-interval 100 --eval-interval 1000 --eval-iters 10 \
   --save "$WORK/runs" --save-interval 1000 --experiment-name visualglm-tiny

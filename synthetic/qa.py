@@ -175,11 +175,13 @@ def _pick_template(qtype: str, lang: str, rng: random.Random) -> Tuple[int, str]
 
 
 def _describe_answer(scene: Scene, lang: str) -> str:
+    """Every shape with its colour and place, and the background (phrased unlike the background
+    question's answer: describing is how the model learns to see the background at all)."""
     shapes = scene.ordered_shapes
     n = len(shapes)
     if lang == "zh":
         parts = [f"{POSITION_ZH[s.cell]}有一个{coloured_shape(s.colour, s.kind, 'zh')}" for s in shapes]
-        return f"{count_phrase(n, 'zh')}：" + "，".join(parts) + "。"
+        return f"在{COLOUR_ZH[scene.background]}背景上，{count_phrase(n, 'zh')}：" + "，".join(parts) + "。"
     parts = []
     for s in shapes:
         obj = coloured_shape(s.colour, s.kind, "en")
@@ -188,7 +190,7 @@ def _describe_answer(scene: Scene, lang: str) -> str:
         listed = parts[0]
     else:
         listed = ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{count_phrase(n, 'en')}: {listed}."
+    return f"{count_phrase(n, 'en')} on {_article(scene.background)} {scene.background} background: {listed}."
 
 
 def _absent_pair(scene: Scene, rng: random.Random) -> Tuple[str, str]:
