@@ -182,11 +182,14 @@ def export(src: str, dst: Path, tokenizer_dir: Path, overwrite: bool = False) ->
     return out
 
 
-def sharpen(src: str, dst: Path, qk_gain: float, vit_qk_gain: float) -> Path:
-    """A copy of checkpoint `src` (same dtype, tokenizer and config) with sharpened attention."""
+def sharpen(src: str, dst: Path, qk_gain: float, vit_qk_gain: float, pos_scale: float = 0.0) -> Path:
+    """A copy of checkpoint `src` (same dtype, tokenizer and config) with sharpened attention and, when
+    pos_scale > 0, ViT position embeddings restarted from the sine-cosine table."""
     from model.checkpoint import load_model, save_checkpoint
     m = load_model(src, device="cpu", dtype=torch.float32)
     sharpen_attention(m, qk_gain, vit_qk_gain)
+    if pos_scale:
+        init_vit_positions(m, pos_scale)
     dtype = next(iter(torch.load(Path(src) / (Path(src) / "latest").read_text().strip() / "mp_rank_00_model_states.pt",
                                  map_location="cpu", weights_only=True)["module"].values())).dtype
     out = save_checkpoint(m.to(dtype), dst, config=m.config)
@@ -215,11 +218,13 @@ def main(argv=None):
     i.add_argument("--qk-gain", type=float, default=QK_GAIN)
     i.add_argument("--vit-qk-gain", type=float, default=VIT_QK_GAIN)
     i.add_argument("--pos-scale", type=float, default=POS_SCALE, help="0: sat's random position embeddings")
-    s = sub.add_parser("sharpen", help="copy a checkpoint with its Q-Former / ViT attention logits scaled up")
+    s = sub.add_parser("sharpen", help="copy a checkpoint with its Q-Former / ViT attention logits scaled up "
+                                       "and/or its ViT positions restarted")
     s.add_argument("--from", dest="src", required=True)
     s.add_argument("--to", type=Path, required=True)
-    s.add_argument("--qk-gain", type=float, required=True)
+    s.add_argument("--qk-gain", type=float, default=1.0)
     s.add_argument("--vit-qk-gain", type=float, default=1.0)
+    s.add_argument("--pos-scale", type=float, default=0.0)
     i.add_argument("--seed", type=int, default=1)
     e = sub.add_parser("export", help="write the trained model as pretrained/visualglm-tiny (fp16)")
     e.add_argument("--from", dest="src", required=True)
@@ -236,7 +241,7 @@ def main(argv=None):
         make_init(config, args.out, args.work / "tokenizer", args.cross_gain, args.seed, args.qk_gain, args.vit_qk_gain,
                   args.pos_scale)
     elif args.cmd == "sharpen":
-        sharpen(args.src, args.to, args.qk_gain, args.vit_qk_gain)
+        sharpen(args.src, args.to, args.qk_gain, args.vit_qk_gain, args.pos_scale)
     else:
         export(args.src, args.to, args.tokenizer, args.overwrite)
 
