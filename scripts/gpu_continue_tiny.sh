@@ -27,6 +27,6 @@ RUN=$(ls -d $W/runs/visualglm-tiny-* | tail -n 1)
 python3 -m synthetic.tiny_model export --from "$RUN" --to $W/out --tokenizer .tinyckpt --overwrite 2>&1 | grep exported
 timeout ${EVAL_SECONDS:-80} python3 evaluate.py --from_pretrained $W/out --generate ${EVAL_IMAGES:-200} --seed 2 --json $OUT/eval.json 2>&1 \
   | grep -E "^(type|describe|colour|shape|count|position|exists|multi|overall)"
-[ "${PROBE:-0}" = 1 ] && timeout 60 python3 scripts/probe_image_tokens.py --from_pretrained $W/out --scenes 600 2>&1 | grep -E "^(probe|ViT|32)"
+[ "${PROBE:-0}" = 1 ] && timeout 60 python3 scripts/probe_image_tokens.py --from_pretrained $W/out --scenes 600 2>&1 | grep -E "^(relative|probe|ViT|32)"
 cd $W/out && tar cf /tmp/out.tar . && split -b 15M /tmp/out.tar $OUT/tiny.tar.part.
 echo "total $(( $(date +%s) - T0 )) s"

@@ -41,7 +41,7 @@ wait
 for name in "${NAMES[@]}"; do
   echo "== $name"; grep "iteration" $OUT/train-$name.log | tail -2
   grep -E "^(describe|colour|shape|count|position|exists|multi|overall)" $W/eval-$name.txt
-  grep -E "^(ViT|32)" $W/probe-$name.txt
+  grep -E "^(relative|ViT|32)" $W/probe-$name.txt
   mkdir -p $OUT/$name && cd $W/out-$name && tar cf /tmp/$name.tar . && split -b 15M /tmp/$name.tar $OUT/$name/tiny.tar.part. && cd - > /dev/null
 done
 echo "total $(( $(date +%s) - T0 )) s"

@@ -5,7 +5,8 @@
 
 For each lone shape it predicts the shape's kind (4 classes) and grid cell (9 classes) with a
 logistic regression on (a) the ViT's patch features and (b) the 32 image tokens the GLM sees, and
-prints held-out accuracy. When (a) knows the cell and (b) does not, the Q-Former is dropping place;
+prints held-out accuracy; it also prints how much the features change when a lone square moves,
+changes kind or changes colour. When (a) knows the cell and (b) does not, the Q-Former is dropping place;
 when neither knows the kind, the ViT has not learned shapes. Chance is 25% / 11%.
 """
 import argparse
@@ -30,6 +31,32 @@ def features(model, scenes, batch=100):
             patches.append(enc[:, 1:].flatten(1).float())
             tokens.append(image.flatten(1).float())
     return torch.cat(patches), torch.cat(tokens)
+
+
+def sensitivity(model) -> dict:
+    """Relative change of the ViT feature at a lone square's centre patch, and of the 32 image tokens,
+    when the square moves (top-left -> bottom-right), changes kind or changes colour."""
+    from model.image import preprocess
+    from synthetic.scenes import Scene, Shape, cell_centre
+    blip = model.get_mixin("eva").model
+    grid = blip.image_size[0] // 14
+
+    def run(kind="square", colour="red", cell="top-left"):
+        scene = Scene(background="white", shapes=[Shape(kind=kind, colour=colour, cell=cell, radius=28)])
+        with torch.no_grad():
+            enc = blip.vit(preprocess(scene.render(), blip.image_size))           # [1, 1 + patches, hidden]
+            tokens = blip.glm_proj(blip.qformer(enc, blip.image_length))[0]
+        x, y = cell_centre(cell)
+        patch = enc[0, 1:].reshape(grid, grid, -1)[int(y // 14), int(x // 14)]
+        return patch, tokens
+
+    base = run()
+    out = {}
+    for name, change in (("cell", {"cell": "bottom-right"}), ("kind", {"kind": "triangle"}),
+                         ("colour", {"colour": "blue"})):
+        other = run(**change)
+        out[name] = tuple(((o - b).norm() / b.norm()).item() for o, b in zip(other, base))
+    return out
 
 
 def probe(x: torch.Tensor, y: torch.Tensor, n_train: int, steps: int = 300) -> float:
@@ -68,6 +95,9 @@ def main(argv=None):
     cell = torch.tensor([CELLS.index(s.shapes[0].cell) for s in scenes])
     patches, tokens = features(m, scenes)
     n = a.scenes * 2 // 3
+    sens = sensitivity(m)
+    print("relative change when a lone square " + ", ".join(
+        f"{k}: patch {v[0]:.3f} tokens {v[1]:.3f}" for k, v in sens.items()))
     print(f"{'probe':<28} {'kind':>6} {'cell':>6}")
     for name, x in (("ViT patch features", patches), ("32 image tokens (GLM input)", tokens)):
         print(f"{name:<28} {probe(x, kind, n):>6.0%} {probe(x, cell, n):>6.0%}")
