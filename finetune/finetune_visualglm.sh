@@ -18,6 +18,12 @@
 #   PYTHON       interpreter                                     [python3]
 # Without a usable GPU (no nvidia-smi, or torch sees no CUDA device) the same training runs as one
 # CPU process with gloo, in fp32 (or PRECISION=bf16).
+#
+# A checkpoint folder may carry its own recommended values in `finetune_defaults.env` (KEY=value
+# lines for LORA_RANK, LAYER_RANGE, PRE_SEQ_LEN, TRAIN_ITERS, BATCH_SIZE, GRAD_ACCUM, LR): they replace
+# the 6B recipe's defaults above, never a variable you set. The bundled visualglm-tiny has one (a 9 M
+# model needs a far larger LoRA learning rate than the 6B). The folder is found like the Python
+# loader finds it: MODEL as a path, then $SAT_HOME/MODEL, then pretrained/MODEL in this repository.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,6 +31,22 @@ ROOT="$(dirname "$HERE")"
 PYTHON="${PYTHON:-python3}"
 
 MODEL="${MODEL:-visualglm-6b}"
+for folder in "$MODEL" "${SAT_HOME:-$HOME/.sat_models}/$MODEL" "$ROOT/pretrained/$MODEL"; do
+  if [[ -f "$folder/finetune_defaults.env" ]]; then
+    while IFS='=' read -r key value || [[ -n "$key" ]]; do
+      case "$key" in
+        LORA_RANK|LAYER_RANGE|PRE_SEQ_LEN|TRAIN_ITERS|BATCH_SIZE|GRAD_ACCUM|LR)
+          if [[ -z "${!key:-}" ]]; then
+            printf -v "$key" '%s' "${value//\"/}"
+            echo "$key=${!key} (from $folder/finetune_defaults.env)" >&2
+          fi ;;
+        ''|\#*) ;;
+        *) echo "ignoring unknown key '$key' in $folder/finetune_defaults.env" >&2 ;;
+      esac
+    done < "$folder/finetune_defaults.env"
+    break
+  fi
+done
 TRAIN_DATA="${TRAIN_DATA:-${DATA:-./fewshot-data/dataset.json}}"
 VALID_DATA="${VALID_DATA:-$TRAIN_DATA}"
 SAVE="${SAVE:-./checkpoints}"

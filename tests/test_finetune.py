@@ -2,6 +2,7 @@
 point of finetune_visualglm.py: LoRA / QLoRA / P-tuning runs and their checkpoints, the loss going
 down, resuming, merge_lora, the adapter semantics of FineTuneVisualGLMModel and the shell scripts."""
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -305,3 +306,23 @@ def test_qlora_script_runs_on_a_cpu_only_machine(ckpt_dir, data, tmp_path):
     assert (run_dir / "latest").read_text().strip() == "2"
     config = json.loads((run_dir / "model_config.json").read_text())
     assert config["use_qlora"] and config["lora_rank"] == 10 and config["layer_range"] == [0, 1]
+
+
+def test_script_takes_recommended_defaults_from_the_model_folder(ckpt_dir, data, tmp_path):
+    """finetune_defaults.env next to the weights replaces the 6B recipe's defaults, never the user's."""
+    model = tmp_path / "model"
+    shutil.copytree(ckpt_dir, model)
+    (model / "finetune_defaults.env").write_text("# recommended\nTRAIN_ITERS=3\nLAYER_RANGE=0\nLR=2e-3\nBOGUS=1\n")
+    env = {**os.environ, "MODEL": str(model), "TRAIN_DATA": str(data), "SAVE": str(tmp_path / "runs"),
+           "LAYER_RANGE": "0 1", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "NUM_GPUS": "0"}
+    env.pop("TRAIN_ITERS", None)
+    env.pop("LR", None)
+    out = subprocess.run(["bash", str(ROOT / "finetune" / "finetune_visualglm.sh"), "--max_source_length", "64",
+                          "--max_target_length", "32", "--num-workers", "0", "--log-interval", "1"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LR=2e-3 (from" in out.stderr and "ignoring unknown key 'BOGUS'" in out.stderr
+    assert "--lr 2e-3" in out.stderr                       # the command line the script ran (set -x)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "latest").read_text().strip() == "3"
+    assert json.loads((run_dir / "model_config.json").read_text())["layer_range"] == [0, 1]   # the user's value

@@ -133,8 +133,10 @@ def test_example_answers():
     assert make_qa(scene, "count", "zh", rng).label == "图中有两个图形。"
     assert make_qa(scene, "count", "en", rng).label == "There are two shapes."
     assert make_qa(scene, "describe", "en", rng).label == (
-        "There are two shapes: a red circle in the top-left corner and a blue star in the centre.")
-    assert make_qa(scene, "describe", "zh", rng).label == "图中有两个图形：左上角有一个红色的圆形，中间有一个蓝色的星形。"
+        "There are two shapes on a light blue background: a red circle in the top-left corner and a blue star "
+        "in the centre.")
+    assert make_qa(scene, "describe", "zh", rng).label == (
+        "在浅蓝色背景上，图中有两个图形：左上角有一个红色的圆形，中间有一个蓝色的星形。")
 
 
 def test_shape_kind_named_alone_only_when_unique():

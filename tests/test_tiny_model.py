@@ -1,0 +1,70 @@
+"""synthetic/tiny_model.py: the initialisation that lets the bundled model see where things are."""
+import json
+
+import torch
+
+from model.checkpoint import build_model, load_model
+from synthetic.tiny_model import init_vit_positions, make_init, sharpen, sharpen_attention, sincos_2d
+
+
+def test_sincos_table_is_smooth_and_distinct():
+    table = sincos_2d(16, 192)                                   # [256, 192], row-major patches
+    assert table.shape == (256, 192)
+    assert torch.allclose(table.norm(dim=1), table.norm(dim=1)[0].expand(256))   # every patch equally loud
+    grid = table.view(16, 16, -1)
+    centre = grid[8, 8]
+    near, far = grid[8, 9] @ centre, grid[0, 0] @ centre
+    assert near > far                                            # neighbours look alike, corners do not
+    assert torch.linalg.matrix_rank(table.double()) > 20          # places are told apart
+    rows = grid[:, 0, :96] - grid[0, 0, :96]                     # the first half follows the row only
+    assert rows.abs().sum() > 0 and torch.equal(grid[3, 0, :96], grid[3, 7, :96])
+
+
+def test_sharpen_attention_scales_queries_and_keys_only(tiny_config):
+    m = build_model(tiny_config, device="cpu")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    sharpen_attention(m, qformer_gain=3.0, vit_gain=2.0)
+    after = m.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    for k in changed:
+        assert "qformer" in k and "cross_attention" in k or "vit" in k and "query_key_value" in k, k
+    layer = m.get_mixin("eva").model.qformer.transformer.layers[0].cross_attention
+    key = "mixins.eva.model.qformer.transformer.layers.0.cross_attention."
+    assert torch.allclose(layer.query.weight, 3 * before[key + "query.weight"])
+    keys = layer.key_value.weight.shape[0] // 2
+    assert torch.allclose(layer.key_value.weight[:keys], 3 * before[key + "key_value.weight"][:keys])
+    assert torch.equal(layer.key_value.weight[keys:], before[key + "key_value.weight"][keys:])   # values untouched
+    vit = "mixins.eva.model.vit.transformer.layers.0.attention.query_key_value.weight"
+    rows = after[vit].shape[0] // 3
+    assert torch.allclose(after[vit][:2 * rows], 2 * before[vit][:2 * rows])
+    assert torch.equal(after[vit][2 * rows:], before[vit][2 * rows:])
+
+
+def test_init_and_sharpen_write_loadable_checkpoints(tiny_config, tokenizer_dir, tmp_path):
+    config = dict(tiny_config, hidden_dropout=0.0, attention_dropout=0.0)
+    init = make_init(config, tmp_path / "init", tokenizer_dir, cross_gain=5.0, seed=3, pos_scale=1.0)
+    m = load_model(str(init), device="cpu")
+    table = m.get_mixin("eva").model.vit.transformer.position_embeddings.weight
+    grid = int((table.shape[0] - 1) ** 0.5)
+    assert torch.allclose(table[1:], sincos_2d(grid, table.shape[1]), atol=1e-6)
+    assert json.loads((init / "model_config.json").read_text())["hidden_dropout"] == 0.0
+    assert (init / "ice_text.model").is_file()
+    # sharpen: a copy with the ViT positions restarted; the source is left alone
+    out = sharpen(str(init), tmp_path / "sharp", qk_gain=2.0, vit_qk_gain=1.0, pos_scale=0.5)
+    s = load_model(str(out), device="cpu")
+    assert torch.allclose(s.get_mixin("eva").model.vit.transformer.position_embeddings.weight[1:],
+                          0.5 * sincos_2d(grid, table.shape[1]), atol=1e-6)
+    again = load_model(str(init), device="cpu").get_mixin("eva").model.vit.transformer.position_embeddings.weight
+    assert torch.equal(again, table)
+
+
+def test_init_vit_positions_leaves_the_cls_row(tiny_config):
+    m = build_model(tiny_config, device="cpu")
+    table = m.get_mixin("eva").model.vit.transformer.position_embeddings.weight
+    with torch.no_grad():
+        table.fill_(7.0)
+    init_vit_positions(m, 2.0)
+    assert torch.all(table[0] == 7.0) and table[1:].abs().max() <= 2.0 + 1e-6
