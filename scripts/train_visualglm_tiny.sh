@@ -22,7 +22,10 @@ PY=${PYTHON:-python}
 FINETUNE_DEFAULTS=("# LoRA settings for finetune/finetune_visualglm.sh on this model" "LR=3e-3" "LAYER_RANGE=0 1 2 3")
 
 rm -rf "$WORK"
-$PY -m synthetic.tiny_model prepare --out "$WORK" --train-images "$TRAIN_IMAGES" --shards "$SHARDS" --seed 1
+# the shipped tokenizer (TOKENIZER= trains a new one; sentencepiece versions train slightly different ones)
+TOKENIZER=${TOKENIZER-pretrained/visualglm-tiny}
+$PY -m synthetic.tiny_model prepare --out "$WORK" --train-images "$TRAIN_IMAGES" --shards "$SHARDS" --seed 1 \
+  ${TOKENIZER:+--tokenizer "$TOKENIZER"}
 
 stage() {  # stage <n> <from> <batch> <seed> <train-iters> <exit at> <warmup> <decay> <export to>
   local n=$1 from=$2 batch=$3 seed=$4 iters=$5 stop=$6 warmup=$7 decay=$8 to=$9

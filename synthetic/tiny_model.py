@@ -11,6 +11,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -134,15 +135,24 @@ def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, s
 
 
 def prepare(out: Path, n_train: int, n_valid: int, questions_per_image: int, seed: int, vocab_size: int,
-            shards: int = 1, cross_gain: float = CROSS_GAIN) -> dict:
+            shards: int = 1, cross_gain: float = CROSS_GAIN, tokenizer: Optional[Path] = None) -> dict:
     """Training images are written as `shards` splits (train-0, train-1, ...) generated in parallel,
-    shard i from seed `seed * 1000 + i`; pass all their dataset.json files to --train-data."""
+    shard i from seed `seed * 1000 + i`; pass all their dataset.json files to --train-data.
+    `tokenizer`: a folder whose tokenizer to reuse instead of training one (sentencepiece's output
+    varies between its versions, so reusing the shipped one keeps token ids identical)."""
     from multiprocessing import Pool
     from model.configs import tiny_config
     from model.tokenizer import train_tokenizer
     from .dataset import EVAL_SEED, generate_split
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(tokenizer_corpus(seed), out / "tokenizer", vocab_size=vocab_size)
+    if tokenizer is not None:
+        from model.loading import load_tokenizer
+        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+        for f in TOKENIZER_FILES:
+            shutil.copy(Path(tokenizer) / f, out / "tokenizer" / f)
+        tok = load_tokenizer(out / "tokenizer")
+    else:
+        tok = train_tokenizer(tokenizer_corpus(seed), out / "tokenizer", vocab_size=vocab_size)
     vocab = -(-len(tok) // 64) * 64  # round up: rows beyond the tokenizer are never produced
     config = tiny_config(vocab_size=vocab, bos_token_id=tok.bos_token_id, mask_token_id=tok.mask_token_id,
                          gmask_token_id=tok.gmask_token_id, pad_token_id=tok.pad_token_id,
@@ -212,6 +222,7 @@ def main(argv=None):
     a.add_argument("--seed", type=int, default=1)
     a.add_argument("--shards", type=int, default=1, help="generate the training images in this many processes")
     a.add_argument("--cross-gain", type=float, default=CROSS_GAIN, help="initial scale of the Q-Former cross-attention output")
+    a.add_argument("--tokenizer", type=Path, default=None, help="reuse the tokenizer in this folder instead of training one")
     i = sub.add_parser("init", help="write another initial checkpoint for a prepared folder")
     i.add_argument("--work", type=Path, required=True)
     i.add_argument("--out", type=Path, required=True)
@@ -236,7 +247,7 @@ def main(argv=None):
     import model  # noqa: F401  sat compatibility fixes
     if args.cmd == "prepare":
         prepare(args.out, args.train_images, args.valid_images, args.questions_per_image, args.seed, args.vocab_size,
-                args.shards, args.cross_gain)
+                args.shards, args.cross_gain, args.tokenizer)
     elif args.cmd == "init":
         config = json.loads((args.work / "model_config.json").read_text())
         make_init(config, args.out, args.work / "tokenizer", args.cross_gain, args.seed, args.qk_gain, args.vit_qk_gain,

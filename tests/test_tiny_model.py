@@ -68,3 +68,16 @@ def test_init_vit_positions_leaves_the_cls_row(tiny_config):
         table.fill_(7.0)
     init_vit_positions(m, 2.0)
     assert torch.all(table[0] == 7.0) and table[1:].abs().max() <= 2.0 + 1e-6
+
+
+def test_prepare_can_reuse_a_tokenizer(tokenizer_dir, tmp_path):
+    from synthetic.tiny_model import prepare
+    config = prepare(tmp_path / "work", n_train=4, n_valid=2, questions_per_image=1, seed=1, vocab_size=500,
+                     tokenizer=tokenizer_dir)
+    work = tmp_path / "work"
+    assert (work / "tokenizer" / "ice_text.model").read_bytes() == (tokenizer_dir / "ice_text.model").read_bytes()
+    from model.loading import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    assert config["pad_token_id"] == tok.pad_token_id and config["vocab_size"] >= len(tok)
+    assert config["eva_args"]["attention_dropout"] == 0.0 and config["qformer_args"]["hidden_dropout"] == 0.0
+    assert (work / "init" / "latest").is_file() and len((work / "train_files.txt").read_text().split()) == 1
