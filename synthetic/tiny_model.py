@@ -4,8 +4,8 @@
     python finetune_visualglm.py --mode pretrain --from_config work/tiny/model_config.json ...
     python -m synthetic.tiny_model export --from <training output> --to pretrained/visualglm-tiny
 
-`scripts/train_visualglm_tiny.sh` runs the whole recipe; docs/visualglm-tiny.md records how the
-shipped checkpoint was made (hardware, time, seed) and what it scores.
+`scripts/train_visualglm_tiny.sh` runs the whole recipe; the README ("The bundled small model") records
+how the shipped checkpoint was made (hardware, time, seeds) and what it scores.
 """
 import argparse
 import json
