@@ -4,11 +4,12 @@ Import sat through `import_sat()` (or just import `model`, which calls it) so th
 place first. Every fix here is checked by tests/test_compat.py, which shows the upstream bug.
 """
 import importlib
-import os
-import warnings
 import importlib.util
+import logging
+import os
 import sys
 import types
+import warnings
 
 
 def _stub_triton_rotary() -> None:
@@ -51,6 +52,9 @@ def _quiet_sat_logging() -> None:
     os.environ.setdefault("SAT_LOGLEVEL", "WARNING")
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+    # bitsandbytes (imported by sat's LoRA module) warns on AVX512-BF16 CPUs that it could not fetch an
+    # optional 4-bit kernel from the Hugging Face hub; its built-in fallback is what runs either way.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def import_sat():
