@@ -31,11 +31,10 @@ def main(argv=None):
     import model  # noqa: F401  sat compatibility fixes
     import deepspeed
     import finetune_visualglm as ft
-    from model.loading import load_tokenizer
-    from model.loading import find_tokenizer_dir
+    from model.loading import find_tokenizer_dir, load_tokenizer
 
     base = ["--mode", "pretrain", "--from_pretrained", a.from_pretrained, "--train-data", *a.train_data,
-            "--max_source_length", "128", "--max_target_length", "64", "--lr", "1e-4", "--seed", "1"]
+            "--max_source_length", "192", "--max_target_length", "64", "--lr", "1e-4", "--seed", "1"]
     base += ["--bf16"] if a.bf16 else []
     args = ft.parse_args(base + ["--batch-size", str(a.batch_sizes[0])])
     dist = ft.setup_distributed(args)

@@ -53,7 +53,7 @@ def test_init_and_sharpen_write_loadable_checkpoints(tiny_config, tokenizer_dir,
     assert json.loads((init / "model_config.json").read_text())["hidden_dropout"] == 0.0
     assert (init / "ice_text.model").is_file()
     # sharpen: a copy with the ViT positions restarted; the source is left alone
-    out = sharpen(str(init), tmp_path / "sharp", qk_gain=2.0, vit_qk_gain=1.0, pos_scale=0.5)
+    out = sharpen(str(init), tmp_path / "sharp", qk_gain=2.0, vit_qk_gain=1.0, pos_scale=0.5, dtype=torch.float32)
     s = load_model(str(out), device="cpu")
     assert torch.allclose(s.get_mixin("eva").model.vit.transformer.position_embeddings.weight[1:],
                           0.5 * sincos_2d(grid, table.shape[1]), atol=1e-6)
