@@ -54,7 +54,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import model as _model  # noqa: E402,F401  (sat compatibility fixes before sat is imported)
 from model.chat import build_prompt, encode_prompt  # noqa: E402
-from model.image import ImageLoadError, load_image, preprocess  # noqa: E402
+from model.image import ImageLoadError, load_image, normalize, pixels_uint8  # noqa: E402
 
 IGNORE = -100
 
@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     FineTuneVisualGLMModel.add_model_specific_args(p)  # --pre_seq_len --lora_rank --use_* --layer_range
 
     g = p.add_argument_group("data")
-    g.add_argument("--train-data", nargs="+", default=None, help="JSON / JSON Lines dataset file(s)")
+    g.add_argument("--train-data", nargs="+", default=None,
+                   help="JSON / JSON Lines dataset file(s); synthetic:<samples>[:<seed>] draws synthetic shape "
+                        "scenes on the fly (synthetic/stream.py)")
     g.add_argument("--valid-data", nargs="*", default=None)
     g.add_argument("--test-data", nargs="*", default=None)
     g.add_argument("--split", default="1", help="train,valid,test weights to split --train-data when no --valid-data")
@@ -306,6 +308,21 @@ def encode_sample(tokenizer, prompt: str, label: str, has_image: bool, image_len
     return input_ids, labels, context_length, pre_image, truncated
 
 
+def encode_entry(entry, where: str, has_image: bool, *, tokenizer, image_length: int, max_source_length: int,
+                 max_target_length: int, ignore_pad: bool = True, source_prefix: str = "", english: bool = False):
+    """One sample per answer of a dataset entry, each with the turns before it as history:
+    [(input_ids, labels, context_length, pre_image, truncated)]."""
+    turns = entry_turns(entry, where)
+    lang_english = entry.get("lang") == "en" if isinstance(entry.get("lang"), str) else english
+    history, out = [], []
+    for prompt, label in turns:
+        text = build_prompt(source_prefix + prompt, history, english=lang_english, image=has_image)
+        out.append(encode_sample(tokenizer, text, label, has_image, image_length, max_source_length,
+                                 max_target_length, ignore_pad))
+        history.append((prompt, label))
+    return out
+
+
 class VisualGLMDataset(torch.utils.data.Dataset):
     """Samples of one or more dataset files, tokenized up front (so that every malformed entry is
     reported before training starts); images are read when a sample is fetched."""
@@ -322,18 +339,14 @@ class VisualGLMDataset(torch.utils.data.Dataset):
                              f"image tokens and a question; use at least {head + image_length + 8}.")
         if entries is None:
             entries = [(Path(f), where, e) for f in files for where, e in read_entries(Path(f))]
+        encode = functools.partial(encode_entry, tokenizer=tokenizer, image_length=image_length,
+                                   max_source_length=max_source_length, max_target_length=max_target_length,
+                                   ignore_pad=ignore_pad, source_prefix=source_prefix, english=english)
         for dataset_file, where, entry in entries:
-            turns = entry_turns(entry, where)
-            image = resolve_image(entry["img"], Path(dataset_file), where)
-            lang_english = entry.get("lang") == "en" if isinstance(entry.get("lang"), str) else english
-            history = []
-            for prompt, label in turns:
-                text = build_prompt(source_prefix + prompt, history, english=lang_english, image=image is not None)
-                ids, labels, ctx, pre, cut = encode_sample(tokenizer, text, label, image is not None, image_length,
-                                                           max_source_length, max_target_length, ignore_pad)
+            image = resolve_image(entry.get("img") if isinstance(entry, dict) else None, Path(dataset_file), where)
+            for ids, labels, ctx, pre, cut in encode(entry, where, image is not None):
                 self.truncated += cut
                 self.samples.append(Sample(ids, labels, ctx, pre, image, where))
-                history.append((prompt, label))
         self._cache: Dict[Path, torch.Tensor] = {}
 
     def __len__(self):
@@ -343,7 +356,7 @@ class VisualGLMDataset(torch.utils.data.Dataset):
         if sample.image in self._cache:
             return self._cache[sample.image]
         try:
-            pixels = preprocess(load_image(sample.image), self.image_size)[0]  # [3, H, W]
+            pixels = pixels_uint8(load_image(sample.image), self.image_size)  # [3, H, W] uint8
         except ImageLoadError as e:
             raise DataError(f"{sample.where}: {e}") from e
         if len(self._cache) < 256:  # few-shot sets: decode each image once
@@ -354,6 +367,35 @@ class VisualGLMDataset(torch.utils.data.Dataset):
         s = self.samples[index]
         return {"input_ids": s.input_ids, "labels": s.labels, "context_length": s.context_length,
                 "pre_image": s.pre_image, "image": self.image_tensor(s) if s.image is not None else None}
+
+
+class GeneratedDataset(torch.utils.data.Dataset):
+    """`--train-data synthetic:<samples>[:<seed>]`: synthetic shape scenes and questions made on the fly
+    by the loader workers (synthetic/stream.py), each sample a new image. A conversation contributes
+    one of its answers (with the turns before it as history), chosen by the sample's index."""
+
+    def __init__(self, spec: str, tokenizer, image_size, image_length: int, max_source_length: int,
+                 max_target_length: int, ignore_pad: bool = True, source_prefix: str = "", english: bool = False):
+        from synthetic.stream import parse_spec
+        try:
+            self.size, self.seed = parse_spec(spec)
+        except ValueError as e:
+            raise DataError(f"--train-data {e}") from None
+        self.spec, self.image_size, self.truncated = spec, image_size, 0
+        self.encode = functools.partial(encode_entry, tokenizer=tokenizer, image_length=image_length,
+                                        max_source_length=max_source_length, max_target_length=max_target_length,
+                                        ignore_pad=ignore_pad, source_prefix=source_prefix, english=english)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        from synthetic.stream import generated_entry
+        entry, image = generated_entry(index, self.seed)
+        samples = self.encode(entry, f"{self.spec}[{index}]", True)
+        ids, labels, ctx, pre, _ = samples[index % len(samples)]
+        return {"input_ids": ids, "labels": labels, "context_length": ctx, "pre_image": pre,
+                "image": pixels_uint8(image, self.image_size)}
 
 
 def split_entries(entries: list, weights: str, seed: int):
@@ -448,6 +490,8 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def forward_loss(module, batch: dict, device) -> torch.Tensor:
     kw = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if "image" in kw:   # loaders pass uint8 pixels (4x less to copy between processes); normalise here
+        kw["image"] = normalize(kw["image"])
     logits = module(**kw)[0]
     return lm_loss(logits, batch["labels"])
 
@@ -773,21 +817,26 @@ def load_datasets(args, tokenizer, config: dict):
                    image_length=config["image_length"], max_source_length=args.max_source_length,
                    max_target_length=args.max_target_length, ignore_pad=args.ignore_pad_token_for_loss,
                    source_prefix=args.source_prefix, english=args.english)
-    entries = [(Path(f), where, e) for f in args.train_data for where, e in read_entries(Path(f))]
-    if args.valid_data is not None:
+    # synthetic:<samples>[:<seed>] sources are generated on the fly and only ever train; --split divides files
+    generated = [GeneratedDataset(f, **options) for f in args.train_data if f.startswith("synthetic:")]
+    files = [f for f in args.train_data if not f.startswith("synthetic:")]
+    entries = [(Path(f), where, e) for f in files for where, e in read_entries(Path(f))]
+    if args.valid_data is not None or not entries:
         parts = (entries, [], [])
     else:
         parts = split_entries(entries, args.split, args.seed)
-        if not parts[0]:
+        if not parts[0] and not generated:
             raise DataError(f"--split {args.split} leaves no training entries")
     sets = [VisualGLMDataset(None, entries=part, **options) if part else None for part in parts]
+    if sets[0] is not None and sets[0].truncated:
+        log(f"warning: {sets[0].truncated} of {len(sets[0])} training samples were cut to "
+            f"--max_source_length {args.max_source_length} / --max_target_length {args.max_target_length}")
+    if generated:
+        sets[0] = torch.utils.data.ConcatDataset(([sets[0]] if sets[0] is not None else []) + generated)
     if args.valid_data:
         sets[1] = VisualGLMDataset(args.valid_data, **options)
     if args.test_data:
         sets[2] = VisualGLMDataset(args.test_data, **options)
-    if sets[0].truncated:
-        log(f"warning: {sets[0].truncated} of {len(sets[0])} training samples were cut to "
-            f"--max_source_length {args.max_source_length} / --max_target_length {args.max_target_length}")
     return tuple(sets)
 
 

@@ -80,10 +80,21 @@ def load_image(source, *, allow_path: bool = True, allow_url: bool = True,
     raise ImageLoadError(f"Unsupported image source of type {type(source).__name__}.")
 
 
-def preprocess(img: Image.Image, size) -> torch.Tensor:
-    """PIL image -> normalised tensor [1, 3, H, W] (float32)."""
+def pixels_uint8(img: Image.Image, size) -> torch.Tensor:
+    """PIL image -> resized RGB bytes [3, H, W] (uint8): a quarter of the float tensor's size, which
+    is what training loaders pass between processes (see normalize)."""
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     img = img.convert("RGB").resize((w, h), Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) / 255.0                     # [H, W, 3]
-    arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())[None]        # [1, 3, H, W]
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> the model's normalised float32 input (CLIP mean and std)."""
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=pixels.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=pixels.device)[:, None, None]
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def preprocess(img: Image.Image, size) -> torch.Tensor:
+    """PIL image -> normalised tensor [1, 3, H, W] (float32)."""
+    return normalize(pixels_uint8(img, size))[None]

@@ -72,14 +72,21 @@ def generate_items(n_images: int, seed: int, include_background: bool = False,
     rng = random.Random(seed)
     for index in range(n_images):
         scene = sample_scene(rng)
-        img = f"{img_prefix}{index:06d}.png"
-        items = []
-        for _ in range(questions_per_image):
-            if len(types) >= 2 and rng.random() < multi_turn_fraction:
-                items.append(_multi_item(img, make_conversation(scene, rng, lang=lang, types=types)))
-            else:
-                items.append(_single_item(img, sample_qa(scene, rng, lang=lang, types=types)))
+        items = scene_items(scene, rng, f"{img_prefix}{index:06d}.png", types, multi_turn_fraction,
+                            questions_per_image, lang)
         yield scene, (scene.render() if render else None), items
+
+
+def scene_items(scene, rng: random.Random, img, types: Sequence[str], multi_turn_fraction: float,
+                questions_per_image: int = 1, lang: Optional[str] = None) -> List[dict]:
+    """`questions_per_image` items about one scene (see generate_items), drawn from `rng`."""
+    items = []
+    for _ in range(questions_per_image):
+        if len(types) >= 2 and rng.random() < multi_turn_fraction:
+            items.append(_multi_item(img, make_conversation(scene, rng, lang=lang, types=types)))
+        else:
+            items.append(_single_item(img, sample_qa(scene, rng, lang=lang, types=types)))
+    return items
 
 
 def write_dataset_json(items: List[dict], path: Union[str, Path]) -> None:

@@ -54,7 +54,9 @@ def runs(ckpt_dir, data, tmp_path_factory):
 
 def probe_batch(tokenizer, data):
     ds = ft.VisualGLMDataset([data], tokenizer, (224, 224), 32, 64, 32)
-    return ft.collate([ds[0], ds[1]], tokenizer.pad_token_id)
+    batch = ft.collate([ds[0], ds[1]], tokenizer.pad_token_id)
+    batch["image"] = ft.normalize(batch["image"])   # the loader's uint8 pixels, as forward_loss does
+    return batch
 
 
 @torch.no_grad()
@@ -159,6 +161,19 @@ def test_loss_goes_down_on_a_fixed_batch(mode, ckpt_dir, tokenizer_dir, tiny_con
     # the same run with a zero learning rate does not learn: the assertion above can fail
     still = ft.run(fixed_batch_argv(ckpt_dir, tmp_path, *extra, lr="0", iters=8)).losses
     assert sum(still[-3:]) / 3 > 0.9 * sum(still[:3]) / 3, still
+
+
+def test_pretrain_on_generated_data_mixed_with_a_file(ckpt_dir, data, tokenizer_dir, tiny_config, tmp_path, capsys):
+    cfg = tmp_path / "model_config.json"
+    cfg.write_text(json.dumps(tiny_config))
+    args = argv(ckpt_dir, data, tmp_path / "runs", "--mode", "pretrain", "--from_config", str(cfg),
+                "--tokenizer", str(tokenizer_dir), "--num-workers", "1", iters=3)
+    args[args.index("--train-data") + 1:args.index("--train-data") + 2] = ["synthetic:8:2", str(data)]
+    result = ft.run(args)
+    out = capsys.readouterr().out
+    assert "data: 12 training samples" in out            # 8 generated + the file's 4
+    assert len(result.losses) == 3 and all(0 < x < 50 for x in result.losses)
+    assert (result.run_dir / "3" / "mp_rank_00_model_states.pt").is_file()
 
 
 # ----------------------------------------------------------------------------------------------

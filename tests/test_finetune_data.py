@@ -259,3 +259,41 @@ def test_deepspeed_config_from_flags(tmp_path):
     assert cfg["bf16"]["enabled"] is False and cfg["zero_optimization"] == {"stage": 1, "overlap_comm": True}
     assert cfg["optimizer"]["type"] == "AdamW" and cfg["optimizer"]["params"]["eps"] == 1e-6
     assert cfg["optimizer"]["params"]["lr"] == 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# generated data (--train-data synthetic:<samples>[:<seed>])
+
+def test_generated_samples_are_the_stream_entries_tokenized_like_files(tmp_path):
+    from finetune_visualglm import GeneratedDataset
+    from model.image import preprocess
+    from model.loading import load_tokenizer
+    from synthetic.stream import generated_entry
+    tok = load_tokenizer(Path(__file__).resolve().parent.parent / "pretrained" / "visualglm-tiny")
+    ds = GeneratedDataset("synthetic:40:5", tok, image_size=(224, 224), image_length=32, max_source_length=192,
+                          max_target_length=64)
+    assert len(ds) == 40
+    seen_history = False
+    for index in range(40):
+        row = ds[index]
+        entry, image = generated_entry(index, 5)
+        turns = entry.get("conversations", [entry])
+        t = index % len(turns)       # a conversation contributes the answer its index picks
+        history = [(x["prompt"], x["label"]) for x in turns[:t]]
+        seen_history |= bool(history)
+        prompt = build_prompt(turns[t]["prompt"], history, english=entry["lang"] == "en", image=True)
+        expected, labels, ctx, pre, _ = encode_sample(tok, prompt, turns[t]["label"], True, 32, 192, 64)
+        assert row["input_ids"] == expected and row["labels"] == labels and row["context_length"] == ctx
+        # uint8 pixels; normalised, they are what the chat engine feeds the model for the same image
+        assert row["image"].dtype == torch.uint8 and row["image"].shape == (3, 224, 224)
+        from model.image import normalize
+        assert torch.allclose(normalize(row["image"]), preprocess(image, 224)[0])
+    assert seen_history
+
+
+@pytest.mark.parametrize("spec", ["synthetic:zero", "synthetic:0", "synthetic:5:1:1"])
+def test_malformed_generated_spec_is_a_data_error(tokenizer, spec):
+    from finetune_visualglm import GeneratedDataset
+    with pytest.raises(DataError, match=r"--train-data .*expected synthetic:<samples>\[:<seed>\]"):
+        GeneratedDataset(spec, tokenizer, image_size=(224, 224), image_length=32, max_source_length=64,
+                         max_target_length=32)
