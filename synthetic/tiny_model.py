@@ -9,6 +9,7 @@ how the shipped checkpoint was made (hardware, time, seeds) and what it scores.
 """
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,11 @@ CROSS_GAIN = 5.0  # 5, 20 and 60 trained alike in a 1,500-step sweep
 QK_GAIN = 1.0
 VIT_QK_GAIN = 1.0
 POS_SCALE = 1.0   # sine-cosine entries have std 0.71; a patch embedding at init has std ~0.5
+# Spatial queries (init_spatial_queries): a 5 x 5 lattice of local pools (spacing 3.2 patches) whose
+# attention at init covers ~28 patches, nearly all within 3 patches of the lattice point.
+LATTICE = 5
+SPATIAL_FREQS = (0.15, 1.0)   # radians per patch
+QUERY_GAIN = 1.0
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 
 
@@ -112,11 +118,70 @@ def init_vit_positions(model, scale: float) -> None:
     table[1:] = scale * sincos_2d(grid, table.shape[1]).to(table.dtype)
 
 
+def position_codes(rows: torch.Tensor, cols: torch.Tensor, dim: int, head_dim: int,
+                   freqs=SPATIAL_FREQS) -> torch.Tensor:
+    """[..., dim] codes of (fractional) patch coordinates, built so that within every attention head of
+    `head_dim` channels the dot product of two codes is sum_f cos(f * drow) + cos(f * dcol): largest at
+    the same place and falling off within a few patches. Each head holds the same head_dim / 4
+    frequencies (geometric from freqs[0] to freqs[1] radians per patch), as [sin r, cos r, sin c, cos c]."""
+    n = head_dim // 4
+    f = torch.logspace(math.log10(freqs[0]), math.log10(freqs[1]), n, dtype=torch.float64)
+    r = torch.as_tensor(rows, dtype=torch.float64)[..., None] * f
+    c = torch.as_tensor(cols, dtype=torch.float64)[..., None] * f
+    head = torch.stack([r.sin(), r.cos(), c.sin(), c.cos()], dim=-1).flatten(-2)   # [..., 4 n]
+    head = torch.nn.functional.pad(head, (0, head_dim - head.shape[-1]))
+    return head.repeat(*([1] * (head.dim() - 1)), dim // head_dim).float()
+
+
+@torch.no_grad()
+def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN, pos_scale: float = POS_SCALE) -> None:
+    """Make the first lattice**2 of the Q-Former's queries start as local pools over a lattice x lattice
+    grid of the image, so that image token k begins as a summary of its own region.
+
+    Why: in the earlier models the queries picked patches by content (colour), and a patch's own place
+    was only a few percent of its ViT feature, so the 32 image tokens did not change when a shape moved
+    (a linear probe found a lone shape's cell from the ViT patches 95% of the time and from the tokens at
+    chance): position answers stayed at chance however long they trained. Here the ViT position
+    embeddings are position_codes (times pos_scale), the queries are the codes of their lattice points,
+    and every cross-attention starts with query and key projections of `gain` times the identity, so a
+    query's attention logits start as the code similarity: highest on the patches around its point. The
+    GLM can then tell where a shape is by which tokens carry it. The remaining queries stay random
+    (free to learn global facts such as the count or the background)."""
+    blip = model.get_mixin("eva").model
+    vit, qformer = blip.vit, blip.qformer
+    table = vit.transformer.position_embeddings.weight                 # [1 + grid * grid, vit hidden]
+    grid = int(round((table.shape[0] - 1) ** 0.5))
+    hidden = table.shape[1]
+    layers = [layer for layer in qformer.transformer.layers if getattr(layer, "cross_attention", None) is not None]
+    cross = layers[0].cross_attention
+    head_dim = cross.hidden_size_per_attention_head
+    if cross.query.weight.shape != (hidden, hidden) or cross.key_value.weight.shape[1] != hidden:
+        raise ValueError("spatial queries need the Q-Former, its cross-attention and the ViT to share one hidden size")
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    table[1:] = pos_scale * position_codes(rows.flatten(), cols.flatten(), hidden, head_dim).to(table.dtype)
+    # lattice points at the centres of a lattice x lattice split of the patch grid (patch coordinates)
+    centres = (torch.arange(lattice, dtype=torch.float64) + 0.5) * grid / lattice - 0.5
+    lr, lc = torch.meshgrid(centres, centres, indexing="ij")
+    queries = qformer.transformer.word_embeddings.weight                 # [queries, hidden]
+    if queries.shape[0] < lattice * lattice:
+        raise ValueError(f"a {lattice}x{lattice} lattice needs {lattice * lattice} queries, the Q-Former has {queries.shape[0]}")
+    queries[:lattice * lattice] = position_codes(lr.flatten(), lc.flatten(), hidden, head_dim).to(queries.dtype)
+    eye = gain * torch.eye(hidden, dtype=queries.dtype)
+    for layer in layers:
+        attn = layer.cross_attention
+        attn.query.weight.copy_(eye)
+        attn.query.bias.zero_()
+        attn.key_value.weight[:hidden] = eye                              # [K | V] rows
+        attn.key_value.bias[:hidden] = 0
+
+
 def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, seed: int,
-              qk_gain: float = QK_GAIN, vit_qk_gain: float = VIT_QK_GAIN, pos_scale: float = POS_SCALE) -> Path:
+              qk_gain: float = QK_GAIN, vit_qk_gain: float = VIT_QK_GAIN, pos_scale: float = POS_SCALE,
+              lattice: int = 0, query_gain: float = QUERY_GAIN) -> Path:
     """sat's random init (seeded), with the Q-Former cross-attention output projection scaled by
     cross_gain, attention sharpened by qk_gain / vit_qk_gain (see sharpen_attention) and the ViT's
-    position embeddings started from a 2-D sine-cosine table (see init_vit_positions)."""
+    position embeddings started from a 2-D sine-cosine table (see init_vit_positions), or, with
+    lattice > 0, spatial queries over a lattice x lattice grid (see init_spatial_queries)."""
     from model.checkpoint import build_args, model_class, save_checkpoint
     cls = model_class(config["model_class"])
     m = cls(build_args(cls, config, skip_init=False, seed=seed))
@@ -126,7 +191,9 @@ def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, s
             if "cross_attention.dense.weight" in name:
                 p.mul_(cross_gain)
     sharpen_attention(m, qk_gain, vit_qk_gain)
-    if pos_scale:
+    if lattice:
+        init_spatial_queries(m, lattice, query_gain, pos_scale)
+    elif pos_scale:
         init_vit_positions(m, pos_scale)
     save_checkpoint(m, out, overwrite=True)
     for f in TOKENIZER_FILES:
@@ -230,6 +297,9 @@ def main(argv=None):
     i.add_argument("--qk-gain", type=float, default=QK_GAIN)
     i.add_argument("--vit-qk-gain", type=float, default=VIT_QK_GAIN)
     i.add_argument("--pos-scale", type=float, default=POS_SCALE, help="0: sat's random position embeddings")
+    i.add_argument("--lattice", type=int, default=0, help="N > 0: the first N*N queries start as local pools "
+                                                          "over an N x N grid (init_spatial_queries)")
+    i.add_argument("--query-gain", type=float, default=QUERY_GAIN, help="with --lattice: cross-attention q/k gain")
     s = sub.add_parser("sharpen", help="copy a checkpoint with its Q-Former / ViT attention logits scaled up "
                                        "and/or its ViT positions restarted")
     s.add_argument("--from", dest="src", required=True)
@@ -251,7 +321,7 @@ def main(argv=None):
     elif args.cmd == "init":
         config = json.loads((args.work / "model_config.json").read_text())
         make_init(config, args.out, args.work / "tokenizer", args.cross_gain, args.seed, args.qk_gain, args.vit_qk_gain,
-                  args.pos_scale)
+                  args.pos_scale, args.lattice, args.query_gain)
     elif args.cmd == "sharpen":
         sharpen(args.src, args.to, args.qk_gain, args.vit_qk_gain, args.pos_scale)
     else:
