@@ -134,7 +134,8 @@ def position_codes(rows: torch.Tensor, cols: torch.Tensor, dim: int, head_dim: i
 
 
 @torch.no_grad()
-def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN, pos_scale: float = POS_SCALE) -> None:
+def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN, pos_scale: float = POS_SCALE,
+                         add_positions: bool = False, query_scale: float = 1.0) -> None:
     """Make the first lattice**2 of the Q-Former's queries start as local pools over a lattice x lattice
     grid of the image, so that image token k begins as a summary of its own region.
 
@@ -158,14 +159,15 @@ def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN
     if cross.query.weight.shape != (hidden, hidden) or cross.key_value.weight.shape[1] != hidden:
         raise ValueError("spatial queries need the Q-Former, its cross-attention and the ViT to share one hidden size")
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    table[1:] = pos_scale * position_codes(rows.flatten(), cols.flatten(), hidden, head_dim).to(table.dtype)
+    codes = pos_scale * position_codes(rows.flatten(), cols.flatten(), hidden, head_dim).to(table.dtype)
+    table[1:] = table[1:] + codes if add_positions else codes   # add: a trained ViT keeps what it learned
     # lattice points at the centres of a lattice x lattice split of the patch grid (patch coordinates)
     centres = (torch.arange(lattice, dtype=torch.float64) + 0.5) * grid / lattice - 0.5
     lr, lc = torch.meshgrid(centres, centres, indexing="ij")
     queries = qformer.transformer.word_embeddings.weight                 # [queries, hidden]
     if queries.shape[0] < lattice * lattice:
         raise ValueError(f"a {lattice}x{lattice} lattice needs {lattice * lattice} queries, the Q-Former has {queries.shape[0]}")
-    queries[:lattice * lattice] = position_codes(lr.flatten(), lc.flatten(), hidden, head_dim).to(queries.dtype)
+    queries[:lattice * lattice] = query_scale * position_codes(lr.flatten(), lc.flatten(), hidden, head_dim).to(queries.dtype)
     eye = gain * torch.eye(hidden, dtype=queries.dtype)
     for layer in layers:
         attn = layer.cross_attention
@@ -177,7 +179,8 @@ def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN
 
 def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, seed: int,
               qk_gain: float = QK_GAIN, vit_qk_gain: float = VIT_QK_GAIN, pos_scale: float = POS_SCALE,
-              lattice: int = 0, query_gain: float = QUERY_GAIN) -> Path:
+              lattice: int = 0, query_gain: float = QUERY_GAIN, query_scale: float = 1.0,
+              glm_from: Optional[str] = None) -> Path:
     """sat's random init (seeded), with the Q-Former cross-attention output projection scaled by
     cross_gain, attention sharpened by qk_gain / vit_qk_gain (see sharpen_attention) and the ViT's
     position embeddings started from a 2-D sine-cosine table (see init_vit_positions), or, with
@@ -192,9 +195,17 @@ def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, s
                 p.mul_(cross_gain)
     sharpen_attention(m, qk_gain, vit_qk_gain)
     if lattice:
-        init_spatial_queries(m, lattice, query_gain, pos_scale)
+        init_spatial_queries(m, lattice, query_gain, pos_scale, query_scale=query_scale)
     elif pos_scale:
         init_vit_positions(m, pos_scale)
+    if glm_from:   # keep a trained language model, start only the image path afresh
+        from model.checkpoint import load_model
+        glm = {k: v for k, v in load_model(glm_from, device="cpu", dtype=torch.float32).state_dict().items()
+               if not k.startswith("mixins.eva.")}
+        missing = [k for k in glm if k not in m.state_dict()]
+        if missing:
+            raise ValueError(f"{glm_from} does not fit this config: {missing[:3]}")
+        m.load_state_dict(glm, strict=False)
     save_checkpoint(m, out, overwrite=True)
     for f in TOKENIZER_FILES:
         shutil.copy(Path(tokenizer_dir) / f, Path(out) / f)
@@ -300,6 +311,9 @@ def main(argv=None):
     i.add_argument("--lattice", type=int, default=0, help="N > 0: the first N*N queries start as local pools "
                                                           "over an N x N grid (init_spatial_queries)")
     i.add_argument("--query-gain", type=float, default=QUERY_GAIN, help="with --lattice: cross-attention q/k gain")
+    i.add_argument("--query-scale", type=float, default=1.0, help="with --lattice: scale of the query embeddings")
+    i.add_argument("--qformer-pre-ln", action="store_true", help="Q-Former layer norms before each block (config change)")
+    i.add_argument("--glm-from", default=None, help="copy the language model's weights from this checkpoint")
     s = sub.add_parser("sharpen", help="copy a checkpoint with its Q-Former / ViT attention logits scaled up "
                                        "and/or its ViT positions restarted")
     s.add_argument("--from", dest="src", required=True)
@@ -320,8 +334,11 @@ def main(argv=None):
                 args.shards, args.cross_gain, args.tokenizer)
     elif args.cmd == "init":
         config = json.loads((args.work / "model_config.json").read_text())
-        make_init(config, args.out, args.work / "tokenizer", args.cross_gain, args.seed, args.qk_gain, args.vit_qk_gain,
-                  args.pos_scale, args.lattice, args.query_gain)
+        if args.qformer_pre_ln:
+            config["qformer_args"]["layernorm_order"] = "pre"
+        tokenizer = args.work / "tokenizer" if (args.work / "tokenizer").is_dir() else args.work
+        make_init(config, args.out, tokenizer, args.cross_gain, args.seed, args.qk_gain, args.vit_qk_gain,
+                  args.pos_scale, args.lattice, args.query_gain, args.query_scale, args.glm_from)
     elif args.cmd == "sharpen":
         sharpen(args.src, args.to, args.qk_gain, args.vit_qk_gain, args.pos_scale)
     else:
