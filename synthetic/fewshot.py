@@ -2,9 +2,12 @@
 
 The zip holds one folder, `fewshot-data/`, with 20 PNG images and `fewshot-data/dataset.json` in
 the original VisualGLM format (`"img": "fewshot-data/00.png"`, relative to the folder the zip is
-extracted in). Backgrounds are spread evenly over the six background colours; questions are half
-Chinese, half English. The zip is byte-for-byte reproducible (fixed order, timestamps and
-attributes), given the same zlib.
+extracted in). Backgrounds are spread evenly over the six background colours. Every image is asked
+the background question twice, once in Chinese and once in English, and two questions the model
+already answers (a description and one other type, alternating languages): trained on the new
+question alone, LoRA also starts answering "What colour is the circle?" with the background, while
+these rehearsal questions keep the old skills in place (README, "Few-shot fine-tuning"). The zip is
+byte-for-byte reproducible (fixed order, timestamps and attributes), given the same zlib.
 
     python -m synthetic.fewshot [--out fewshot-data.zip]
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Union
 
 from .dataset import FEWSHOT_SEED
-from .qa import make_qa
+from .qa import PRETRAIN_TYPES, make_qa
 from .scenes import BACKGROUND_COLOURS, sample_scene
 
 FEWSHOT_DIRNAME = "fewshot-data"
@@ -31,7 +34,8 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 def build_fewshot_files(seed: int = FEWSHOT_SEED, n_images: int = FEWSHOT_IMAGES) -> Dict[str, bytes]:
-    """{archive name: content}, images first, then dataset.json."""
+    """{archive name: content}, images first, then dataset.json (4 items per image: background in
+    zh and en, a description, one other pretraining question)."""
     rng = random.Random(seed)
     backgrounds: List[str] = []
     while len(backgrounds) < n_images:
@@ -39,20 +43,21 @@ def build_fewshot_files(seed: int = FEWSHOT_SEED, n_images: int = FEWSHOT_IMAGES
         rng.shuffle(block)
         backgrounds.extend(block)
     backgrounds = backgrounds[:n_images]
-    langs = ["zh"] * (n_images // 2) + ["en"] * (n_images - n_images // 2)
-    rng.shuffle(langs)
+    others = [t for t in PRETRAIN_TYPES if t != "describe"]
 
     files: Dict[str, bytes] = {}
     items = []
     for index in range(n_images):
         scene = sample_scene(rng, background=backgrounds[index])
-        qa = make_qa(scene, "background", langs[index], rng)
         name = f"{FEWSHOT_DIRNAME}/{index:02d}.png"
         buffer = io.BytesIO()
         scene.render().save(buffer, format="PNG", optimize=True)
         files[name] = buffer.getvalue()
-        items.append({"img": name, "prompt": qa.prompt, "label": qa.label, "type": qa.type,
-                      "lang": qa.lang, "answer": dict(qa.answer)})
+        first, second = ("zh", "en") if index % 2 == 0 else ("en", "zh")
+        questions = [make_qa(scene, "background", "zh", rng), make_qa(scene, "background", "en", rng),
+                     make_qa(scene, "describe", first, rng), make_qa(scene, rng.choice(others), second, rng)]
+        items.extend({"img": name, "prompt": qa.prompt, "label": qa.label, "type": qa.type, "lang": qa.lang,
+                      "answer": dict(qa.answer)} for qa in questions)
     files[f"{FEWSHOT_DIRNAME}/dataset.json"] = (json.dumps(items, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
     return files
 

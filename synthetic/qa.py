@@ -174,23 +174,29 @@ def _pick_template(qtype: str, lang: str, rng: random.Random) -> Tuple[int, str]
     return index, options[index]
 
 
+def _scene_opening(scene: Scene, lang: str) -> str:
+    """'There are two shapes on a pink background' / '在粉色背景上，图中有两个图形': how a description
+    starts, and the whole answer to the background question. Describing is how the model learns to see
+    the background at all; answering the held-out question in the same words lets a few-shot fine-tune
+    teach it when to say this (and stop) without inventing a new way to say it."""
+    n = len(scene.shapes)
+    if lang == "zh":
+        return f"在{COLOUR_ZH[scene.background]}背景上，{count_phrase(n, 'zh')}"
+    return f"{count_phrase(n, 'en')} on {_article(scene.background)} {scene.background} background"
+
+
 def _describe_answer(scene: Scene, lang: str) -> str:
-    """Every shape with its colour and place, and the background (phrased unlike the background
-    question's answer: describing is how the model learns to see the background at all)."""
+    """The opening (count and background), then every shape with its colour and place."""
     shapes = scene.ordered_shapes
-    n = len(shapes)
     if lang == "zh":
         parts = [f"{POSITION_ZH[s.cell]}有一个{coloured_shape(s.colour, s.kind, 'zh')}" for s in shapes]
-        return f"在{COLOUR_ZH[scene.background]}背景上，{count_phrase(n, 'zh')}：" + "，".join(parts) + "。"
+        return f"{_scene_opening(scene, 'zh')}：" + "，".join(parts) + "。"
     parts = []
     for s in shapes:
         obj = coloured_shape(s.colour, s.kind, "en")
         parts.append(f"{_article(obj)} {obj} {POSITION_EN[s.cell]}")
-    if n == 1:
-        listed = parts[0]
-    else:
-        listed = ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{count_phrase(n, 'en')} on {_article(scene.background)} {scene.background} background: {listed}."
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{_scene_opening(scene, 'en')}: {listed}."
 
 
 def _absent_pair(scene: Scene, rng: random.Random) -> Tuple[str, str]:
@@ -263,8 +269,7 @@ def make_qa(scene: Scene, qtype: str, lang: str, rng: random.Random) -> QA:
         answer = {"exists": present}
     else:  # background
         prompt = template
-        label = (f"背景是{COLOUR_ZH[scene.background]}的。" if zh
-                 else f"The background is {scene.background}.")
+        label = _scene_opening(scene, lang) + "。" if zh else _scene_opening(scene, lang) + "."
         answer = {"background": scene.background}
     return QA(type=qtype, lang=lang, prompt=prompt, label=label, answer=answer, template=index)
 

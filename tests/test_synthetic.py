@@ -128,8 +128,9 @@ def test_example_answers():
     assert make_qa(scene, "position", "en", rng).label in ("The circle is in the top-left corner.",
                                                            "The star is in the centre.")
     assert make_qa(scene, "position", "zh", rng).label in ("圆形在左上角。", "星形在中间。")
-    assert make_qa(scene, "background", "zh", rng).label == "背景是浅蓝色的。"
-    assert make_qa(scene, "background", "en", rng).label == "The background is light blue."
+    # the background answer is the opening of a description (see qa._scene_opening)
+    assert make_qa(scene, "background", "zh", rng).label == "在浅蓝色背景上，图中有两个图形。"
+    assert make_qa(scene, "background", "en", rng).label == "There are two shapes on a light blue background."
     assert make_qa(scene, "count", "zh", rng).label == "图中有两个图形。"
     assert make_qa(scene, "count", "en", rng).label == "There are two shapes."
     assert make_qa(scene, "describe", "en", rng).label == (
@@ -470,17 +471,25 @@ def test_shipped_fewshot_zip_is_valid():
     images = sorted(n for n in files if n.endswith(".png"))
     assert len(images) == 20 and all(n.startswith(FEWSHOT_DIRNAME + "/") for n in files)
     items = json.loads(files[f"{FEWSHOT_DIRNAME}/dataset.json"].decode("utf-8"))
-    assert len(items) == 20 and sorted(it["img"] for it in items) == images
-    langs = Counter(it["lang"] for it in items)
-    assert langs == {"zh": 10, "en": 10}
-    assert len({it["answer"]["background"] for it in items}) == len(BACKGROUND_COLOURS)
+    assert len(items) == 80 and sorted(set(it["img"] for it in items)) == images
+    background = [it for it in items if it["type"] == "background"]
+    rehearsal = [it for it in items if it["type"] != "background"]
+    # every image: the background question in both languages, a description and one other known type
+    for img in images:
+        mine = [it for it in items if it["img"] == img]
+        assert sorted((it["type"], it["lang"]) for it in mine if it["type"] == "background") == \
+            [("background", "en"), ("background", "zh")]
+        assert sorted(it["type"] == "describe" for it in mine) == [False, False, False, True]
+    assert {it["type"] for it in rehearsal} <= set(PRETRAIN_TYPES) and len({it["type"] for it in rehearsal}) >= 4
+    assert Counter(it["lang"] for it in rehearsal) == {"zh": 20, "en": 20}
+    assert len({it["answer"]["background"] for it in background}) == len(BACKGROUND_COLOURS)
     for item in items:
-        assert item["type"] == "background"
-        assert item["prompt"] in TEMPLATES["background"][item["lang"]]
+        assert item["prompt"] in TEMPLATES[item["type"]][item["lang"]] or item["type"] != "background"
         pixels = _pixels(files[item["img"]])
         assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
-        corners = {tuple(pixels[y, x]) for y in (0, IMAGE_SIZE - 1) for x in (0, IMAGE_SIZE - 1)}
-        assert corners == {BACKGROUND_COLOURS[item["answer"]["background"]]}
+        if item["type"] == "background":
+            corners = {tuple(pixels[y, x]) for y in (0, IMAGE_SIZE - 1) for x in (0, IMAGE_SIZE - 1)}
+            assert corners == {BACKGROUND_COLOURS[item["answer"]["background"]]}
         assert grade(item, None, item["label"], item["lang"])
 
 
