@@ -41,6 +41,13 @@ POS_SCALE = 1.0   # sine-cosine entries have std 0.71; a patch embedding at init
 LATTICE = 5
 SPATIAL_FREQS = (0.15, 1.0)   # radians per patch
 QUERY_GAIN = 1.0
+QUERY_SCALE = 8.0   # query embeddings 8x the codes: with pre-LN they stay the bulk of each token's residual
+# Pre-LN Q-Former (a config value; the released 6B uses post-LN). With post-LN, training from scratch
+# collapsed the queries: the Q-Former self-attention output grew to 17x its normalised input, every query
+# became the same vector, and the 32 image tokens were identical (one global summary: colours and count,
+# no place). Pre-LN keeps each query's own embedding in the residual stream; the same init then trained
+# from 26% (post-LN, 2,250 iterations, tokens collapsing) to 47% in 1,500 and 99% in 5,900.
+QFORMER_LAYERNORM = "pre"
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 
 
@@ -179,7 +186,7 @@ def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN
 
 def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, seed: int,
               qk_gain: float = QK_GAIN, vit_qk_gain: float = VIT_QK_GAIN, pos_scale: float = POS_SCALE,
-              lattice: int = 0, query_gain: float = QUERY_GAIN, query_scale: float = 1.0,
+              lattice: int = LATTICE, query_gain: float = QUERY_GAIN, query_scale: float = QUERY_SCALE,
               glm_from: Optional[str] = None) -> Path:
     """sat's random init (seeded), with the Q-Former cross-attention output projection scaled by
     cross_gain, attention sharpened by qk_gain / vit_qk_gain (see sharpen_attention) and the ViT's
@@ -236,15 +243,17 @@ def prepare(out: Path, n_train: int, n_valid: int, questions_per_image: int, see
                          gmask_token_id=tok.gmask_token_id, pad_token_id=tok.pad_token_id,
                          tokenizer_type="visualglm-tiny", **TINY_ARCH)
     config["qformer_args"]["is_decoder"] = [True] * TINY_ARCH["qformer_layers"]
+    config["qformer_args"]["layernorm_order"] = QFORMER_LAYERNORM
     for part in (config, config["eva_args"], config["qformer_args"]):
         part.update(TINY_DROPOUT)
     (out / "model_config.json").write_text(json.dumps(config, indent=2))
     make_init(config, out / "init", out / "tokenizer", cross_gain, seed)
-    jobs = [(out / "data" / f"train-{i}", n_train // shards + (i < n_train % shards), seed * 1000 + i,
-             questions_per_image) for i in range(shards)]
-    with Pool(min(shards, 16)) as pool:
-        files = pool.map(_train_shard, jobs)
-    (out / "train_files.txt").write_text("\n".join(files) + "\n")
+    if n_train:   # 0: train on `--train-data synthetic:...` (generated on the fly) instead
+        jobs = [(out / "data" / f"train-{i}", n_train // shards + (i < n_train % shards), seed * 1000 + i,
+                 questions_per_image) for i in range(shards)]
+        with Pool(min(shards, 16)) as pool:
+            files = pool.map(_train_shard, jobs)
+        (out / "train_files.txt").write_text("\n".join(files) + "\n")
     generate_split(out / "data" / "valid", n_valid, seed=EVAL_SEED + 1000)
     print(f"tokenizer: {len(tok)} pieces; model vocab {vocab}; data in {out / 'data'}")
     return config
@@ -293,7 +302,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("prepare", help="generate data, train the tokenizer, write model_config.json")
     a.add_argument("--out", type=Path, required=True)
-    a.add_argument("--train-images", type=int, default=20000)
+    a.add_argument("--train-images", type=int, default=0, help="images to write as training splits (0: none, "
+                   "train on --train-data synthetic:<samples>:<seed> instead)")
     a.add_argument("--valid-images", type=int, default=200)
     a.add_argument("--questions-per-image", type=int, default=3)
     a.add_argument("--vocab-size", type=int, default=3000)
@@ -308,11 +318,12 @@ def main(argv=None):
     i.add_argument("--qk-gain", type=float, default=QK_GAIN)
     i.add_argument("--vit-qk-gain", type=float, default=VIT_QK_GAIN)
     i.add_argument("--pos-scale", type=float, default=POS_SCALE, help="0: sat's random position embeddings")
-    i.add_argument("--lattice", type=int, default=0, help="N > 0: the first N*N queries start as local pools "
-                                                          "over an N x N grid (init_spatial_queries)")
+    i.add_argument("--lattice", type=int, default=LATTICE, help="N > 0: the first N*N queries start as local "
+                   "pools over an N x N grid (init_spatial_queries); 0: random queries, sine-cosine ViT positions")
     i.add_argument("--query-gain", type=float, default=QUERY_GAIN, help="with --lattice: cross-attention q/k gain")
-    i.add_argument("--query-scale", type=float, default=1.0, help="with --lattice: scale of the query embeddings")
-    i.add_argument("--qformer-pre-ln", action="store_true", help="Q-Former layer norms before each block (config change)")
+    i.add_argument("--query-scale", type=float, default=QUERY_SCALE, help="with --lattice: scale of the query embeddings")
+    i.add_argument("--qformer-layernorm", choices=("pre", "post"), default=None,
+                   help="override the Q-Former layer-norm order of the prepared config")
     i.add_argument("--glm-from", default=None, help="copy the language model's weights from this checkpoint")
     s = sub.add_parser("sharpen", help="copy a checkpoint with its Q-Former / ViT attention logits scaled up "
                                        "and/or its ViT positions restarted")
@@ -334,8 +345,8 @@ def main(argv=None):
                 args.shards, args.cross_gain, args.tokenizer)
     elif args.cmd == "init":
         config = json.loads((args.work / "model_config.json").read_text())
-        if args.qformer_pre_ln:
-            config["qformer_args"]["layernorm_order"] = "pre"
+        if args.qformer_layernorm:
+            config["qformer_args"]["layernorm_order"] = args.qformer_layernorm
         tokenizer = args.work / "tokenizer" if (args.work / "tokenizer").is_dir() else args.work
         make_init(config, args.out, tokenizer, args.cross_gain, args.seed, args.qk_gain, args.vit_qk_gain,
                   args.pos_scale, args.lattice, args.query_gain, args.query_scale, args.glm_from)

@@ -4,7 +4,15 @@ import json
 import torch
 
 from model.checkpoint import build_model, load_model
-from synthetic.tiny_model import init_vit_positions, make_init, sharpen, sharpen_attention, sincos_2d
+import math
+from pathlib import Path
+
+import pytest
+
+from synthetic.tiny_model import (init_vit_positions, make_init, position_codes, sharpen, sharpen_attention,
+                                  sincos_2d)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "pretrained" / "visualglm-tiny"
 
 
 def test_sincos_table_is_smooth_and_distinct():
@@ -45,7 +53,7 @@ def test_sharpen_attention_scales_queries_and_keys_only(tiny_config):
 
 def test_init_and_sharpen_write_loadable_checkpoints(tiny_config, tokenizer_dir, tmp_path):
     config = dict(tiny_config, hidden_dropout=0.0, attention_dropout=0.0)
-    init = make_init(config, tmp_path / "init", tokenizer_dir, cross_gain=5.0, seed=3, pos_scale=1.0)
+    init = make_init(config, tmp_path / "init", tokenizer_dir, cross_gain=5.0, seed=3, pos_scale=1.0, lattice=0)
     m = load_model(str(init), device="cpu")
     table = m.get_mixin("eva").model.vit.transformer.position_embeddings.weight
     grid = int((table.shape[0] - 1) ** 0.5)
@@ -81,3 +89,56 @@ def test_prepare_can_reuse_a_tokenizer(tokenizer_dir, tmp_path):
     assert config["pad_token_id"] == tok.pad_token_id and config["vocab_size"] >= len(tok)
     assert config["eva_args"]["attention_dropout"] == 0.0 and config["qformer_args"]["hidden_dropout"] == 0.0
     assert (work / "init" / "latest").is_file() and len((work / "train_files.txt").read_text().split()) == 1
+
+
+def test_position_codes_dot_product_is_a_cosine_kernel_in_every_head():
+    freqs = (0.15, 1.0)
+    a = position_codes(torch.tensor(3.0), torch.tensor(5.0), 192, 64, freqs)
+    b = position_codes(torch.tensor(7.5), torch.tensor(1.0), 192, 64, freqs)
+    f = [freqs[0] * (freqs[1] / freqs[0]) ** (k / 15) for k in range(16)]        # 16 frequencies per head
+    expected = sum(math.cos(x * (3.0 - 7.5)) + math.cos(x * (5.0 - 1.0)) for x in f)
+    for h in range(3):
+        head = slice(64 * h, 64 * (h + 1))
+        assert abs((a[head] @ b[head]).item() - expected) < 1e-4
+        assert abs((a[head] @ a[head]).item() - 32) < 1e-4                           # peak: 2 per frequency
+
+
+def _token_change_per_cell(model):
+    from model.image import preprocess
+    from synthetic.scenes import CELLS, Scene, Shape
+    blip = model.get_mixin("eva").model
+    with torch.no_grad():
+        tokens = torch.stack([blip(preprocess(Scene(background="white", shapes=(Shape("square", "red", c, radius=24),))
+                                              .render(), 224))[0] for c in CELLS])   # [9 cells, 32, hidden]
+    return (tokens - tokens.mean(0)).norm(dim=-1)                                    # [9, 32]
+
+
+def _cell_of_lattice_point(k, lattice=5):
+    row, col = divmod(k, lattice)
+    return int((row + 0.5) / lattice * 3) * 3 + int((col + 0.5) / lattice * 3)
+
+
+@pytest.mark.parametrize("lattice", [5, 0])
+def test_spatial_queries_make_each_token_summarise_its_own_region(lattice, tmp_path):
+    """At init, a lone square changes most the image token whose lattice point lies in the square's cell;
+    with random queries (lattice 0) every token changes about alike."""
+    config = json.loads((SHIPPED / "model_config.json").read_text())
+    config["qformer_args"]["layernorm_order"] = "pre"
+    init = make_init(config, tmp_path / "init", SHIPPED, cross_gain=5.0, seed=1, lattice=lattice)
+    change = _token_change_per_cell(load_model(str(init), device="cpu").eval())[:, :25]
+    hits = sum(_cell_of_lattice_point(int(change[cell].argmax())) == cell for cell in range(9))
+    contrast = (change.max(1).values / change.median(1).values).mean().item()
+    if lattice:
+        assert hits == 9 and contrast > 4, (hits, contrast)
+    else:
+        assert contrast < 1.5, contrast
+
+
+def test_glm_from_keeps_the_language_model_and_restarts_the_image_path(tmp_path):
+    config = json.loads((SHIPPED / "model_config.json").read_text())
+    init = make_init(config, tmp_path / "init", SHIPPED, cross_gain=5.0, seed=2, glm_from=str(SHIPPED))
+    new = load_model(str(init), device="cpu").state_dict()
+    old = load_model(str(SHIPPED), device="cpu").state_dict()
+    glm = [k for k in old if not k.startswith("mixins.eva.")]
+    assert glm and all(torch.equal(new[k], old[k]) for k in glm)
+    assert not torch.equal(new["mixins.eva.model.glm_proj.weight"], old["mixins.eva.model.glm_proj.weight"])
