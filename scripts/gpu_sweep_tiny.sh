@@ -6,7 +6,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
 W=/tmp/tiny; T0=$(date +%s)
-VARIANTS=${VARIANTS:-"pos1=--pos-scale 1.0;pos2qk3=--pos-scale 2.0 --qk-gain 3"}
+VARIANTS=${VARIANTS:-"spatial=--lattice 5;older=--lattice 0 --qformer-layernorm post"}
 python3 -m synthetic.tiny_model prepare --out $W --train-images ${TRAIN_IMAGES:-24000} --shards 16 --seed 1 > $OUT/prepare.log 2>&1 || { tail $OUT/prepare.log; exit 1; }
 IFS=';' read -ra VS <<< "$VARIANTS"
 NAMES=()

@@ -1,7 +1,7 @@
 """Recipe for the bundled small VisualGLM, `visualglm-tiny`: same architecture, smaller sizes.
 
-    python -m synthetic.tiny_model prepare --out work/tiny          # data splits, tokenizer, model_config.json
-    python finetune_visualglm.py --mode pretrain --from_config work/tiny/model_config.json ...
+    python -m synthetic.tiny_model prepare --out work/tiny          # tokenizer, model_config.json, init/
+    python finetune_visualglm.py --mode pretrain --from_pretrained work/tiny/init --train-data synthetic:50000000:1 ...
     python -m synthetic.tiny_model export --from <training output> --to pretrained/visualglm-tiny
 
 `scripts/train_visualglm_tiny.sh` runs the whole recipe; the README ("The bundled small model") records
