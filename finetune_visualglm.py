@@ -818,8 +818,9 @@ def load_datasets(args, tokenizer, config: dict):
                    max_target_length=args.max_target_length, ignore_pad=args.ignore_pad_token_for_loss,
                    source_prefix=args.source_prefix, english=args.english)
     # synthetic:<samples>[:<seed>] sources are generated on the fly and only ever train; --split divides files
-    generated = [GeneratedDataset(f, **options) for f in args.train_data if f.startswith("synthetic:")]
-    files = [f for f in args.train_data if not f.startswith("synthetic:")]
+    from synthetic.stream import SPEC_PREFIX
+    generated = [GeneratedDataset(f, **options) for f in args.train_data if f.startswith(SPEC_PREFIX)]
+    files = [f for f in args.train_data if not f.startswith(SPEC_PREFIX)]
     entries = [(Path(f), where, e) for f in files for where, e in read_entries(Path(f))]
     if args.valid_data is not None or not entries:
         parts = (entries, [], [])

@@ -5,7 +5,7 @@
 # Env: FROM (checkpoint folder; default .tinyckpt, carried), TRAIN_SECONDS (stop then; the last saved
 # iteration is exported), BATCH, LR, ITERS, DECAY (constant or cosine), WARMUP, SEED (data and dropout seed:
 # give each call a new one), SAVE_INTERVAL, EVAL_IMAGES, EVAL_SECONDS, PROBE=1 (scripts/probe_image_tokens.py),
-# NAME (runs side by side: each NAME gets its own work folder and $OUT/NAME/), WORKERS.
+# NAME (runs side by side: each NAME gets its own work folder and $OUT/NAME/), WORKERS, EVAL_INTERVAL (validation loss).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
 NAME=${NAME:-}; W=/tmp/tiny${NAME:+-$NAME}; T0=$(date +%s); FROM=${FROM:-.tinyckpt}; SEED=${SEED:-2}

@@ -269,7 +269,7 @@ def make_qa(scene: Scene, qtype: str, lang: str, rng: random.Random) -> QA:
         answer = {"exists": present}
     else:  # background
         prompt = template
-        label = _scene_opening(scene, lang) + "。" if zh else _scene_opening(scene, lang) + "."
+        label = _scene_opening(scene, lang) + ("。" if zh else ".")
         answer = {"background": scene.background}
     return QA(type=qtype, lang=lang, prompt=prompt, label=label, answer=answer, template=index)
 

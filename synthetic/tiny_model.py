@@ -142,14 +142,14 @@ def position_codes(rows: torch.Tensor, cols: torch.Tensor, dim: int, head_dim: i
 
 @torch.no_grad()
 def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN, pos_scale: float = POS_SCALE,
-                         add_positions: bool = False, query_scale: float = 1.0) -> None:
+                         query_scale: float = QUERY_SCALE) -> None:
     """Make the first lattice**2 of the Q-Former's queries start as local pools over a lattice x lattice
     grid of the image, so that image token k begins as a summary of its own region.
 
-    Why: in the earlier models the queries picked patches by content (colour), and a patch's own place
-    was only a few percent of its ViT feature, so the 32 image tokens did not change when a shape moved
-    (a linear probe found a lone shape's cell from the ViT patches 95% of the time and from the tokens at
-    chance): position answers stayed at chance however long they trained. Here the ViT position
+    Why: in the earlier models every query attended like every other (their 32 tokens were one repeated
+    vector, see QFORMER_LAYERNORM), so nothing told the GLM where a shape was: a linear probe found a
+    lone shape's cell from the ViT patches 95% of the time and from the tokens at chance, and position
+    answers stayed at chance however long they trained. Here the ViT position
     embeddings are position_codes (times pos_scale), the queries are the codes of their lattice points,
     and every cross-attention starts with query and key projections of `gain` times the identity, so a
     query's attention logits start as the code similarity: highest on the patches around its point. The
@@ -166,8 +166,7 @@ def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN
     if cross.query.weight.shape != (hidden, hidden) or cross.key_value.weight.shape[1] != hidden:
         raise ValueError("spatial queries need the Q-Former, its cross-attention and the ViT to share one hidden size")
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    codes = pos_scale * position_codes(rows.flatten(), cols.flatten(), hidden, head_dim).to(table.dtype)
-    table[1:] = table[1:] + codes if add_positions else codes   # add: a trained ViT keeps what it learned
+    table[1:] = pos_scale * position_codes(rows.flatten(), cols.flatten(), hidden, head_dim).to(table.dtype)
     # lattice points at the centres of a lattice x lattice split of the patch grid (patch coordinates)
     centres = (torch.arange(lattice, dtype=torch.float64) + 0.5) * grid / lattice - 0.5
     lr, lc = torch.meshgrid(centres, centres, indexing="ij")
@@ -202,7 +201,7 @@ def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, s
                 p.mul_(cross_gain)
     sharpen_attention(m, qk_gain, vit_qk_gain)
     if lattice:
-        init_spatial_queries(m, lattice, query_gain, pos_scale, query_scale=query_scale)
+        init_spatial_queries(m, lattice, query_gain, pos_scale, query_scale)
     elif pos_scale:
         init_vit_positions(m, pos_scale)
     if glm_from:   # keep a trained language model, start only the image path afresh
