@@ -1,4 +1,4 @@
-"""synthetic/tiny_model.py: the initialisation that lets the bundled model see where things are."""
+"""recipes/tiny_model.py: the initialisation that lets the bundled model see where things are."""
 import json
 
 import torch
@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from synthetic.tiny_model import (init_vit_positions, make_init, position_codes, sharpen, sharpen_attention,
-                                  sincos_2d)
+from recipes.tiny_model import init_vit_positions, make_init, position_codes, sincos_2d
 
 SHIPPED = Path(__file__).resolve().parent.parent / "pretrained" / "visualglm-tiny"
 
@@ -28,30 +27,7 @@ def test_sincos_table_is_smooth_and_distinct():
     assert rows.abs().sum() > 0 and torch.equal(grid[3, 0, :96], grid[3, 7, :96])
 
 
-def test_sharpen_attention_scales_queries_and_keys_only(tiny_config):
-    m = build_model(tiny_config, device="cpu")
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p))
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    sharpen_attention(m, qformer_gain=3.0, vit_gain=2.0)
-    after = m.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    for k in changed:
-        assert "qformer" in k and "cross_attention" in k or "vit" in k and "query_key_value" in k, k
-    layer = m.get_mixin("eva").model.qformer.transformer.layers[0].cross_attention
-    key = "mixins.eva.model.qformer.transformer.layers.0.cross_attention."
-    assert torch.allclose(layer.query.weight, 3 * before[key + "query.weight"])
-    keys = layer.key_value.weight.shape[0] // 2
-    assert torch.allclose(layer.key_value.weight[:keys], 3 * before[key + "key_value.weight"][:keys])
-    assert torch.equal(layer.key_value.weight[keys:], before[key + "key_value.weight"][keys:])   # values untouched
-    vit = "mixins.eva.model.vit.transformer.layers.0.attention.query_key_value.weight"
-    rows = after[vit].shape[0] // 3
-    assert torch.allclose(after[vit][:2 * rows], 2 * before[vit][:2 * rows])
-    assert torch.equal(after[vit][2 * rows:], before[vit][2 * rows:])
-
-
-def test_init_and_sharpen_write_loadable_checkpoints(tiny_config, tokenizer_dir, tmp_path):
+def test_init_writes_a_loadable_checkpoint(tiny_config, tokenizer_dir, tmp_path):
     config = dict(tiny_config, hidden_dropout=0.0, attention_dropout=0.0)
     init = make_init(config, tmp_path / "init", tokenizer_dir, cross_gain=5.0, seed=3, pos_scale=1.0, lattice=0)
     m = load_model(str(init), device="cpu")
@@ -60,13 +36,6 @@ def test_init_and_sharpen_write_loadable_checkpoints(tiny_config, tokenizer_dir,
     assert torch.allclose(table[1:], sincos_2d(grid, table.shape[1]), atol=1e-6)
     assert json.loads((init / "model_config.json").read_text())["hidden_dropout"] == 0.0
     assert (init / "ice_text.model").is_file()
-    # sharpen: a copy with the ViT positions restarted; the source is left alone
-    out = sharpen(str(init), tmp_path / "sharp", qk_gain=2.0, vit_qk_gain=1.0, pos_scale=0.5, dtype=torch.float32)
-    s = load_model(str(out), device="cpu")
-    assert torch.allclose(s.get_mixin("eva").model.vit.transformer.position_embeddings.weight[1:],
-                          0.5 * sincos_2d(grid, table.shape[1]), atol=1e-6)
-    again = load_model(str(init), device="cpu").get_mixin("eva").model.vit.transformer.position_embeddings.weight
-    assert torch.equal(again, table)
 
 
 def test_init_vit_positions_leaves_the_cls_row(tiny_config):
@@ -79,7 +48,7 @@ def test_init_vit_positions_leaves_the_cls_row(tiny_config):
 
 
 def test_prepare_can_reuse_a_tokenizer(tokenizer_dir, tmp_path):
-    from synthetic.tiny_model import prepare
+    from recipes.tiny_model import prepare
     config = prepare(tmp_path / "work", n_train=4, n_valid=2, questions_per_image=1, seed=1, vocab_size=500,
                      tokenizer=tokenizer_dir)
     work = tmp_path / "work"
@@ -132,13 +101,3 @@ def test_spatial_queries_make_each_token_summarise_its_own_region(lattice, tmp_p
         assert hits == 9 and contrast > 4, (hits, contrast)
     else:
         assert contrast < 1.5, contrast
-
-
-def test_glm_from_keeps_the_language_model_and_restarts_the_image_path(tmp_path):
-    config = json.loads((SHIPPED / "model_config.json").read_text())
-    init = make_init(config, tmp_path / "init", SHIPPED, cross_gain=5.0, seed=2, glm_from=str(SHIPPED))
-    new = load_model(str(init), device="cpu").state_dict()
-    old = load_model(str(SHIPPED), device="cpu").state_dict()
-    glm = [k for k in old if not k.startswith("mixins.eva.")]
-    assert glm and all(torch.equal(new[k], old[k]) for k in glm)
-    assert not torch.equal(new["mixins.eva.model.glm_proj.weight"], old["mixins.eva.model.glm_proj.weight"])

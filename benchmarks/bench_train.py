@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where training time goes: the data loader alone, the model step alone, and both together.
 
-    python scripts/bench_train.py --from_pretrained visualglm-tiny --train-data <dataset.json ...> \
+    python benchmarks/bench_train.py --from_pretrained visualglm-tiny --train-data <dataset.json ...> \
         --batch-sizes 64 256 --workers 15 [--bf16]
 
 Uses finetune_visualglm.py's own pieces (dataset, collate, DeepSpeed engine and config), so the

@@ -1,11 +1,14 @@
 """Recipe for the bundled small VisualGLM, `visualglm-tiny`: same architecture, smaller sizes.
 
-    python -m synthetic.tiny_model prepare --out work/tiny          # tokenizer, model_config.json, init/
-    python finetune_visualglm.py --mode pretrain --from_pretrained work/tiny/init --train-data synthetic:50000000:1 ...
-    python -m synthetic.tiny_model export --from <training output> --to pretrained/visualglm-tiny
+    python -m recipes.tiny_model prepare --out work/tiny --tokenizer pretrained/visualglm-tiny
+        # tokenizer/, model_config.json, init/ (the initial checkpoint), data/valid/
+    python finetune_visualglm.py --mode pretrain --from_pretrained work/tiny/init --tokenizer work/tiny/tokenizer \
+        --train-data synthetic:50000000:1 ...
+    python -m recipes.tiny_model export --from <training output> --to <folder> --tokenizer work/tiny/tokenizer
+    python -m recipes.tiny_model init --work work/tiny --out <folder> [options]   # another initial checkpoint
 
-`scripts/train_visualglm_tiny.sh` runs the whole recipe; the README ("The bundled small model") records
-how the shipped checkpoint was made (hardware, time, seeds) and what it scores.
+`recipes/train_visualglm_tiny.sh` runs the whole recipe. recipes/README.md says how to run it, and
+docs/bundled-model.md how the shipped checkpoint was made and why its initialisation is what it is.
 """
 import argparse
 import json
@@ -20,33 +23,22 @@ import torch
 # colours, shapes, counts and positions from scratch (head size 64 everywhere, like the big model).
 TINY_ARCH = dict(num_layers=4, hidden_size=320, num_attention_heads=5, eva_layers=4, eva_hidden=192,
                  eva_heads=3, qformer_layers=2, qformer_hidden=192, qformer_heads=3, image_length=32)
-# Trained from scratch with only the language-model loss, the image path starves: at sat's default init
-# the Q-Former's cross-attention output is ~2% of its output (the learned queries dominate), and the GLM
-# learns the answers' language prior long before it uses the nearly constant image tokens (22% accuracy
-# after 2,600 steps). The tiny model therefore cross-attends in every Q-Former layer and starts with the
-# cross-attention output projection scaled up by CROSS_GAIN, which gives the image 10-40% of the Q-Former
-# output at step 0. In a 1,500-step sweep gains 5, 20 and 60 scored alike (29-32%, vs 22% from the default
-# init after more steps). That lineage reached 49% after 8,000 steps and then stalled: its image tokens
-# did not say where anything was (see init_vit_positions), which the shipped model's init fixes.
-# No dropout: the tiny model underfits its synthetic data (accuracy on training images equals held-out
-# accuracy), so dropout only slows it down.
+# Trained from scratch on the language-model loss alone, the image path starves at sat's default init:
+# the Q-Former's cross-attention output is about 2% of its output. So every Q-Former layer cross-attends,
+# and the cross-attention output projection starts CROSS_GAIN times larger (the image is then 10-40% of
+# the Q-Former output at step 0).
+# No dropout: the model underfits its synthetic data, so dropout would only slow it down.
 TINY_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0)
-CROSS_GAIN = 5.0  # 5, 20 and 60 trained alike in a 1,500-step sweep
-# Attention sharpening at init (sharpen_attention): logit std ~0.08 * gain**2.
-QK_GAIN = 1.0
-VIT_QK_GAIN = 1.0
+CROSS_GAIN = 5.0
 POS_SCALE = 1.0   # sine-cosine entries have std 0.71; a patch embedding at init has std ~0.5
 # Spatial queries (init_spatial_queries): a 5 x 5 lattice of local pools (spacing 3.2 patches) whose
 # attention at init covers ~28 patches, nearly all within 3 patches of the lattice point.
 LATTICE = 5
 SPATIAL_FREQS = (0.15, 1.0)   # radians per patch
-QUERY_GAIN = 1.0
 QUERY_SCALE = 8.0   # query embeddings 8x the codes: with pre-LN they stay the bulk of each token's residual
-# Pre-LN Q-Former (a config value; the released 6B uses post-LN). With post-LN, training from scratch
-# collapsed the queries: the Q-Former self-attention output grew to 17x its normalised input, every query
-# became the same vector, and the 32 image tokens were identical (one global summary: colours and count,
-# no place). Pre-LN keeps each query's own embedding in the residual stream; the same init then trained
-# from 26% (post-LN, 2,250 iterations, tokens collapsing) to 47% in 1,500 and 99% in 5,900.
+# Pre-LN Q-Former (a config value; the released 6B uses post-LN). Trained from scratch with post-LN, the
+# queries collapsed into one vector, so the 32 image tokens were identical and said nothing about place.
+# Pre-LN keeps each query's own embedding in the residual stream.
 QFORMER_LAYERNORM = "pre"
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 
@@ -54,7 +46,7 @@ TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 def tokenizer_corpus(seed: int):
     """Questions and answers as the chat engine presents them, so prompt pieces get their own tokens."""
     from model.chat import build_prompt
-    from .dataset import build_corpus
+    from synthetic.dataset import build_corpus
     texts = build_corpus(n_images=3000, seed=seed)
     templated = []
     for i, t in enumerate(texts[:4000]):
@@ -64,37 +56,10 @@ def tokenizer_corpus(seed: int):
 
 
 def _train_shard(args):
-    from .dataset import generate_split
+    from synthetic.dataset import generate_split
     out, n, seed, questions_per_image = args
     generate_split(out, n, seed=seed, questions_per_image=questions_per_image)
     return str(Path(out) / "dataset.json")
-
-
-@torch.no_grad()
-def sharpen_attention(model, qformer_gain: float = 1.0, vit_gain: float = 1.0) -> None:
-    """Scale the query and key projections of the Q-Former's cross-attention (and of the ViT's
-    self-attention) by a gain each, so attention logits grow by gain**2.
-
-    From sat's init (std 0.02) the logits have a std of about 0.08 and attention starts uniform. This
-    was one suspect for the earlier model's position-blind image tokens, but measurement cleared it:
-    after training, its cross-attention was already selective (logit std 7, entropy 2.4 of a possible
-    5.5), and a sharpened init (gain 3, with sine-cosine positions) trained no better than positions
-    alone. So the shipped init leaves the gains at 1; the option stays for experiments."""
-    blip = model.get_mixin("eva").model
-    for layer in blip.qformer.transformer.layers:
-        cross = getattr(layer, "cross_attention", None)
-        if cross is None:
-            continue
-        cross.query.weight.mul_(qformer_gain)
-        cross.query.bias.mul_(qformer_gain)
-        keys = cross.key_value.weight.shape[0] // 2       # [K | V] rows
-        cross.key_value.weight[:keys].mul_(qformer_gain)
-        cross.key_value.bias[:keys].mul_(qformer_gain)
-    for layer in blip.vit.transformer.layers:
-        qkv = layer.attention.query_key_value               # [Q | K | V] rows
-        rows = qkv.weight.shape[0] // 3
-        qkv.weight[:2 * rows].mul_(vit_gain)
-        qkv.bias[:2 * rows].mul_(vit_gain)
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -114,11 +79,10 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 def init_vit_positions(model, scale: float) -> None:
     """Start the ViT's learned position embeddings from a 2-D sine-cosine table times `scale`.
 
-    Why: at sat's init the position embeddings (std 0.02) are ~4% of a patch embedding's size, and in
-    the previous 8,000-step model they still were (std 0.05 next to patch embeddings of std ~1): the
-    ViT's patches said what colour they were but hardly where, the 32 image tokens carried no position
-    at all (a linear probe found a lone shape's cell at chance), and shape and position answers stayed
-    at chance. A table of the patches' own size, smooth across neighbours, makes place visible from step 0."""
+    At sat's init the position embeddings (std 0.02) are about 4% of a patch embedding's size, so the
+    patches say what colour they are but hardly where. A table of the patches' own size, smooth across
+    neighbours, makes place visible from step 0. This is the older initialisation (--lattice 0);
+    the shipped one uses position_codes instead (see init_spatial_queries)."""
     vit = model.get_mixin("eva").model.vit
     table = vit.transformer.position_embeddings.weight              # [1 + grid * grid, hidden]
     grid = int(round((table.shape[0] - 1) ** 0.5))
@@ -141,20 +105,16 @@ def position_codes(rows: torch.Tensor, cols: torch.Tensor, dim: int, head_dim: i
 
 
 @torch.no_grad()
-def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN, pos_scale: float = POS_SCALE,
+def init_spatial_queries(model, lattice: int = LATTICE, pos_scale: float = POS_SCALE,
                          query_scale: float = QUERY_SCALE) -> None:
     """Make the first lattice**2 of the Q-Former's queries start as local pools over a lattice x lattice
     grid of the image, so that image token k begins as a summary of its own region.
 
-    Why: in the earlier models every query attended like every other (their 32 tokens were one repeated
-    vector, see QFORMER_LAYERNORM), so nothing told the GLM where a shape was: a linear probe found a
-    lone shape's cell from the ViT patches 95% of the time and from the tokens at chance, and position
-    answers stayed at chance however long they trained. Here the ViT position
-    embeddings are position_codes (times pos_scale), the queries are the codes of their lattice points,
-    and every cross-attention starts with query and key projections of `gain` times the identity, so a
-    query's attention logits start as the code similarity: highest on the patches around its point. The
-    GLM can then tell where a shape is by which tokens carry it. The remaining queries stay random
-    (free to learn global facts such as the count or the background)."""
+    The ViT position embeddings become position_codes (times pos_scale), the queries the codes of their
+    lattice points (times query_scale), and every cross-attention starts with identity query and key
+    projections, so a query's attention logits start as the code similarity: highest on the patches
+    around its point. The GLM can then tell where a shape is by which tokens carry it. The remaining
+    queries stay random (free to learn global facts such as the count or the background)."""
     blip = model.get_mixin("eva").model
     vit, qformer = blip.vit, blip.qformer
     table = vit.transformer.position_embeddings.weight                 # [1 + grid * grid, vit hidden]
@@ -174,7 +134,7 @@ def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN
     if queries.shape[0] < lattice * lattice:
         raise ValueError(f"a {lattice}x{lattice} lattice needs {lattice * lattice} queries, the Q-Former has {queries.shape[0]}")
     queries[:lattice * lattice] = query_scale * position_codes(lr.flatten(), lc.flatten(), hidden, head_dim).to(queries.dtype)
-    eye = gain * torch.eye(hidden, dtype=queries.dtype)
+    eye = torch.eye(hidden, dtype=queries.dtype)
     for layer in layers:
         attn = layer.cross_attention
         attn.query.weight.copy_(eye)
@@ -184,13 +144,11 @@ def init_spatial_queries(model, lattice: int = LATTICE, gain: float = QUERY_GAIN
 
 
 def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, seed: int,
-              qk_gain: float = QK_GAIN, vit_qk_gain: float = VIT_QK_GAIN, pos_scale: float = POS_SCALE,
-              lattice: int = LATTICE, query_gain: float = QUERY_GAIN, query_scale: float = QUERY_SCALE,
-              glm_from: Optional[str] = None) -> Path:
+              pos_scale: float = POS_SCALE, lattice: int = LATTICE, query_scale: float = QUERY_SCALE) -> Path:
     """sat's random init (seeded), with the Q-Former cross-attention output projection scaled by
-    cross_gain, attention sharpened by qk_gain / vit_qk_gain (see sharpen_attention) and the ViT's
-    position embeddings started from a 2-D sine-cosine table (see init_vit_positions), or, with
-    lattice > 0, spatial queries over a lattice x lattice grid (see init_spatial_queries)."""
+    cross_gain and, with lattice > 0, spatial queries over a lattice x lattice grid (see
+    init_spatial_queries), or with lattice 0 the ViT's position embeddings started from a 2-D
+    sine-cosine table (see init_vit_positions; pos_scale 0 leaves sat's random ones)."""
     from model.checkpoint import build_args, model_class, save_checkpoint
     cls = model_class(config["model_class"])
     m = cls(build_args(cls, config, skip_init=False, seed=seed))
@@ -199,19 +157,10 @@ def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, s
         for name, p in m.get_mixin("eva").model.qformer.named_parameters():
             if "cross_attention.dense.weight" in name:
                 p.mul_(cross_gain)
-    sharpen_attention(m, qk_gain, vit_qk_gain)
     if lattice:
-        init_spatial_queries(m, lattice, query_gain, pos_scale, query_scale)
+        init_spatial_queries(m, lattice, pos_scale, query_scale)
     elif pos_scale:
         init_vit_positions(m, pos_scale)
-    if glm_from:   # keep a trained language model, start only the image path afresh
-        from model.checkpoint import load_model
-        glm = {k: v for k, v in load_model(glm_from, device="cpu", dtype=torch.float32).state_dict().items()
-               if not k.startswith("mixins.eva.")}
-        missing = [k for k in glm if k not in m.state_dict()]
-        if missing:
-            raise ValueError(f"{glm_from} does not fit this config: {missing[:3]}")
-        m.load_state_dict(glm, strict=False)
     save_checkpoint(m, out, overwrite=True)
     for f in TOKENIZER_FILES:
         shutil.copy(Path(tokenizer_dir) / f, Path(out) / f)
@@ -227,7 +176,7 @@ def prepare(out: Path, n_train: int, n_valid: int, questions_per_image: int, see
     from multiprocessing import Pool
     from model.configs import tiny_config
     from model.tokenizer import train_tokenizer
-    from .dataset import EVAL_SEED, generate_split
+    from synthetic.dataset import EVAL_SEED, generate_split
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         from model.loading import load_tokenizer
@@ -279,23 +228,6 @@ def export(src: str, dst: Path, tokenizer_dir: Path, overwrite: bool = False) ->
     return out
 
 
-def sharpen(src: str, dst: Path, qk_gain: float, vit_qk_gain: float, pos_scale: float = 0.0,
-            dtype: torch.dtype = torch.float16) -> Path:
-    """A copy of checkpoint `src` (its tokenizer and config; weights in `dtype`, fp16 like `export`)
-    with sharpened attention and, when pos_scale > 0, ViT position embeddings restarted from the
-    sine-cosine table."""
-    from model.checkpoint import load_model, save_checkpoint
-    m = load_model(src, device="cpu", dtype=torch.float32)
-    sharpen_attention(m, qk_gain, vit_qk_gain)
-    if pos_scale:
-        init_vit_positions(m, pos_scale)
-    out = save_checkpoint(m.to(dtype), dst, config=m.config)
-    for f in TOKENIZER_FILES:
-        if (Path(src) / f).is_file():
-            shutil.copy(Path(src) / f, out / f)
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -310,27 +242,16 @@ def main(argv=None):
     a.add_argument("--shards", type=int, default=1, help="generate the training images in this many processes")
     a.add_argument("--cross-gain", type=float, default=CROSS_GAIN, help="initial scale of the Q-Former cross-attention output")
     a.add_argument("--tokenizer", type=Path, default=None, help="reuse the tokenizer in this folder instead of training one")
-    i = sub.add_parser("init", help="write another initial checkpoint for a prepared folder")
+    i = sub.add_parser("init", help="write another initial checkpoint for a prepared folder (or a model folder)")
     i.add_argument("--work", type=Path, required=True)
     i.add_argument("--out", type=Path, required=True)
     i.add_argument("--cross-gain", type=float, default=CROSS_GAIN)
-    i.add_argument("--qk-gain", type=float, default=QK_GAIN)
-    i.add_argument("--vit-qk-gain", type=float, default=VIT_QK_GAIN)
     i.add_argument("--pos-scale", type=float, default=POS_SCALE, help="0: sat's random position embeddings")
     i.add_argument("--lattice", type=int, default=LATTICE, help="N > 0: the first N*N queries start as local "
                    "pools over an N x N grid (init_spatial_queries); 0: random queries, sine-cosine ViT positions")
-    i.add_argument("--query-gain", type=float, default=QUERY_GAIN, help="with --lattice: cross-attention q/k gain")
     i.add_argument("--query-scale", type=float, default=QUERY_SCALE, help="with --lattice: scale of the query embeddings")
     i.add_argument("--qformer-layernorm", choices=("pre", "post"), default=None,
                    help="override the Q-Former layer-norm order of the prepared config")
-    i.add_argument("--glm-from", default=None, help="copy the language model's weights from this checkpoint")
-    s = sub.add_parser("sharpen", help="copy a checkpoint with its Q-Former / ViT attention logits scaled up "
-                                       "and/or its ViT positions restarted")
-    s.add_argument("--from", dest="src", required=True)
-    s.add_argument("--to", type=Path, required=True)
-    s.add_argument("--qk-gain", type=float, default=1.0)
-    s.add_argument("--vit-qk-gain", type=float, default=1.0)
-    s.add_argument("--pos-scale", type=float, default=0.0)
     i.add_argument("--seed", type=int, default=1)
     e = sub.add_parser("export", help="write the trained model as pretrained/visualglm-tiny (fp16)")
     e.add_argument("--from", dest="src", required=True)
@@ -347,10 +268,8 @@ def main(argv=None):
         if args.qformer_layernorm:
             config["qformer_args"]["layernorm_order"] = args.qformer_layernorm
         tokenizer = args.work / "tokenizer" if (args.work / "tokenizer").is_dir() else args.work
-        make_init(config, args.out, tokenizer, args.cross_gain, args.seed, args.qk_gain, args.vit_qk_gain,
-                  args.pos_scale, args.lattice, args.query_gain, args.query_scale, args.glm_from)
-    elif args.cmd == "sharpen":
-        sharpen(args.src, args.to, args.qk_gain, args.vit_qk_gain, args.pos_scale)
+        make_init(config, args.out, tokenizer, args.cross_gain, args.seed, args.pos_scale, args.lattice,
+                  args.query_scale)
     else:
         export(args.src, args.to, args.tokenizer, args.overwrite)
 

@@ -1,0 +1,1 @@
+"""Recipes that build the models this repository ships (see recipes/README.md)."""
