@@ -1,11 +1,16 @@
 """Reading images from paths, URLs, bytes or PIL objects, and the BLIP-2 eval preprocessing.
 
+Every image read here (API, CLI, web demo, fine-tuning data) is decoded by open_image, which lets Pillow
+try only the raster formats in RASTER_FORMATS.
+
 Preprocessing (spec 4.1): RGB -> bicubic resize to the configured square size (no crop, aspect ratio
 not kept) -> [0, 1] -> CLIP mean/std normalisation. PIL/numpy only: torchvision cannot be imported
 beside the CPU torch build.
 """
 import io
+import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,20 +26,62 @@ class ImageLoadError(ValueError):
     """The image could not be read: missing file, not an image, truncated, too large, bad URL..."""
 
 
+# The only formats handed to Pillow: what photos and screenshots use. Without a list Pillow tries every
+# plugin it has, and its EPS plugin runs Ghostscript on the bytes, so a client could feed PostScript to gs.
+RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+NOT_RASTER = "not a PNG, JPEG, WebP, GIF, BMP or TIFF image"
+
+# Pillow's messages can name the file object ("<_io.BytesIO object at 0x7f...>"): noise to a client
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _signature_of(fp) -> Optional[str]:
+    """The accepted format whose signature the data starts with, if any (for the error message)."""
+    if isinstance(fp, (str, Path)):
+        with open(fp, "rb") as f:
+            prefix = f.read(16)
+    else:
+        fp.seek(0)
+        prefix = fp.read(16)
+    for fmt in RASTER_FORMATS:
+        _, accept = Image.OPEN.get(fmt, (None, None))     # Pillow's registry: (factory, signature check)
+        if accept is not None and accept(prefix) is True:
+            return "WebP" if fmt == "WEBP" else fmt
+    return None
+
+
+def open_image(fp) -> Image.Image:
+    """Image.open limited to RASTER_FORMATS (reads the header only; pixels are decoded on load()).
+    Anything else raises UnidentifiedImageError (an OSError) whose message says what is wrong:
+    "not a PNG, JPEG, WebP, GIF, BMP or TIFF image" or "a truncated or corrupt PNG image"."""
+    try:
+        return Image.open(fp, formats=RASTER_FORMATS)
+    except UnidentifiedImageError as e:
+        name = _signature_of(fp)
+        raise UnidentifiedImageError(f"a truncated or corrupt {name} image" if name else NOT_RASTER) from e
+
+
+def _detail(e: BaseException) -> str:
+    text = " ".join(_OBJECT_REPR.sub("", str(e)).split())
+    return f" ({text})" if text else ""
+
+
 def _decode(data: bytes, what: str, max_pixels: int) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(io.BytesIO(data)) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageLoadError(f"{what} is {w}x{h} pixels, over the limit of {max_pixels} pixels.")
-            img.load()  # decode now, so a truncated file fails here and not later
+            img.load()  # decode now (the first frame of a GIF), so a truncated file fails here and not later
             return img.convert("RGB")
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{what} is not a readable image ({e}).") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"{what} could not be decoded: it is truncated or corrupt ({e}).") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"{what} is not a readable image: it is {e}.") from e
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"{what} is too large: it has more pixels than can be decoded safely.") from e
+    except Exception as e:  # noqa: BLE001 - whatever a plugin raises on a damaged file means the same
+        raise ImageLoadError(f"{what} could not be decoded: it is truncated or corrupt{_detail(e)}.") from e
 
 
 def _fetch(url: str, max_bytes: int, timeout: float = 20.0) -> bytes:

@@ -4,15 +4,21 @@
     demo.queue().launch(...)
 
 One conversation is about one image: uploading another image (or Clear) starts a new conversation.
+Gradio never decodes the upload: the image box hands over the file Gradio saved, and model.image reads
+it (raster formats only, as everywhere else).
 Answers stream into the chat; the language of the prompt template and of the notices follows the
 user's text (Chinese when it contains Han characters).
 """
-from typing import List, Optional, Tuple
+import base64
+import binascii
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
 
 import anyio
 
 from model.chat import PromptTooLongError, has_chinese
 from model.generation import SamplingParams
+from model.image import DEFAULT_MAX_BYTES, ImageLoadError, load_image
 
 from .errors import NotReadyError, QueueFullError, ServingError
 from .text import TextAssembler
@@ -23,6 +29,8 @@ DEFAULTS = dict(max_length=2048, top_p=0.4, temperature=0.8, top_k=100, repetiti
 NOTICES = {
     "empty": ("请输入问题。", "Please type a question."),
     "no_image": ("请先上传一张图片，再提问。", "Please upload an image first, then ask about it."),
+    "bad_image": ("这张图片无法读取，请换一张。", "Please upload another image."),
+    "upload_gone": ("图片已过期，请重新上传。", "The uploaded image has expired; please upload it again."),
     "too_long": ("对话太长，超出了模型的长度上限：请点击“清除”重新开始，或调大最大长度。",
                  "The conversation is too long for the model: press Clear to start over, or raise the maximum length."),
     "busy": ("服务繁忙，请稍后再试。", "The server is busy; please try again in a moment."),
@@ -45,6 +53,43 @@ def messages_of(history) -> list:
     return out
 
 
+def read_upload(source: Union[str, bytes]):
+    """The visitor's image as RGB, decoded by model.image: a file in Gradio's upload folder (the path
+    comes from upload_image_class's preprocess) or the bytes of a data: URL."""
+    if isinstance(source, str):
+        path = Path(source)
+        if path.stat().st_size > DEFAULT_MAX_BYTES:
+            raise ImageLoadError(f"The image is over the limit of {DEFAULT_MAX_BYTES} bytes.")
+        source = path.read_bytes()   # as bytes, so that messages say "The image" and not a temp path
+    return load_image(source, allow_path=False, allow_url=False)
+
+
+def upload_image_class():
+    """gr.Image whose input Gradio does not decode. Gradio 6's own preprocessing calls PIL.Image.open on
+    the upload with every Pillow plugin, for type="filepath" too, and decodes data: URLs in full, which
+    would let a visitor's EPS reach Ghostscript. This one hands read_upload the file Gradio has already
+    checked into its upload folder (or a data: URL's bytes) without opening it."""
+    import gradio as gr
+    from gradio.utils import is_in_or_equal
+
+    class UploadedImage(gr.Image):
+        is_template = True      # Gradio draws it with its own Image component (see Block.get_block_name)
+
+        def preprocess(self, payload) -> Optional[Union[str, bytes]]:
+            if payload is None:
+                return None
+            if payload.url and payload.url.startswith("data:"):
+                try:
+                    return base64.b64decode(payload.url.partition(",")[2], validate=True)
+                except (binascii.Error, ValueError):
+                    raise gr.Error("The image is not valid base64.") from None
+            if not payload.path or not is_in_or_equal(payload.path, self.GRADIO_CACHE):
+                raise gr.Error("The image was not uploaded to this app.")
+            return payload.path
+
+    return UploadedImage
+
+
 def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optional[dict] = None):
     import gradio as gr
 
@@ -63,6 +108,16 @@ def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optiona
             return
         if image is None:
             gr.Warning(notice("no_image", chinese))
+            yield chat, history, query
+            return
+        try:
+            image = await anyio.to_thread.run_sync(read_upload, image)
+        except ImageLoadError as e:
+            gr.Warning(f"{notice('bad_image', chinese)} {e}")
+            yield chat, history, query
+            return
+        except OSError:          # Gradio deletes uploads after an hour (delete_cache below)
+            gr.Warning(notice("upload_gone", chinese))
             yield chat, history, query
             return
         try:
@@ -117,7 +172,7 @@ def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optiona
         history = gr.State([])
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="pil", label="Image / 图片", elem_id="image", height=320)
+                image = upload_image_class()(type="filepath", label="Image / 图片", elem_id="image", height=320)
                 max_length = gr.Slider(64, max(worker.max_context, 64), value=min(d["max_length"], worker.max_context),
                                        step=1, label="Maximum length / 最大长度", elem_id="max_length")
                 top_p = gr.Slider(0.0, 1.0, value=d["top_p"], step=0.01, label="Top P", elem_id="top_p")

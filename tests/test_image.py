@@ -59,3 +59,114 @@ def test_errors(tmp_path):
         load_image(12345)
     with pytest.raises(ImageLoadError, match="Could not download"):
         load_image("http://127.0.0.1:9/nothing.png")  # closed port on loopback: no network needed
+
+
+# -- only raster formats reach Pillow --------------------------------------------------------------------
+# A minimal Encapsulated PostScript file: Pillow's EPS plugin recognises it, and would hand it to Ghostscript
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+       b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
+ACCEPTED = "not a PNG, JPEG, WebP, GIF, BMP or TIFF image"
+RASTER = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")      # the formats Image.open may be asked to try
+
+
+@pytest.fixture
+def opened_formats(monkeypatch):
+    """Records the `formats` argument of every Image.open call."""
+    seen = []
+    real_open = Image.open
+
+    def recording_open(fp, mode="r", formats=None):
+        seen.append(formats)
+        return real_open(fp, mode, formats)
+    monkeypatch.setattr(Image, "open", recording_open)
+    return seen
+
+
+@pytest.fixture
+def eps_plugin(monkeypatch):
+    """Records any use of Pillow's EPS plugin: its header parser and its Ghostscript call."""
+    from PIL import EpsImagePlugin
+    calls = []
+
+    def parse(self):
+        calls.append("EpsImageFile._open")
+        raise SyntaxError("the EPS plugin was reached")
+
+    def ghostscript(*args, **kwargs):
+        calls.append("Ghostscript")
+        raise OSError("Ghostscript was called")
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", parse)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    return calls
+
+
+def test_eps_bytes_and_files_are_refused_before_the_eps_plugin(eps_plugin, opened_formats, tmp_path):
+    path = tmp_path / "photo.png"          # the name does not matter, only the bytes
+    path.write_bytes(EPS)
+    for source, what in ((EPS, "The image"), (path, str(path)), (str(path), str(path))):
+        with pytest.raises(ImageLoadError) as info:
+            load_image(source)
+        assert str(info.value) == f"{what} is not a readable image: it is {ACCEPTED}."
+    assert eps_plugin == []
+    assert opened_formats and all(tuple(f or ()) == RASTER for f in opened_formats)
+
+
+def test_ghostscript_is_never_run_on_eps(monkeypatch):
+    # the plugin's own header parser left in place: only the Ghostscript call is watched
+    from PIL import EpsImagePlugin
+    calls = []
+
+    def ghostscript(*args, **kwargs):
+        calls.append(args)
+        raise OSError("Ghostscript ran")
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    with pytest.raises(ImageLoadError) as info:
+        load_image(EPS)
+    assert calls == [], "Ghostscript was run on the client's bytes"
+    assert ACCEPTED in str(info.value)
+
+
+def test_open_image_refuses_eps_with_an_oserror(eps_plugin, tmp_path):
+    # the helper fine-tuning data checks use: header only, same format list, an OSError like Image.open's
+    from PIL import UnidentifiedImageError
+
+    from model.image import open_image
+    eps, png = tmp_path / "a.eps", tmp_path / "b.png"
+    eps.write_bytes(EPS)
+    Image.new("RGB", (5, 4)).save(png)
+    with pytest.raises(UnidentifiedImageError, match=ACCEPTED):
+        open_image(eps)
+    with open_image(png) as img:
+        assert img.format == "PNG" and img.size == (5, 4)
+    assert eps_plugin == []
+
+
+@pytest.mark.parametrize("fmt", RASTER)
+def test_each_raster_format_decodes_through_the_format_list(fmt, opened_formats):
+    buf = io.BytesIO()
+    red, blue = Image.new("RGB", (12, 8), (200, 30, 30)), Image.new("RGB", (12, 8), (30, 30, 200))
+    if fmt == "GIF":
+        red.save(buf, format="GIF", save_all=True, append_images=[blue])   # animated: the first frame is used
+    else:
+        red.save(buf, format=fmt)
+    out = load_image(buf.getvalue())
+    assert out.mode == "RGB" and out.size == (12, 8)
+    assert np.abs(np.asarray(out, dtype=int) - (200, 30, 30)).max() <= 12     # lossy JPEG / WebP, GIF palette
+    assert [tuple(f or ()) for f in opened_formats] == [RASTER]
+
+
+def test_error_messages_say_what_is_wrong_without_object_reprs(tmp_path):
+    data = png_bytes(Image.new("RGB", (64, 64), "red"))
+    garbage = b"hello, this is not an image at all"
+    cases = [(garbage, f"The image is not a readable image: it is {ACCEPTED}."),
+             (EPS, ACCEPTED),
+             (data[: len(data) - 30], "truncated or corrupt"),
+             (data[:40], "truncated or corrupt")]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(garbage)
+    cases.append((bad, f"{bad} is not a readable image: it is {ACCEPTED}."))
+    for source, expected in cases:
+        with pytest.raises(ImageLoadError) as info:
+            load_image(source)
+        message = str(info.value)
+        assert expected in message and "object at 0x" not in message and "<_io." not in message, message

@@ -1,6 +1,7 @@
 """The Gradio web demo in a real browser: Playwright drives Debian's headless Chromium against a live
 `web_demo.py` with the tiny model. Friendly notices, image upload, a streamed answer, a second turn,
-Clear. Skipped (with the reason) only where Playwright or Chromium is not installed."""
+Clear. Skipped (with the reason) only where Playwright or Chromium is not installed. Also, without a
+browser: the image box never lets Gradio decode an upload; model.image does (raster formats only)."""
 import os
 import shutil
 import socket
@@ -17,11 +18,16 @@ CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/c
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-playwright_api = pytest.importorskip(
-    "playwright.sync_api", reason="the Playwright Python package is not installed (pip install playwright)")
-if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's browser (apt-get install chromium) to run the "
-                f"browser test", allow_module_level=True)
+
+def browser_api():
+    """Playwright's sync API, or a skip: checked per browser test so that the tests without a browser
+    in this file still run."""
+    api = pytest.importorskip(
+        "playwright.sync_api", reason="the Playwright Python package is not installed (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's browser (apt-get install chromium) to run the "
+                    f"browser test")
+    return api
 
 
 def free_port():
@@ -32,6 +38,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def demo_url(ckpt_dir, tmp_path_factory):
+    browser_api()           # skip before starting a server that no browser would visit
     port = free_port()
     log_path = tmp_path_factory.mktemp("web") / "web_demo.log"
     log = open(log_path, "w")
@@ -63,7 +70,7 @@ def demo_url(ckpt_dir, tmp_path_factory):
 
 @pytest.fixture
 def page(demo_url, tmp_path):
-    with playwright_api.sync_playwright() as p:
+    with browser_api().sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         pg = browser.new_page(viewport={"width": 1280, "height": 900})
         pg.set_default_timeout(30_000)
@@ -163,3 +170,144 @@ def test_upload_ask_stream_follow_up_and_clear(page, image_file):
     page.wait_for_function("() => !document.querySelector(\"#chatbot [data-testid='user']\")")
     page.wait_for_function("() => !document.querySelector('#image img')")
     assert bot_texts(page) == [] and user_texts(page) == []
+
+
+# -- without a browser: what opens an uploaded image ----------------------------------------------------------
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+       b"newpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n")
+ACCEPTED = "not a PNG, JPEG, WebP, GIF, BMP or TIFF image"
+RASTER = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class FakeWorker:
+    """Just enough of serving.Worker for build_demo and respond: records the images it is given."""
+    max_context, max_batch = 256, 2
+
+    def __init__(self):
+        self.images = []
+
+    def prepare(self, query, history, image, english, params):
+        self.images.append(image)
+        return object()
+
+    def submit(self, job):
+        class Stream:
+            def cancel(self):
+                pass
+        return Stream()
+
+
+@pytest.fixture
+def pillow_calls(monkeypatch):
+    """The `formats` of every PIL.Image.open call, and any use of the EPS plugin (parser or Ghostscript)."""
+    from PIL import EpsImagePlugin, Image
+    calls = {"open": [], "eps": []}
+    real_open = Image.open
+
+    def recording_open(fp, mode="r", formats=None):
+        calls["open"].append(formats)
+        return real_open(fp, mode, formats)
+
+    def parse(self):
+        calls["eps"].append("EpsImageFile._open")
+        raise SyntaxError("the EPS plugin was reached")
+
+    def ghostscript(*args, **kwargs):
+        calls["eps"].append("Ghostscript")
+        raise OSError("Ghostscript was called")
+    monkeypatch.setattr(Image, "open", recording_open)
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", parse)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    return calls
+
+
+@pytest.fixture
+def upload_dir(monkeypatch, tmp_path):
+    """Gradio's upload folder for the demo built in the test."""
+    folder = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(folder))
+    (folder / "0123abcd").mkdir(parents=True)
+    return folder
+
+
+def send_upload(demo, path, query="What is in the picture?"):
+    """Run the demo's respond handler through Gradio's own input processing, as an upload would; return
+    its first output and the warnings shown."""
+    import asyncio
+    import warnings
+    fn = next(f for f in demo.fns.values() if f.name == "respond")
+    payload = {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+
+    async def run():
+        result = await demo.process_api(block_fn=fn, inputs=[query, payload, [], 200, 0.4, 0.8], state=None)
+        if result.get("iterator") is not None:
+            await result["iterator"].aclose()      # the rest of the answer is not needed
+        return result["data"]
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        data = asyncio.run(run())
+    return data, [str(w.message) for w in shown]
+
+
+def test_an_eps_upload_never_reaches_gradio_or_the_eps_plugin(upload_dir, pillow_calls):
+    from serving.webui import build_demo
+    worker = FakeWorker()
+    eps = upload_dir / "0123abcd" / "photo.png"          # an upload's name says nothing about its bytes
+    eps.write_bytes(EPS)
+    (chat, _, query), _ = send_upload(build_demo(worker), eps)
+    assert pillow_calls["eps"] == [], "Pillow's EPS plugin saw the upload"
+    assert pillow_calls["open"] and all(tuple(f or ()) == RASTER for f in pillow_calls["open"]), pillow_calls["open"]
+    assert chat == [] and query == "What is in the picture?" and worker.images == []
+
+
+def test_an_eps_upload_gets_a_notice_saying_what_is_wrong(upload_dir, pillow_calls):
+    from serving.webui import build_demo
+    eps = upload_dir / "0123abcd" / "photo.png"
+    eps.write_bytes(EPS)
+    _, shown = send_upload(build_demo(FakeWorker()), eps)
+    assert any(ACCEPTED in w and "Please upload another image" in w for w in shown), shown
+    assert not any("object at 0x" in w or str(upload_dir) in w for w in shown), shown
+    _, shown = send_upload(build_demo(FakeWorker()), eps, query="这是什么？")
+    assert any("请换一张" in w and ACCEPTED in w for w in shown), shown
+
+
+def test_a_png_upload_is_decoded_by_model_image(upload_dir, pillow_calls):
+    from PIL import Image
+
+    from serving.webui import build_demo
+    worker = FakeWorker()
+    png = upload_dir / "0123abcd" / "photo.png"
+    Image.new("RGBA", (40, 30), (0, 128, 255, 255)).save(png)
+    (chat, _, _), _ = send_upload(build_demo(worker), png)
+    assert [m["role"] for m in chat] == ["user", "assistant"]
+    [image] = worker.images
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (40, 30)
+    assert image.getpixel((5, 5)) == (0, 128, 255)
+    assert pillow_calls["open"] and all(tuple(f or ()) == RASTER for f in pillow_calls["open"]), pillow_calls["open"]
+
+
+def test_the_image_box_opens_nothing_itself(upload_dir, tmp_path, pillow_calls):
+    import base64
+
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from serving.webui import build_demo
+    demo = build_demo(FakeWorker())
+    box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "image")
+    assert box.get_block_name() == "image"          # the browser still draws Gradio's own image box
+    inside = upload_dir / "0123abcd" / "a.png"
+    inside.write_bytes(EPS)
+    assert box.preprocess(ImageData(path=str(inside), orig_name="a.png")) == str(inside)
+    outside = tmp_path / "elsewhere.png"             # only files Gradio put in its upload folder
+    outside.write_bytes(EPS)
+    with pytest.raises(gr.Error):
+        box.preprocess(ImageData(path=str(outside)))
+    url = "data:image/png;base64," + base64.b64encode(EPS).decode()
+    assert box.preprocess(ImageData(url=url)) == EPS
+    assert pillow_calls["open"] == [] and pillow_calls["eps"] == []
+    from model.image import ImageLoadError
+    from serving.webui import read_upload         # what respond decodes the box's value with
+    with pytest.raises(ImageLoadError, match=ACCEPTED):
+        read_upload(str(inside))
+    assert pillow_calls["eps"] == []
