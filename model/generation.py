@@ -1,17 +1,22 @@
 """Sampling and the cached decoding loop shared by every front end.
 
 Sampling follows sat's BaseStrategy (spec 7.1):
-  1. NaN logits are an error;
+  1. NaN logits are an error; +inf logits leave only those tokens in play;
   2. logits / temperature, and ids already *generated* (not the prompt) are further divided by
      repetition_penalty (sign-agnostic division, as sat does);
-  3. invalid_slices get -65504;
+  3. invalid_slices are masked out;
   4. top_k > 0: keep the k best, then nucleus filtering with top_p (top_k = 0 disables both);
   5. softmax -> multinomial.
 Greedy (argmax) when top_k == 1 or temperature == 0.
 
+Every accepted setting is numerically safe: the divisor is kept within [1e-30, 1e30] and scaled logits
+within fp32's finite range, and masked tokens get -inf rather than sat's -65504 (a tiny temperature or
+penalty can push kept logits far below -65504). So softmax never sees inf - inf and never gives NaN.
+
 The decoding loop runs one forward over the whole (left-padded) batch of prompts, then one token per
 step against sat's ChatGLM key/value cache (`past_key_values`), so nothing is recomputed.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
 
@@ -19,7 +24,9 @@ import torch
 
 from .positions import batch_inputs, next_positions
 
-NEG = -65504.0  # the most negative fp16 value, as sat uses
+MIN_TEMPERATURE = 1e-5         # below this a temperature acts as this (0 itself means greedy)
+MIN_DIVISOR, MAX_DIVISOR = 1e-30, 1e30   # |fp16 logit| / 1e-30 stays well inside fp32
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -33,14 +40,14 @@ class SamplingParams:
     max_new_tokens: Optional[int] = None
 
     def __post_init__(self):
-        if not (self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not (0 <= self.top_p <= 1):
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {self.max_length}")
 
@@ -50,27 +57,38 @@ class SamplingParams:
 
 
 def process_logits(logits: torch.Tensor, generated: List[int], p: SamplingParams) -> torch.Tensor:
-    """logits [V] -> filtered logits [V] (fp32), steps 1-4 above."""
+    """logits [V] -> filtered logits [V] (fp32), steps 1-4 above. Removed tokens are -inf; at least one
+    token is always left finite (ValueError otherwise)."""
     logits = logits.float()
     if torch.isnan(logits).any():
         raise ValueError("NaN in the model's logits (fp16 overflow? try --quant none or fp32/bf16).")
-    divisor = torch.full_like(logits, max(p.temperature, 1e-5))
+    certain = logits == float("inf")
+    if certain.any():                     # infinitely likely: nothing else can be drawn
+        logits = torch.zeros_like(logits).masked_fill(~certain, float("-inf"))
+    # The two divisors are computed in Python floats and clamped, so that temperature * penalty can
+    # neither underflow to 0 nor overflow to inf in fp32 (logits / 0 gave inf and NaN).
+    plain = min(max(p.temperature, MIN_TEMPERATURE), MAX_DIVISOR)
+    divisor = torch.full_like(logits, plain)
     if generated and p.repetition_penalty != 1.0:
-        divisor[torch.tensor(sorted(set(generated)), device=logits.device)] *= p.repetition_penalty
-    logits = logits / divisor
+        penalised = min(max(plain * p.repetition_penalty, MIN_DIVISOR), MAX_DIVISOR)
+        divisor[torch.tensor(sorted(set(generated)), device=logits.device)] = penalised
+    scaled = (logits / divisor).clamp(-FP32_MAX, FP32_MAX)
+    logits = torch.where(torch.isinf(logits), logits, scaled)    # -inf stays impossible
     for s in p.invalid_slices:
-        logits[s] = NEG
+        logits[s] = float("-inf")
     if p.top_k > 0:
         k = min(p.top_k, logits.shape[-1])
         kth = torch.topk(logits, k).values[-1]
-        logits = logits.masked_fill(logits < kth, NEG)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True)
             cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
             remove = cumulative > p.top_p
             remove[1:] = remove[:-1].clone()  # keep the token that crosses top_p
             remove[0] = False
-            logits[order[remove]] = NEG
+            logits[order[remove]] = float("-inf")
+    if not torch.isfinite(logits.max()):
+        raise ValueError("No token can be sampled: every logit is -inf or masked by invalid_slices.")
     return logits
 
 
@@ -90,6 +108,7 @@ class Request:
     image_embeds: Optional[torch.Tensor] = None
     pre_image: int = -1
     generator: Optional[torch.Generator] = None
+    error: Optional[Exception] = None    # why the row ended early, with generate(isolate_errors=True)
 
 
 def _forward(model, **kw):
@@ -98,9 +117,16 @@ def _forward(model, **kw):
 
 
 @torch.inference_mode()
-def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[int]) -> Iterator[List[Optional[int]]]:
+def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[int], *,
+             isolate_errors: bool = False) -> Iterator[List[Optional[int]]]:
     """Yield, per decoding step, the new token of every request (None once a request has finished).
-    A request finishes on an eos id (not yielded), at max_length total tokens or at max_new_tokens."""
+    A request finishes on an eos id (not yielded), at max_length total tokens or at max_new_tokens.
+
+    isolate_errors: when sampling a row raises, that row alone finishes, with the exception in its
+    `request.error`, and the other rows go on (a server batching strangers' requests wants this).
+    Otherwise the exception propagates. A failing forward pass always propagates: it is every row's."""
+    for r in requests:
+        r.error = None
     device = next(model.parameters()).device
     dtype = model.transformer.word_embeddings.weight.dtype
     ids, positions, mask, pads = batch_inputs([r.ids for r in requests], pad_id, device=device, dtype=dtype)
@@ -124,7 +150,15 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
             if done[b]:
                 step.append(None)
                 continue
-            token = sample(logits[b], generated[b], r.params, r.generator)
+            try:
+                token = sample(logits[b], generated[b], r.params, r.generator)
+            except Exception as e:  # noqa: BLE001 - one row's failure is that row's alone
+                if not isolate_errors:
+                    raise
+                r.error = e
+                done[b] = True
+                step.append(None)
+                continue
             if token in eos_ids:
                 done[b] = True
                 step.append(None)

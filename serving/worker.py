@@ -9,8 +9,10 @@ Front ends (the HTTP API, the Gradio demo) never touch the model from their even
 
 Requests that wait together are run as one batch: the thread takes up to `max_batch` waiting jobs
 (after waiting `batch_wait` seconds for more to arrive), encodes their images in one call, and runs
-them through one `generate()` call, whose rows each keep their own sampling settings. A batch runs
-until its last row is done; requests arriving meanwhile wait for the next batch (static batching).
+them through one `generate()` call, whose rows each keep their own sampling settings and fail on
+their own: a row whose sampling raises ends with a GenerationError while the others go on (only a
+failing forward pass fails the whole batch). A batch runs until its last row is done; requests
+arriving meanwhile wait for the next batch (static batching).
 At most `max_queue` requests may wait while a batch runs; `submit` raises QueueFullError beyond that.
 
 Tokens go back to each consumer's asyncio.Queue through loop.call_soon_threadsafe. A cancelled job
@@ -327,9 +329,9 @@ class Worker:
                         self._finish(job, "cancelled")
                         continue
                     token = step[b]
-                    if token is None:                    # finished: eos (length ends are caught below)
+                    if token is None:                    # finished: eos or its own error (length: below)
                         del live[b]
-                        self._finish(job, self._reason(job))
+                        self._end(job)
                         continue
                     job.generated += 1
                     self.stats["tokens"] += 1
@@ -342,7 +344,21 @@ class Worker:
         finally:
             steps.close()
         for job in live.values():                        # the generator ended: every row is done
-            self._finish(job, "cancelled" if job.cancelled.is_set() else self._reason(job))
+            if job.cancelled.is_set():
+                self._finish(job, "cancelled")
+            else:
+                self._end(job)
+
+    def _end(self, job: Job) -> None:
+        """Finish a row that generate() ended: with its own error if sampling it failed (the rest of
+        the batch goes on), else stop or length."""
+        error = getattr(job.request, "error", None)
+        if error is None:
+            self._finish(job, self._reason(job))
+            return
+        log.error("generation failed for one request of the batch", exc_info=error)
+        self.stats["errors"] += 1
+        self._finish(job, "error", GenerationError(f"Generation failed: {type(error).__name__}: {error}"))
 
     def _generate(self, requests):
         engine = self.engine
@@ -351,7 +367,8 @@ class Worker:
         custom = getattr(engine, "generate_batch", None)
         if custom is not None:
             return custom(requests)
-        return generate(engine.model, requests, engine.tokenizer.pad_token_id, engine.eos_ids())
+        return generate(engine.model, requests, engine.tokenizer.pad_token_id, engine.eos_ids(),
+                        isolate_errors=True)
 
     def _attach_images(self, batch: List[Job]) -> List[Job]:
         """Encode the batch's images in one call (identical images once, recent ones from the cache)."""

@@ -104,3 +104,80 @@ def test_nan_logits_and_bad_params_raise():
                 dict(max_length=0)]:
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_non_finite_settings_are_rejected():
+    for bad in [dict(temperature=float("inf")), dict(temperature=float("nan")),
+                dict(repetition_penalty=float("inf")), dict(repetition_penalty=float("nan"))]:
+        with pytest.raises(ValueError, match="finite"):
+            SamplingParams(**bad)
+
+
+def test_extreme_settings_and_infinite_logits_never_give_nan():
+    """Every accepted temperature / penalty, even with +-inf logits, leaves a finite distribution to sample
+    from (a divisor of 1e-300 used to underflow to 0 in fp32: logits / 0 gave inf and NaN)."""
+    inf = float("inf")
+    base = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 5
+    with_inf = base.clone()
+    with_inf[[3, 9]], with_inf[[4, 5]] = inf, -inf
+    half_impossible = base.clone()
+    half_impossible[::2] = -inf
+    fp16_extremes = (base.sign() * 65504).half()
+    generated = [0, 1, 2, 3, 10, 11]
+    for logits in (base, with_inf, half_impossible, fp16_extremes):
+        for temperature in (1e-30, 1.0, 1e30):
+            for penalty in (1e-300, 1.0, 1e300):
+                for top_k, top_p in ((0, 1.0), (30, 0.7), (64, 1.0), (1, 1.0)):
+                    p = SamplingParams(temperature=temperature, repetition_penalty=penalty, top_k=top_k, top_p=top_p)
+                    where = f"T={temperature} penalty={penalty} top_k={top_k} top_p={top_p}"
+                    out = process_logits(logits, generated, p)
+                    assert not torch.isnan(out).any() and torch.isfinite(out.max()), where
+                    probs = torch.softmax(out, dim=-1)
+                    assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-4, where
+                    token = sample(logits, generated, p, torch.Generator().manual_seed(1))
+                    assert 0 <= token < 64 and torch.isfinite(out[token]), where
+                    if logits is with_inf:
+                        assert token in (3, 9), where          # +inf: only those can be drawn
+                    else:
+                        assert logits[token] > -inf, where
+
+
+def test_a_tiny_penalty_keeps_the_order_of_the_logits():
+    # 1e-300 (allowed: > 0) boosts generated ids by a huge factor; the best of them still wins
+    logits = torch.tensor([1.0, 3.0, 2.0, 50.0, -1.0])
+    out = process_logits(logits, [0, 1, 2, 4], SamplingParams(top_k=0, temperature=1.0, repetition_penalty=1e-300))
+    assert out.argmax() == 1 and out[0] < out[2] < out[1] and out[4] < 0
+    assert sample(logits, [0, 1, 2, 4], SamplingParams(top_k=1, temperature=1.0, repetition_penalty=1e-300)) == 1
+
+
+def test_nothing_left_to_sample_is_an_error():
+    with pytest.raises(ValueError, match="No token can be sampled"):
+        sample(torch.tensor([1.0, 2.0]), [], SamplingParams(top_k=0, temperature=1.0, invalid_slices=[slice(0, 2)]))
+    with pytest.raises(ValueError, match="No token can be sampled"):
+        sample(torch.full((4,), float("-inf")), [], SamplingParams(top_k=1))
+
+
+def test_a_failing_row_ends_alone_and_the_others_go_on(net, tiny_config, monkeypatch):
+    from model import generation
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    reqs = [Request(ids=[20, 21, 22, g, s], params=SamplingParams(top_k=1, max_length=20)),
+            Request(ids=[23, 24, g, s], params=SamplingParams(top_k=1, max_length=20)),
+            Request(ids=[30, 31, 32, 33, g, s], params=SamplingParams(top_k=1, max_length=20))]
+    alone = [[st[0] for st in generate(net, [r], 3, [])] for r in reqs]
+    bad = reqs[1].params
+    real, calls = generation.sample, []
+
+    def flaky(logits, generated, p, generator=None):
+        if p is bad:
+            calls.append(len(generated))
+            if len(generated) == 2:
+                raise RuntimeError("this row broke")
+        return real(logits, generated, p, generator)
+    monkeypatch.setattr(generation, "sample", flaky)
+    with pytest.raises(RuntimeError, match="this row broke"):     # by default the exception propagates
+        list(generate(net, reqs, 3, []))
+    together = list(generate(net, reqs, 3, [], isolate_errors=True))
+    rows = [[st[b] for st in together if st[b] is not None] for b in range(3)]
+    assert rows[0] == alone[0] and rows[2] == alone[2]
+    assert rows[1] == alone[1][:2] and calls[-1] == 2, "the failing row must stop at once"
+    assert isinstance(reqs[1].error, RuntimeError) and reqs[0].error is None and reqs[2].error is None

@@ -284,3 +284,55 @@ def test_streamed_text_from_the_worker_equals_decoding_at_the_end(engine):
     finally:
         worker.stop()
     assert "".join(deltas) == engine.decode(ids) and sum(1 for d in deltas if d) > 1
+
+
+# -- one row's trouble stays in that row -------------------------------------------------------------
+SEVEN = CASES + [("Is there a star?", BLUE, 6), ("Describe the image.", None, 10)]
+
+
+def run_eight(engine, odd_params):
+    """SEVEN greedy requests plus one with `odd_params`, all submitted before the worker wakes: one batch.
+    -> (worker, [token ids or the exception, per request])."""
+    worker = Worker(engine, max_batch=8, batch_wait=0.5).start()
+    try:
+        jobs = [worker.prepare(q, [], img, not has_chinese(q), params(n)) for q, img, n in SEVEN]
+        jobs.insert(3, worker.prepare("描述这张图片。", [], RED, False, odd_params))
+
+        async def main():
+            streams = [worker.submit(job) for job in jobs]
+            return await asyncio.gather(*(collect(s) for s in streams), return_exceptions=True)
+        outs = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert worker.stats["generate_calls"] == 1 and worker.stats["max_batch_seen"] == 8
+    return worker, outs[:3] + outs[4:], outs[3]
+
+
+def test_a_row_with_an_extreme_penalty_runs_and_its_batch_is_unharmed(engine):
+    # repetition_penalty 1e-300 is accepted (> 0); it used to make the fp32 divisor 0, the row's logits
+    # inf/NaN, sampling raise, and the whole batch of eight fail
+    odd = params(12, repetition_penalty=1e-300, temperature=1.0, top_k=100, top_p=0.4)
+    worker, outs, odd_out = run_eight(engine, odd)
+    for (q, img, n), out in zip(SEVEN, outs):
+        assert out == reference(engine, q, img, n)
+    assert isinstance(odd_out, list) and 1 <= len(odd_out) <= 12
+    assert all(0 <= t < len(engine.tokenizer) + 8 for t in odd_out)
+    assert worker.stats["errors"] == 0
+
+
+def test_a_row_whose_sampling_fails_ends_alone_with_a_generation_error(engine, monkeypatch):
+    from model import generation
+    real = generation.sample
+    marker = 0.31337                        # the temperature of the row made to fail
+
+    def flaky(logits, generated, p, generator=None):
+        if p.temperature == marker and len(generated) == 2:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, generated, p, generator)
+    expected = [reference(engine, q, img, n) for q, img, n in SEVEN]
+    monkeypatch.setattr(generation, "sample", flaky)
+    worker, outs, odd_out = run_eight(engine, params(40, temperature=marker))
+    assert outs == expected, "the other seven rows must finish as if run alone"
+    assert isinstance(odd_out, GenerationError) and odd_out.type == "generation_error" and odd_out.status == 500
+    assert "RuntimeError" in odd_out.message and "inf, nan" in odd_out.message
+    assert worker.stats["errors"] == 1
