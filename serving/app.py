@@ -5,7 +5,13 @@
 The event loop only reads requests and writes answers: JSON parsing of large bodies, image decoding and
 tokenizing run in threads, and the model runs on the Worker's own thread. Every error is JSON
 {"error": {"message", "type"}, "status"} with a 4xx status for the client's mistakes, 503 while the
-model loads or the queue is full, and 500 only where generation itself fails.
+model loads or the queue is full, and 500 only where generation itself fails. POST bodies must be sent as
+application/json (415 otherwise): browsers send other types cross-site without a CORS preflight.
+
+No exception reaches uvicorn while an answer can still be given: uvicorn closes a keep-alive connection
+after any exception that reaches it (Starlette's ServerErrorMiddleware answers, then re-raises), and
+that reset the client's next request on the connection. anyio task groups wrap what they raise in
+ExceptionGroups; those are unwrapped so that a ServingError inside still gets its own status.
 """
 import hmac
 import json
@@ -21,14 +27,21 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model.chat import PromptTooLongError
 
-from .errors import AuthenticationError, BadRequestError, PayloadTooLargeError, ServingError
+from .errors import (AuthenticationError, BadRequestError, PayloadTooLargeError, ServingError,
+                     UnsupportedMediaTypeError)
 from .images import ImageLimits, decode_image
 from .protocol import ChatCall, loads, parse_openai, parse_original
 from .text import TextAssembler
 from .worker import Stream, Worker
+
+try:
+    BaseExceptionGroup
+except NameError:                       # Python < 3.11: the backport anyio depends on
+    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger("visualglm.serving")
 
@@ -40,6 +53,47 @@ _STATUS_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups of a single member, else `error` itself."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+def is_json(content_type: str) -> bool:
+    """application/json or application/<anything>+json, with any parameters (charset...)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class ErrorBoundary:
+    """ASGI middleware, inside ServerErrorMiddleware: answers whatever a route lets escape (ServingErrors
+    wrapped in exception groups, unexpected errors) with JSON here, so that the exception never reaches
+    the server and the connection stays usable. `answer(error, scope) -> Response`."""
+
+    def __init__(self, app, answer):
+        self.app = app
+        self.answer = answer
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:  # noqa: BLE001 - every error gets an answer
+            if started:          # half an answer went out: only closing the connection can tell the client
+                raise
+            await self.answer(unwrap(e), scope)(scope, receive, send)
 
 
 def as_worker(target, **worker_options) -> Worker:
@@ -86,7 +140,8 @@ class EventStreamResponse(StreamingResponse):
 
 
 async def until_disconnect(request: Request, awaitable, on_disconnect):
-    """Await `awaitable`, but give up (calling on_disconnect) if the client disconnects meanwhile."""
+    """Await `awaitable`, but give up (calling on_disconnect) if the client disconnects meanwhile.
+    Its exceptions propagate as they are (the task group would wrap them in an ExceptionGroup)."""
     box = {}
     async with anyio.create_task_group() as tg:
         async def watch():
@@ -100,8 +155,12 @@ async def until_disconnect(request: Request, awaitable, on_disconnect):
         tg.start_soon(watch)
         try:
             box["result"] = await awaitable
+        except Exception as e:  # noqa: BLE001 - raised again below, outside the task group
+            box["error"] = e
         finally:
             tg.cancel_scope.cancel()
+    if "error" in box:
+        raise box["error"]
     if "result" not in box:
         raise ClientGone()
     return box["result"]
@@ -133,9 +192,21 @@ def create_app(target, *, model_name: str = "visualglm-6b", allow_remote_images:
             if owned:
                 await anyio.to_thread.run_sync(worker.stop)
 
-    app = FastAPI(title="VisualGLM-6B API", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes off: "/v1/chat/completions/" is a 404, not a bodyless 307 to a Location built
+    # from the client's Host header
+    app = FastAPI(title="VisualGLM-6B API", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.worker = worker
     app.state.limits = limits
+
+    def answer_escaped(e: Exception, scope) -> Response:
+        if isinstance(e, ServingError):
+            return error_response(e)
+        if isinstance(e, (ClientGone, ClientDisconnect)):
+            return Response(status_code=499)
+        log.error("unexpected error on %s %s", scope.get("method"), scope.get("path"), exc_info=e)
+        return error_response(ServingError(f"Internal error: {type(e).__name__}"))
+    app.add_middleware(ErrorBoundary, answer=answer_escaped)     # added first: CORS wraps its answers
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
@@ -164,10 +235,9 @@ def create_app(target, *, model_name: str = "visualglm-6b", allow_remote_images:
     async def on_validation_error(request, e: RequestValidationError):
         return error_response(BadRequestError(f"Invalid request: {e.errors()}"))
 
-    @app.exception_handler(Exception)
-    async def on_unexpected(request, e: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(ServingError(f"Internal error: {type(e).__name__}"))
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request, e: ClientGone):
+        return Response(status_code=499)      # nobody reads it: uvicorn drops answers to closed connections
 
     # -- helpers ------------------------------------------------------------------------------------
     def check_auth(request: Request) -> None:
@@ -177,6 +247,12 @@ def create_app(target, *, model_name: str = "visualglm-6b", allow_remote_images:
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             raise AuthenticationError("Missing or wrong API key: send 'Authorization: Bearer <key>'.")
 
+    def check_json(request: Request) -> None:
+        ctype = request.headers.get("content-type", "")
+        if not is_json(ctype):
+            raise UnsupportedMediaTypeError(f"Send the request body as JSON with 'Content-Type: application/json' "
+                                            f"(got {ctype or 'no Content-Type'!r}).")
+
     async def read_body(request: Request) -> bytes:
         size = request.headers.get("content-length")
         if size is not None:
@@ -185,14 +261,24 @@ def create_app(target, *, model_name: str = "visualglm-6b", allow_remote_images:
             if int(size) > body_limit:
                 raise PayloadTooLargeError(f"The request body is {size} bytes, over the limit of {body_limit}.")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > body_limit:
-                raise PayloadTooLargeError(f"The request body is over the limit of {body_limit} bytes.")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > body_limit:
+                    raise PayloadTooLargeError(f"The request body is over the limit of {body_limit} bytes.")
+        except ClientDisconnect:
+            # A normal event (the client gave up, or uvicorn refused a broken chunked body and closed):
+            # one line, no traceback, no answer.
+            client = request.client
+            log.info("client %s disconnected during the upload of %s %s (%d of %s bytes received)",
+                     f"{client.host}:{client.port}" if client else "?", request.method, request.url.path,
+                     len(body), size or "?")
+            raise ClientGone() from None
         return bytes(body)
 
     async def parse(request: Request, parser) -> ChatCall:
         check_auth(request)
+        check_json(request)
         worker.require_ready()
         body = await read_body(request)
 
@@ -315,7 +401,10 @@ def create_app(target, *, model_name: str = "visualglm-6b", allow_remote_images:
                     chunk = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                              "choices": [], "usage": usage()}
                     yield f"data: {json.dumps(chunk)}\n\n"
-            except ServingError as e:
+            except Exception as e:  # noqa: BLE001 - the answer has begun: errors become an event
+                if not isinstance(e, ServingError):
+                    log.error("unexpected error while streaming %s", cid, exc_info=e)
+                    e = ServingError(f"Internal error: {type(e).__name__}")
                 yield f"data: {json.dumps(e.to_json(), ensure_ascii=False)}\n\n"
             finally:
                 stream.cancel()

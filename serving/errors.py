@@ -52,3 +52,10 @@ class GenerationError(ServingError):
     """Generation itself failed (out of memory, NaN logits...): a server fault, not the client's."""
     status = 500
     type = "generation_error"
+
+
+class UnsupportedMediaTypeError(ServingError):
+    """A POST body not sent as application/json (HTTP 415). Browsers send text/plain or form bodies to
+    any site without a CORS preflight; insisting on JSON keeps web pages from forging requests."""
+    status = 415
+    type = "unsupported_media_type"

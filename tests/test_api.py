@@ -5,13 +5,17 @@ stop strings, seeds, /health and /v1/models; 80 bad requests that must each get 
 the server keeps serving; `<img>` tags that must never be opened; remote image URLs only when allowed;
 16 concurrent clients whose greedy answers equal sequential ones and that really share batches;
 /health during generation; disconnects freeing rows and queue places; 503 on a full queue and while
-loading; the api.py command line.
+loading; the api.py command line. Hostile clients: one failing row of a batch gets its own JSON error,
+keep-alive connections survive error answers, uploads cut short are one log line, non-JSON content
+types get 415 and trailing slashes are not redirected.
 """
 import asyncio
 import base64
+import http.client
 import http.server
 import io
 import json
+import logging
 import os
 import re
 import socket
@@ -682,3 +686,207 @@ def test_api_py_serves_a_checkpoint_and_exits_on_a_missing_one(ckpt_dir, tmp_pat
                               "--host", "127.0.0.1", "--port", str(free_port()), "--device", "cpu"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "could not load the model" in missing.stderr
+
+
+# -- hostile clients ---------------------------------------------------------------------------------------------
+def eight_together(engine, odd_body):
+    """Seven greedy requests and `odd_body`, sent at once to a server whose worker batches up to eight:
+    -> (the seven answers when run one by one, the eight responses together, the worker)."""
+    worker = Worker(engine, max_batch=8, max_queue=16, batch_wait=2.0).start()
+    server = LiveServer(create_app(worker))
+    bodies = concurrent_bodies()[:7]
+    try:
+        with httpx.Client(base_url=server.url, timeout=120, trust_env=False) as c:
+            alone = [c.post("/v1/chat/completions", json=b).json()["choices"][0]["message"]["content"]
+                     for b in bodies]
+        calls = worker.stats["generate_calls"]
+
+        async def everyone():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120, trust_env=False) as ac:
+                return await asyncio.gather(*(ac.post("/v1/chat/completions", json=b)
+                                              for b in bodies[:3] + [odd_body] + bodies[3:]))
+        together = asyncio.run(everyone())
+        assert worker.stats["generate_calls"] - calls == 1, "the eight requests should share one batch"
+    finally:
+        server.close()
+        worker.stop()
+    return alone, together[:3] + together[4:], together[3], worker
+
+
+def test_a_request_with_an_extreme_penalty_does_not_fail_its_batch(engine):
+    # repetition_penalty 1e-300 is in the accepted range (> 0); with temperature 1 it used to make the
+    # sampling divisor 0 in fp32, and the NaN it gave failed every request of the batch with a 500
+    odd = chat_body("描述这张图片。", max_tokens=12, temperature=1, repetition_penalty=1e-300)
+    alone, together, odd_response, worker = eight_together(engine, odd)
+    for expected, r in zip(alone, together):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == expected
+    assert odd_response.status_code == 200, odd_response.text
+    assert odd_response.json()["usage"]["completion_tokens"] >= 1
+    assert worker.stats["errors"] == 0
+
+
+def test_a_row_that_fails_gets_its_own_json_error_and_the_others_complete(engine, monkeypatch):
+    from model import generation
+    real = generation.sample
+    marker = 0.31337                      # the temperature of the request made to fail
+
+    def flaky(logits, generated, p, generator=None):
+        if p.temperature == marker and len(generated) == 2:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, generated, p, generator)
+    monkeypatch.setattr(generation, "sample", flaky)
+    alone, together, failed, worker = eight_together(engine, chat_body("描述这张图片。", max_tokens=20,
+                                                                       temperature=marker))
+    for expected, r in zip(alone, together):
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == expected
+    assert failed.status_code == 500 and failed.headers["content-type"] == "application/json"
+    error = failed.json()
+    assert error["status"] == 500 and error["error"]["type"] == "generation_error"
+    assert "RuntimeError" in error["error"]["message"] and "ExceptionGroup" not in error["error"]["message"]
+    assert worker.stats["errors"] == 1
+
+    # streamed, the failing row ends with an error event and then [DONE]
+    worker = Worker(engine, batch_wait=0.0).start()
+    server = LiveServer(create_app(worker))
+    try:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, trust_env=False,
+                          json=chat_body("Describe the image.", max_tokens=20, temperature=marker, stream=True)) as s:
+            assert s.status_code == 200
+            events = sse_events(s.iter_lines())
+    finally:
+        server.close()
+        worker.stop()
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["status"] == 500 and last["error"]["type"] == "generation_error"
+    assert sum(1 for e in events[:-2] if json.loads(e)["choices"][0]["delta"].get("content")) >= 1
+
+
+def test_keep_alive_connections_survive_error_answers(api, engine, worker, monkeypatch):
+    """Errors are answered as JSON on a connection that stays usable. An exception that escaped to the
+    server (e.g. an ExceptionGroup from anyio's task group) used to make uvicorn drop the connection
+    after answering, without `Connection: close`, so the client's next request on it was reset."""
+    from model import generation
+    good = json.dumps(chat_body("Hello, who are you?", max_tokens=4)).encode()
+    headers = {"Content-Type": "application/json"}
+    real_sample, real_prepare = generation.sample, worker.prepare
+
+    def broken_sample(logits, generated, p, generator=None):
+        if p.temperature == 0.4242:
+            raise RuntimeError("sampling broke")
+        return real_sample(logits, generated, p, generator)
+
+    def broken_prepare(*args, **kwargs):
+        raise RuntimeError("something nobody expected")
+    host, port = api.url.rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+
+    def post(path, body):
+        conn.request("POST", path, headers=headers, body=body)
+        r = conn.getresponse()
+        return r, json.loads(r.read())
+    try:
+        monkeypatch.setattr(worker, "prepare", broken_prepare)       # an unexpected error
+        r, body = post("/v1/chat/completions", good)
+        assert r.status == 500 and body["error"]["type"] == "internal_error", body
+        assert "RuntimeError" in body["error"]["message"]
+        assert (r.getheader("connection") or "").lower() != "close"
+        sock = conn.sock
+        monkeypatch.setattr(worker, "prepare", real_prepare)
+        r, body = post("/v1/chat/completions", good)                 # used to be reset
+        assert r.status == 200 and body["choices"][0]["message"]["content"] is not None
+
+        monkeypatch.setattr(generation, "sample", broken_sample)     # generation fails
+        r, body = post("/v1/chat/completions", json.dumps(chat_body("Hello", max_tokens=4, temperature=0.4242)))
+        assert r.status == 500 and body["error"]["type"] == "generation_error", body
+        r, body = post("/", json.dumps({"text": "hi", "max_length": 30, "temperature": 0.4242}))
+        assert r.status == 500 and body["error"]["type"] == "generation_error", body
+        r, body = post("/", json.dumps({"text": "hi", "max_length": 30, "top_k": 1}))
+        assert r.status == 200 and body["status"] == 200
+        assert conn.sock is sock, "the connection was closed and reopened"
+    finally:
+        conn.close()
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_client_leaving_during_the_upload_is_one_log_line(api, client, worker):
+    """A client that disconnects mid-body (or sends broken chunked encoding) is a normal event: one
+    line in the log, no traceback, no 500 attempted, and the server goes on."""
+    records = Records()
+    loggers = [logging.getLogger("visualglm.serving"), logging.getLogger("uvicorn.error")]
+    level = loggers[0].level
+    loggers[0].setLevel(logging.INFO)
+    for lg in loggers:
+        lg.addHandler(records)
+    host, port = api.url.rsplit("/", 1)[1].split(":")
+    requests = worker.stats["requests"]
+
+    def traceback_logged():
+        return [r.getMessage() for r in records.records if r.exc_info or r.levelno >= logging.ERROR]
+    try:
+        for path in ("/v1/chat/completions", "/"):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                          "Content-Length: 100000\r\n\r\n".encode() + b'{"text": "')   # 10 of 100000 bytes
+                time.sleep(0.2)
+            wait_for(lambda: traceback_logged() or any("disconnected" in r.getMessage() for r in records.records),
+                     10, "the disconnect to be logged")
+            time.sleep(0.2)
+            assert not traceback_logged()
+            gone = [r for r in records.records if "disconnected" in r.getMessage()]
+            assert len(gone) == 1 and gone[0].levelno <= logging.WARNING and "10 of 100000" in gone[0].getMessage()
+            records.records = []
+        # a body with broken chunked encoding: the server answers 400 and closes
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n5\r\n{\"tex\r\nzz\r\n".encode())
+            answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400")
+        time.sleep(0.5)
+        assert client.post("/", json={"text": "hi", "max_length": 30, "top_k": 1}).status_code == 200
+    finally:
+        for lg in loggers:
+            lg.removeHandler(records)
+        loggers[0].setLevel(level)
+    assert not traceback_logged()
+    assert worker.stats["requests"] == requests + 1
+
+
+def test_post_endpoints_require_a_json_content_type(client, worker):
+    """A JSON body sent as text/plain (or form data) is what any web page can make a browser send
+    without a CORS preflight: refused with 415 before anything is read."""
+    requests = worker.stats["requests"]
+    original = json.dumps({"text": "hi", "max_length": 30, "top_k": 1})
+    openai = json.dumps(chat_body("hi", max_tokens=3))
+    for path, body in (("/", original), ("/v1/chat/completions", openai)):
+        for ctype in ("text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded",
+                      "multipart/form-data; boundary=x", None):
+            headers = {"Content-Type": ctype} if ctype else {}
+            r = client.post(path, content=body, headers=headers)
+            assert r.status_code == 415, (path, ctype, r.status_code, r.text)
+            assert r.json()["error"]["type"] == "unsupported_media_type" and r.json()["status"] == 415
+            assert "application/json" in r.json()["error"]["message"]
+    assert worker.stats["requests"] == requests
+    for ctype in ("application/json", "application/json; charset=utf-8", "Application/JSON",
+                  "application/vnd.api+json"):
+        r = client.post("/", content=original, headers={"Content-Type": ctype})
+        assert r.status_code == 200, (ctype, r.text)
+
+
+def test_a_trailing_slash_is_not_redirected(client):
+    # FastAPI used to answer a bodyless 307 whose Location came from the client's Host header
+    for method, path in (("POST", "/v1/chat/completions/"), ("GET", "/health/"), ("GET", "/v1/models/")):
+        r = client.request(method, path, json=chat_body("hi", max_tokens=3) if method == "POST" else None,
+                           headers={"Host": "evil.example"})
+        assert r.status_code == 404, (path, r.status_code, r.headers)
+        assert "location" not in r.headers and r.json()["error"]["type"] == "not_found"
