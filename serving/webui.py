@@ -55,7 +55,7 @@ def messages_of(history) -> list:
 
 def read_upload(source: Union[str, bytes]):
     """The visitor's image as RGB, decoded by model.image: a file in Gradio's upload folder (the path
-    comes from upload_image_class's preprocess) or the bytes of a data: URL."""
+    comes from upload_image_box's preprocess) or the bytes of a data: URL."""
     if isinstance(source, str):
         path = Path(source)
         if path.stat().st_size > DEFAULT_MAX_BYTES:
@@ -64,30 +64,31 @@ def read_upload(source: Union[str, bytes]):
     return load_image(source, allow_path=False, allow_url=False)
 
 
-def upload_image_class():
-    """gr.Image whose input Gradio does not decode. Gradio 6's own preprocessing calls PIL.Image.open on
+def upload_image_box(**kw):
+    """A gr.Image whose input Gradio does not decode. Gradio 6's own preprocessing calls PIL.Image.open on
     the upload with every Pillow plugin, for type="filepath" too, and decodes data: URLs in full, which
-    would let a visitor's EPS reach Ghostscript. This one hands read_upload the file Gradio has already
-    checked into its upload folder (or a data: URL's bytes) without opening it."""
+    would let a visitor's EPS reach Ghostscript. This box hands read_upload the file Gradio has already
+    checked into its upload folder (or a data: URL's bytes) without opening it. The method is replaced
+    on the instance: a gr.Image subclass would make Gradio write a .pyi file beside this module."""
     import gradio as gr
     from gradio.utils import is_in_or_equal
 
-    class UploadedImage(gr.Image):
-        is_template = True      # Gradio draws it with its own Image component (see Block.get_block_name)
+    box = gr.Image(type="filepath", **kw)
 
-        def preprocess(self, payload) -> Optional[Union[str, bytes]]:
-            if payload is None:
-                return None
-            if payload.url and payload.url.startswith("data:"):
-                try:
-                    return base64.b64decode(payload.url.partition(",")[2], validate=True)
-                except (binascii.Error, ValueError):
-                    raise gr.Error("The image is not valid base64.") from None
-            if not payload.path or not is_in_or_equal(payload.path, self.GRADIO_CACHE):
-                raise gr.Error("The image was not uploaded to this app.")
-            return payload.path
+    def preprocess(payload) -> Optional[Union[str, bytes]]:
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):
+            try:
+                return base64.b64decode(payload.url.partition(",")[2], validate=True)
+            except (binascii.Error, ValueError):
+                raise gr.Error("The image is not valid base64.") from None
+        if not payload.path or not is_in_or_equal(payload.path, box.GRADIO_CACHE):
+            raise gr.Error("The image was not uploaded to this app.")
+        return payload.path
 
-    return UploadedImage
+    box.preprocess = preprocess
+    return box
 
 
 def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optional[dict] = None):
@@ -172,7 +173,7 @@ def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optiona
         history = gr.State([])
         with gr.Row():
             with gr.Column(scale=2):
-                image = upload_image_class()(type="filepath", label="Image / 图片", elem_id="image", height=320)
+                image = upload_image_box(label="Image / 图片", elem_id="image", height=320)
                 max_length = gr.Slider(64, max(worker.max_context, 64), value=min(d["max_length"], worker.max_context),
                                        step=1, label="Maximum length / 最大长度", elem_id="max_length")
                 top_p = gr.Slider(0.0, 1.0, value=d["top_p"], step=0.01, label="Top P", elem_id="top_p")
