@@ -278,10 +278,98 @@ def load_model(name_or_path, device="cpu", dtype=None, qkv_layout="auto", expect
 # ----------------------------------------------------------------------------------------------
 # saving
 
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, I/O error); what was saved before is untouched."""
+
+
+def fsync_path(path) -> None:
+    """Flush a file's or a folder's entry to disk: a rename is only durable once its folder is synced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:   # folders cannot be opened on Windows; nothing more can be done there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:   # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root) -> None:
+    """fsync every file below root, then every folder (children first), then root itself."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Replace `path` with `text` all at once: readers see the old content or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_path(path.parent)
+
+
+def atomic_copy(src, dst) -> None:
+    """Copy under a temporary name and rename, so that a crash never leaves a truncated `dst`."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        fsync_path(tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in the exception chain (torch's zip writer wraps it in a RuntimeError)."""
+    import errno
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def save_error(error: BaseException, target, previous: str) -> CheckpointSaveError:
+    """The error to raise when writing `target` failed; `previous` says what is still on disk."""
+    target = Path(target)
+    try:
+        free = f" ({shutil.disk_usage(target.parent).free / 2 ** 20:,.0f} MiB free)"
+    except OSError:
+        free = ""
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    what = "not enough disk space" if is_disk_full(error) else "could not write"
+    return CheckpointSaveError(f"{what} to save the checkpoint to {target}{free}: {reason}; {previous}")
+
+
+def write_model_state(model, path) -> None:
+    """{"module": tensors} on the CPU, loadable with weights_only=True."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({"module": state}, path)
+
+
 def save_checkpoint(model, out_dir, iteration: int = 1, config: dict = None, overwrite: bool = False) -> Path:
     """Write a sat folder loadable by load_model / sat's from_pretrained / weights-only torch.load.
-    Written to a temporary folder first and moved into place, so a crash never leaves half a checkpoint
-    and an existing folder is never clobbered unless overwrite=True."""
+    Written to a temporary folder, synced to disk and renamed into place, so a crash never leaves half a
+    checkpoint, and an existing folder is never clobbered unless overwrite=True (then it is set aside,
+    not deleted, until the new one is in place)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"{out_dir} already exists and is not empty; choose another folder.")
@@ -289,15 +377,29 @@ def save_checkpoint(model, out_dir, iteration: int = 1, config: dict = None, ove
     config["model_class"] = type(model).__name__
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    old = None
     try:
-        (tmp / str(iteration)).mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        torch.save({"module": state}, tmp / str(iteration) / "mp_rank_00_model_states.pt")
-        (tmp / "latest").write_text(str(iteration))
-        (tmp / "model_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        try:
+            (tmp / str(iteration)).mkdir()
+            write_model_state(model, tmp / str(iteration) / "mp_rank_00_model_states.pt")
+            (tmp / "latest").write_text(str(iteration))
+            (tmp / "model_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+            fsync_tree(tmp)
+        except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer reporting a failed write
+            kept = f"{out_dir} is unchanged" if out_dir.exists() else "nothing was written"
+            raise save_error(e, out_dir, kept) from e
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if old is not None:   # put the previous folder back rather than lose it
+                os.replace(old, out_dir)
+            raise
+        fsync_path(out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
