@@ -26,7 +26,10 @@ only <sop>, the answer and <eop> are targets.
 
 A run writes <save>/<experiment-name>-<month-day-hour-minute>/ in sat format: model_config.json,
 latest, <iteration>/mp_rank_00_model_states.pt ({"module": tensors}, weights-only loadable), the
-tokenizer files, train_log.jsonl, and <iteration>/deepspeed/ (optimizer state, for --load).
+tokenizer files, train_log.jsonl, and <iteration>/deepspeed/ (optimizer state, for --load). Each
+iteration folder is written under a temporary name and renamed into place with a complete.json, and
+`latest` is updated after it, so a kill or a full disk never leaves a half-written checkpoint in use;
+--load resumes from the newest complete iteration.
 """
 import argparse
 import datetime
@@ -660,7 +663,8 @@ def resolve_source(args) -> Source:
             raise SystemExit(f"error: --load {run} holds a {config.get('model_class')}; resume it with "
                              f"--mode {'finetune' if is_finetune else 'pretrain'}")
         adapters = {k: config[k] for k in ADAPTER_ARGS if k in config}
-        return Source("load", run, config, adapters, int((run / "latest").read_text().strip()))
+        done = complete_iterations(run)   # train() settles it with recover_run_folder before loading
+        return Source("load", run, config, adapters, done[-1] if done else None)
     if args.from_config:
         path = Path(args.from_config)
         try:
@@ -725,22 +729,166 @@ def count_parameters(module):
 # checkpoints
 
 TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
+LOG_FILE = "train_log.jsonl"
+MODEL_FILE = "mp_rank_00_model_states.pt"
+# A run folder only ever shows complete iterations: <run>/<n>/ is written as <run>/.saving-<n>/, gets a
+# complete.json listing its files (written last), is synced and renamed into place, and only then does
+# `latest` name it. An older folder of the same number is set aside as .replaced-<n> while it is replaced.
+COMPLETE_MARKER = "complete.json"
+SAVING_PREFIX = ".saving-"
+REPLACED_PREFIX = ".replaced-"
+OLD_STAGING_PREFIXES = (".staging-", "..staging-")   # what older versions of this script left on a crash
 
 
-def write_model_files(module, run_dir: Path, iteration: int, config: dict) -> None:
-    """<run>/<iteration>/mp_rank_00_model_states.pt, model_config.json, then `latest` (last, so that a
-    crash leaves `latest` naming a complete iteration). Uses model/checkpoint.py's writer."""
-    from model.checkpoint import save_checkpoint
-    staging = run_dir / f".staging-{iteration}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    save_checkpoint(module, staging, iteration=iteration, config=config)
-    target = run_dir / str(iteration)
-    target.mkdir(parents=True, exist_ok=True)
-    os.replace(staging / str(iteration) / "mp_rank_00_model_states.pt", target / "mp_rank_00_model_states.pt")
-    os.replace(staging / "model_config.json", run_dir / "model_config.json")
-    os.replace(staging / "latest", run_dir / "latest")
-    shutil.rmtree(staging, ignore_errors=True)
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def read_latest(run_dir: Path) -> Optional[int]:
+    try:
+        text = (run_dir / "latest").read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def write_complete_marker(folder: Path, iteration: int) -> None:
+    files = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    (folder / COMPLETE_MARKER).write_text(json.dumps({"iteration": iteration, "files": files}, indent=1))
+
+
+def is_complete(folder: Path) -> bool:
+    """The folder has its complete.json and every file it lists, at the size it lists."""
+    try:
+        marker = json.loads((folder / COMPLETE_MARKER).read_text())
+        return all((folder / name).stat().st_size == size for name, size in marker["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def complete_iterations(run_dir: Path) -> List[int]:
+    """Iterations of a run that are safe to load, oldest first. A folder without complete.json counts
+    only when `latest` names it and it has its model file: older versions wrote `latest` last."""
+    latest = read_latest(run_dir)
+    found = []
+    for folder in run_dir.iterdir() if run_dir.is_dir() else ():
+        if folder.name.isdigit() and folder.is_dir():
+            legacy = (int(folder.name) == latest and not (folder / COMPLETE_MARKER).exists()
+                      and (folder / MODEL_FILE).is_file())
+            if legacy or is_complete(folder):
+                found.append(int(folder.name))
+    return sorted(found)
+
+
+def clean_leftovers(run_dir: Path) -> None:
+    """Undo what an interrupted save left in a run folder (rank 0, before resuming): an iteration that
+    was set aside and never replaced is put back; half-written folders and temporary files go."""
+    for path in sorted(run_dir.iterdir()):
+        name = path.name
+        if name.startswith(REPLACED_PREFIX):
+            target = run_dir / name[len(REPLACED_PREFIX):]
+            if target.name.isdigit() and not target.exists() and is_complete(path):
+                os.replace(path, target)
+                log(f"restored {target}: a save replacing it was interrupted")
+                continue
+        if name.startswith((SAVING_PREFIX, REPLACED_PREFIX) + OLD_STAGING_PREFIXES) or \
+                (name.startswith(".") and name.endswith(".tmp")):
+            _remove(path)
+            log(f"removed {path}: left by an interrupted save")
+
+
+def recover_run_folder(run_dir: Path, dist: Dist) -> int:
+    """Prepare a run folder for --load: clean leftovers, make `latest` name the newest complete
+    iteration (so that load_model and the merge tools read the same one) and return it on every rank."""
+    from model.checkpoint import CheckpointError, atomic_write_text
+    if dist.rank == 0:
+        clean_leftovers(run_dir)
+        done = complete_iterations(run_dir)
+        for folder in sorted(run_dir.iterdir()):
+            if folder.name.isdigit() and folder.is_dir() and int(folder.name) > (done[-1] if done else -1):
+                log(f"ignoring {folder}: incomplete (its save was interrupted)")
+        if done and read_latest(run_dir) != done[-1]:
+            log(f"{run_dir / 'latest'} named {read_latest(run_dir)}; the newest complete iteration is {done[-1]}")
+            atomic_write_text(run_dir / "latest", str(done[-1]))
+    torch.distributed.barrier()
+    done = complete_iterations(run_dir)
+    if not done:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint to resume from (was it killed before its "
+                              f"first save finished?)")
+    return done[-1]
+
+
+def trim_train_log(run_dir: Path, iteration: int) -> None:
+    """A resumed run repeats the iterations after its checkpoint: move their records, and a line cut
+    short by a kill, to train_log.discarded.jsonl so that train_log.jsonl reads as one run."""
+    from model.checkpoint import atomic_write_text
+    path = run_dir / LOG_FILE
+    if not path.is_file():
+        return
+    keep, drop = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+            done = line.endswith("\n") and int(record.get("iteration", 0)) <= iteration
+        except (ValueError, TypeError, AttributeError):
+            done = False
+        (keep if done else drop).append(line if line.endswith("\n") else line + "\n")
+    if drop:
+        with open(run_dir / "train_log.discarded.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(drop)
+        atomic_write_text(path, "".join(keep))
+        log(f"moved {len(drop)} record(s) of {LOG_FILE} after iteration {iteration} to train_log.discarded.jsonl")
+
+
+def open_run_folder(run_dir: Path, tokenizer_dir: Path, resume_iteration: Optional[int]) -> None:
+    """Rank 0: create the run folder with its tokenizer; when resuming, make it consistent first."""
+    from model.checkpoint import atomic_copy
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_iteration is not None:
+        clean_leftovers(run_dir)
+        trim_train_log(run_dir, resume_iteration)
+    for f in TOKENIZER_FILES:   # copied under a temporary name: a kill must not leave a truncated tokenizer
+        if (tokenizer_dir / f).is_file() and not (run_dir / f).exists():
+            atomic_copy(tokenizer_dir / f, run_dir / f)
+    log(f"run folder: {run_dir}")
+
+
+def write_model_files(module, folder: Path) -> None:
+    """<folder>/mp_rank_00_model_states.pt in sat format (weights-only loadable)."""
+    from model.checkpoint import write_model_state
+    write_model_state(module, folder / MODEL_FILE)
+
+
+def publish_iteration(run_dir: Path, staging: Path, iteration: int, config: dict) -> None:
+    """Rank 0: turn a fully written staging folder into <run>/<iteration> and name it in `latest`."""
+    from model.checkpoint import atomic_write_text, fsync_path, fsync_tree
+    write_complete_marker(staging, iteration)
+    fsync_tree(staging)
+    atomic_write_text(run_dir / "model_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+    target, aside = run_dir / str(iteration), run_dir / f"{REPLACED_PREFIX}{iteration}"
+    if target.exists():   # half-written by an older version, or saved by an earlier attempt of this run
+        _remove(aside)
+        os.replace(target, aside)
+    os.replace(staging, target)
+    fsync_path(run_dir)
+    atomic_write_text(run_dir / "latest", str(iteration))
+    _remove(aside)
+
+
+def previous_checkpoint(run_dir: Path) -> str:
+    done = complete_iterations(run_dir)
+    if not done:
+        return "no earlier checkpoint of this run is complete"
+    return f"the previous checkpoint {done[-1]} is intact ({run_dir / str(done[-1])})"
+
+
+def _any_rank(failed: bool, device) -> bool:
+    flag = torch.tensor([1.0 if failed else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def rng_state() -> dict:
@@ -765,16 +913,36 @@ def set_seed(seed: int) -> None:
 
 
 def save_iteration(engine, run_dir: Path, iteration: int, config: dict, dist: Dist, args, micro_step: int):
+    """<run>/<iteration>/ with the model file and deepspeed/ (optimizer state, for --load), all or
+    nothing: a kill at any moment leaves `latest` naming a complete iteration. Running out of disk
+    raises CheckpointSaveError and leaves the previous checkpoint as it was."""
+    from model.checkpoint import save_error
     client = {"iteration": iteration, "micro_step": micro_step}
     if not args.no_save_rng:
         client["rng"] = rng_state()
-    # every rank writes its optimizer partition; DeepSpeed's files stay out of the model file
-    engine.save_checkpoint(str(run_dir / str(iteration)), tag="deepspeed", client_state=client,
-                           save_latest=False, exclude_frozen_parameters=True)
+    config = dict(config, model_class=type(engine.module).__name__)
+    staging = run_dir / f"{SAVING_PREFIX}{iteration}"
     if dist.rank == 0:
-        write_model_files(engine.module, run_dir, iteration, config)
-        log(f"saved iteration {iteration} to {run_dir}")
+        _remove(staging)   # from an earlier attempt at this iteration
     torch.distributed.barrier()
+    failure = None
+    try:   # every rank writes its optimizer partition; DeepSpeed's files stay out of the model file
+        engine.save_checkpoint(str(staging), tag="deepspeed", client_state=client,
+                               save_latest=False, exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as e:   # RuntimeError: torch's zip writer reporting a failed write
+        failure = e
+    if not _any_rank(failure is not None, dist.device) and dist.rank == 0:
+        try:
+            write_model_files(engine.module, staging)
+            publish_iteration(run_dir, staging, iteration, config)
+        except (OSError, RuntimeError) as e:
+            failure = e
+    if _any_rank(failure is not None, dist.device):   # all ranks stop together instead of waiting forever
+        if dist.rank == 0:
+            _remove(staging)
+        error = failure or RuntimeError("another process could not write its part")
+        raise save_error(error, run_dir / str(iteration), previous_checkpoint(run_dir)) from failure
+    log(f"saved iteration {iteration} to {run_dir}")
 
 
 # ==============================================================================================
@@ -858,6 +1026,8 @@ def train(args) -> TrainResult:
     if len(tokenizer) > source.config["vocab_size"]:
         raise SystemExit(f"error: the tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model only "
                          f"{source.config['vocab_size']}; they do not belong together (pass --tokenizer)")
+    if source.kind == "load":
+        source.iteration = recover_run_folder(source.path, dist)
     train_set, valid_set, test_set = load_datasets(args, tokenizer, source.config)
     global_batch = args.batch_size * args.gradient_accumulation_steps * dist.world
     if args.train_iters is None:
@@ -922,22 +1092,19 @@ def train(args) -> TrainResult:
         torch.distributed.broadcast_object_list(names, src=0)
         run_dir = Path(names[0])
     if run_dir is not None and dist.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for f in TOKENIZER_FILES:
-            if (tokenizer_dir / f).is_file() and not (run_dir / f).exists():
-                shutil.copy(tokenizer_dir / f, run_dir / f)
-        log(f"run folder: {run_dir}")
+        open_run_folder(run_dir, tokenizer_dir, iteration if args.load else None)
     result = TrainResult(model=engine.module, run_dir=run_dir, iteration=iteration, trainable=trainable)
-    if iteration >= args.train_iters:
-        log(f"nothing to do: iteration {iteration} >= --train-iters {args.train_iters}")
+    stop = min(args.train_iters, args.exit_interval or args.train_iters)
+    if iteration >= stop:   # saving now would only rewrite the checkpoint just loaded
+        limit = "--train-iters" if stop == args.train_iters else "--exit-interval"
+        log(f"nothing to do: iteration {iteration} >= {limit} {stop}")
         return result
 
     order = BatchOrder(len(train_set), args.batch_size, dist.world, dist.rank, args.seed)
     accumulation = args.gradient_accumulation_steps
-    stop = min(args.train_iters, args.exit_interval or args.train_iters)
     loader = iter(make_loader(train_set, order, micro_step, micro_step + (stop - iteration) * accumulation,
                               tokenizer.pad_token_id, args.num_workers))
-    log_file = open(run_dir / "train_log.jsonl", "a", encoding="utf-8") if run_dir is not None and dist.rank == 0 else None
+    log_file = open(run_dir / LOG_FILE, "a", encoding="utf-8") if run_dir is not None and dist.rank == 0 else None
     start_time = time.time()
     start_iteration = iteration
     window_losses, window_start, window_iters = [], time.time(), 0
