@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from model.defaults import DEMO_SAMPLING
+
 MESSAGES = {
     False: dict(image="请输入图像路径或URL（回车进入纯文本对话）：", user="用户：", bot="VisualGLM：",
                 welcome="欢迎使用 VisualGLM 模型，输入图像URL或本地路径读图，继续输入内容对话，clear 重新开始，stop 终止程序"),
@@ -22,11 +24,12 @@ MESSAGES = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max_length", type=int, default=2048, help="max length of prompt + answer, in tokens")
-    p.add_argument("--top_p", type=float, default=0.4, help="top p for nucleus sampling")
-    p.add_argument("--top_k", type=int, default=100, help="top k for top-k sampling (1 = greedy)")
-    p.add_argument("--temperature", type=float, default=0.8, help="temperature for sampling (0 = greedy)")
-    p.add_argument("--repetition_penalty", type=float, default=1.2)
+    d = DEMO_SAMPLING
+    p.add_argument("--max_length", type=int, default=d["max_length"], help="max length of prompt + answer, in tokens")
+    p.add_argument("--top_p", type=float, default=d["top_p"], help="top p for nucleus sampling")
+    p.add_argument("--top_k", type=int, default=d["top_k"], help="top k for top-k sampling (1 = greedy)")
+    p.add_argument("--temperature", type=float, default=d["temperature"], help="temperature for sampling (0 = greedy)")
+    p.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
     p.add_argument("--english", action="store_true", help="English prompts and answers")
     p.add_argument("--quant", choices=[8, 4], type=int, default=None, help="quantize the GLM weights to 8 or 4 bits")
     p.add_argument("--from_pretrained", type=str, default="visualglm-6b", help="checkpoint name or folder")
@@ -41,9 +44,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from model.chat import ChatEngine, PromptTooLongError
-    from model.checkpoint import CheckpointError
+    from model.sat.checkpoint import CheckpointError
     from model.image import ImageLoadError
-    from model.loading import load_model_and_tokenizer
+    from model.sat.loading import load_model_and_tokenizer
 
     try:
         model, tokenizer = load_model_and_tokenizer(args.from_pretrained, device=args.device, quant=args.quant,

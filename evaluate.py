@@ -6,7 +6,7 @@
                        [--include_background] [--json out.json]
 
 Answers are generated greedily (top_k=1, no repetition penalty unless --repetition_penalty) through
-the project's chat engine (model.chat.chat on model.loading.load_model_and_tokenizer). The scoring itself is
+the project's chat engine (model.chat.chat on model.sat.loading.load_model_and_tokenizer). The scoring itself is
 `evaluate(items, answer_fn)`, where `answer_fn(image_path, prompt, history, english) -> str`;
 multi-turn items are asked turn by turn with the model's own earlier answers as history, and are
 reported in the row `multi_turn` (one count per turn). `--oracle` answers with the reference
@@ -118,7 +118,7 @@ def build_answer_fn(from_pretrained: str, device: Optional[str] = None, quant: O
     the last image are reused for the next question about the same image (multi-turn items)."""
     import torch
     from model.chat import PromptTooLongError, chat
-    from model.loading import load_model_and_tokenizer
+    from model.sat.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(from_pretrained, device=device, quant=quant)
     if hasattr(model, "eval"):
@@ -165,7 +165,7 @@ def _filter_types(items: List[dict], types: Optional[Sequence[str]]) -> List[dic
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description="Evaluate VisualGLM on synthetic image questions.")
-    parser.add_argument("--from_pretrained", help="checkpoint (name or path) for model.loading")
+    parser.add_argument("--from_pretrained", help="checkpoint (name or path) for model.sat.loading")
     parser.add_argument("--oracle", action="store_true", help="answer with the reference labels, no model")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--split", help="folder holding dataset.json (or the json file)")

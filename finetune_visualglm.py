@@ -55,9 +55,9 @@ REPO_ROOT = Path(__file__).resolve().parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import model as _model  # noqa: E402,F401  (sat compatibility fixes before sat is imported)
-from model.chat import build_prompt, encode_prompt  # noqa: E402
-from model.image import ImageLoadError, load_image, normalize, pixels_uint8  # noqa: E402
+import model.sat  # noqa: E402,F401  (sat compatibility fixes before sat is imported)
+from model.prompts import build_prompt, encode_prompt  # noqa: E402
+from model.image import ImageLoadError, load_image, normalize, open_image, pixels_uint8  # noqa: E402
 
 IGNORE = -100
 
@@ -85,7 +85,7 @@ def _str2bool(value) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from model.finetune import FineTuneVisualGLMModel
+    from model.sat.finetune import FineTuneVisualGLMModel
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--from_pretrained", default="visualglm-6b",
@@ -281,11 +281,10 @@ def resolve_image(img, dataset_file: Path, where: str) -> Optional[Path]:
         list(dict.fromkeys([dataset_file.parent / path, dataset_file.parent.parent / path, Path.cwd() / path]))
     for candidate in candidates:
         if candidate.is_file():
-            from PIL import Image, UnidentifiedImageError
             try:
-                with Image.open(candidate):
+                with open_image(candidate):      # raster formats only, as at inference
                     pass
-            except (UnidentifiedImageError, OSError) as e:
+            except OSError as e:
                 raise DataError(f"{where}: image {candidate} is not a readable image ({e}).") from e
             return candidate
     raise DataError(f"{where}: image '{img}' not found (looked at {', '.join(str(c) for c in candidates)}).")
@@ -552,7 +551,7 @@ def setup_distributed(args) -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        from model.compat import skip_deepspeed_shm_comm
+        from model.sat.compat import skip_deepspeed_shm_comm
         skip_deepspeed_shm_comm()
     if not torch.distributed.is_initialized():
         if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
@@ -652,8 +651,8 @@ class Source:
 
 def resolve_source(args) -> Source:
     """Read the model config (not the weights) and decide which adapters to build."""
-    from model.checkpoint import read_config, resolve_checkpoint_dir
-    from model.finetune import ADAPTER_ARGS, adapter_config
+    from model.sat.checkpoint import read_config, resolve_checkpoint_dir
+    from model.sat.finetune import ADAPTER_ARGS, adapter_config
     want = adapter_config(args) if args.mode == "finetune" else {}
     if args.load:
         run = resolve_checkpoint_dir(args.load, download=False)
@@ -684,15 +683,15 @@ def resolve_source(args) -> Source:
                          "(or --mode pretrain to train every weight)")
     if args.mode == "pretrain" and has:
         raise SystemExit(f"error: {source.path} has adapters ({', '.join(has)}); fold LoRA into the weights first "
-                         f"(python -m model.merge_lora) to train all weights")
+                         f"(python -m model.sat.merge_lora) to train all weights")
     return source
 
 
 def load_for_training(args, source: Source, dist: Dist, dtype: torch.dtype):
     """The model to train, on its device (QLoRA: on the CPU; bitsandbytes quantizes when DeepSpeed
     moves it to the GPU), and the config to save with it."""
-    from model.checkpoint import build_args, load_model, model_class
-    from model.finetune import is_adapter_key
+    from model.sat.checkpoint import build_args, load_model, model_class
+    from model.sat.finetune import is_adapter_key
     qlora = bool(source.adapters.get("use_qlora")) and not source.adapters.get("use_lora")
     device = "cpu" if qlora else dist.device
     overwrite = dict(source.adapters, seed=args.seed,
@@ -803,7 +802,7 @@ def clean_leftovers(run_dir: Path) -> None:
 def recover_run_folder(run_dir: Path, dist: Dist) -> int:
     """Prepare a run folder for --load: clean leftovers, make `latest` name the newest complete
     iteration (so that load_model and the merge tools read the same one) and return it on every rank."""
-    from model.checkpoint import CheckpointError, atomic_write_text
+    from model.sat.checkpoint import CheckpointError, atomic_write_text
     if dist.rank == 0:
         clean_leftovers(run_dir)
         done = complete_iterations(run_dir)
@@ -824,7 +823,7 @@ def recover_run_folder(run_dir: Path, dist: Dist) -> int:
 def trim_train_log(run_dir: Path, iteration: int) -> None:
     """A resumed run repeats the iterations after its checkpoint: move their records, and a line cut
     short by a kill, to train_log.discarded.jsonl so that train_log.jsonl reads as one run."""
-    from model.checkpoint import atomic_write_text
+    from model.sat.checkpoint import atomic_write_text
     path = run_dir / LOG_FILE
     if not path.is_file():
         return
@@ -845,7 +844,7 @@ def trim_train_log(run_dir: Path, iteration: int) -> None:
 
 def open_run_folder(run_dir: Path, tokenizer_dir: Path, resume_iteration: Optional[int]) -> None:
     """Rank 0: create the run folder with its tokenizer; when resuming, make it consistent first."""
-    from model.checkpoint import atomic_copy
+    from model.sat.checkpoint import atomic_copy
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_iteration is not None:
         clean_leftovers(run_dir)
@@ -858,13 +857,13 @@ def open_run_folder(run_dir: Path, tokenizer_dir: Path, resume_iteration: Option
 
 def write_model_files(module, folder: Path) -> None:
     """<folder>/mp_rank_00_model_states.pt in sat format (weights-only loadable)."""
-    from model.checkpoint import write_model_state
+    from model.sat.checkpoint import write_model_state
     write_model_state(module, folder / MODEL_FILE)
 
 
 def publish_iteration(run_dir: Path, staging: Path, iteration: int, config: dict) -> None:
     """Rank 0: turn a fully written staging folder into <run>/<iteration> and name it in `latest`."""
-    from model.checkpoint import atomic_write_text, fsync_path, fsync_tree
+    from model.sat.checkpoint import atomic_write_text, fsync_path, fsync_tree
     write_complete_marker(staging, iteration)
     fsync_tree(staging)
     atomic_write_text(run_dir / "model_config.json", json.dumps(config, indent=2, ensure_ascii=False))
@@ -916,7 +915,7 @@ def save_iteration(engine, run_dir: Path, iteration: int, config: dict, dist: Di
     """<run>/<iteration>/ with the model file and deepspeed/ (optimizer state, for --load), all or
     nothing: a kill at any moment leaves `latest` naming a complete iteration. Running out of disk
     raises CheckpointSaveError and leaves the previous checkpoint as it was."""
-    from model.checkpoint import save_error
+    from model.sat.checkpoint import save_error
     client = {"iteration": iteration, "micro_step": micro_step}
     if not args.no_save_rng:
         client["rng"] = rng_state()
@@ -1011,7 +1010,7 @@ def load_datasets(args, tokenizer, config: dict):
 
 def train(args) -> TrainResult:
     import deepspeed
-    from model.loading import load_tokenizer
+    from model.sat.loading import load_tokenizer
 
     dist = setup_distributed(args)
     dtype = train_dtype(args, dist.device)
@@ -1019,7 +1018,7 @@ def train(args) -> TrainResult:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     # config, tokenizer and data first: a bad dataset fails in seconds, before a 6B model loads
-    from model.loading import find_tokenizer_dir
+    from model.sat.loading import find_tokenizer_dir
     source = resolve_source(args)
     tokenizer_dir = find_tokenizer_dir(source.folder, source.config.get("tokenizer_type"), args.tokenizer)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -1175,7 +1174,7 @@ def run(argv=None) -> TrainResult:
 
 
 def main(argv=None) -> int:
-    from model.checkpoint import CheckpointError
+    from model.sat.checkpoint import CheckpointError
     try:
         run(argv)
     except (DataError, CheckpointError, ImageLoadError) as e:

@@ -40,7 +40,7 @@ def serve(args, loader) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import model  # noqa: F401  (sat compatibility fixes before anything imports sat)
+    import model.sat  # noqa: F401  (sat compatibility fixes before anything imports sat)
     return serve(args, sat_engine_loader(args.from_pretrained, args.device, args.quant, args.tokenizer))
 
 

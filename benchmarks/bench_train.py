@@ -28,10 +28,10 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true")
     a = p.parse_args(argv)
 
-    import model  # noqa: F401  sat compatibility fixes
+    import model.sat  # noqa: F401  sat compatibility fixes
     import deepspeed
     import finetune_visualglm as ft
-    from model.loading import find_tokenizer_dir, load_tokenizer
+    from model.sat.loading import find_tokenizer_dir, load_tokenizer
 
     base = ["--mode", "pretrain", "--from_pretrained", a.from_pretrained, "--train-data", *a.train_data,
             "--max_source_length", "192", "--max_target_length", "64", "--lr", "1e-4", "--seed", "1"]

@@ -1,106 +1,87 @@
 """The chat engine: prompt building, image handling, generation and post-processing (spec 6).
 
-Every front end (CLI, web, API; sat and HF flavours) goes through `ChatEngine`; `chat()` and
-`stream_chat()` keep the original function signatures on top of it.
-
-Prompt (Chinese):  <img></img>问：{q1}\n答：{a1}\n问：{query}\n答：
-Prompt (English):  <img></img>Q:{q1}\nA:{a1}\nQ:{query}\nA:
-Token ids:         ids("<img>") + [pad] * image_length + ids("</img>问：...") + [gMASK, <sop>]
-Without an image the "<img></img>" prefix is left out and the prompt is tokenized in one piece.
-The image is encoded once (EVA + Q-Former + projection); `chat()` returns the embeddings as its third
-value and a later turn that passes them back as `image=` reuses them.
+Every front end (CLI, web, API, batch) goes through `ChatEngine`, which drives a backend
+(model/backend.py) and knows nothing of how the model is implemented; `chat()` and `stream_chat()`
+keep the original function signatures on top of it. The image is encoded once: `chat()` returns the
+embeddings as its third value, and a later turn that passes them back as `image=` reuses them.
 """
-import re
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .generation import Request, SamplingParams, generate
+from .backend import as_backend
+from .defaults import CHAT_SAMPLING, IMAGE_CACHE_SIZE
+from .generation import Request, generate
 from .image import load_image, preprocess
-
-History = List[Tuple[str, str]]
-
-
-class PromptTooLongError(ValueError):
-    pass
-
-
-_CJK = "[\u4e00-\u9fff]"
-FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}   # half-width marks turned full-width
-PLACEHOLDERS = {"[[训练时间]]": "2023年"}                                  # strings replaced in answers
-
-
-def process_response(text: str) -> str:
-    """Post-processing of the original model: full-width punctuation next to Chinese characters."""
-    text = text.strip()
-    for placeholder, value in PLACEHOLDERS.items():
-        text = text.replace(placeholder, value)
-    for half, full in FULL_WIDTH.items():
-        text = re.sub(rf"({_CJK}){re.escape(half)}", rf"\1{full}", text)
-        text = re.sub(rf"{re.escape(half)}({_CJK})", rf"{full}\1", text)
-    return text
-
-
-def has_chinese(text: str) -> bool:
-    return re.search(_CJK, text) is not None
-
-
-def build_prompt(query: str, history: Optional[History] = None, english: bool = False, image: bool = True) -> str:
-    q, a = ("Q:", "A:") if english else ("问：", "答：")
-    turns = "".join(f"{q}{old_q}\n{a}{old_a}\n" for old_q, old_a in (history or []))
-    return ("<img></img>" if image else "") + turns + f"{q}{query}\n{a}"
-
-
-def encode_prompt(tokenizer, prompt: str, image_length: int = 0) -> Tuple[List[int], int]:
-    """Token ids of a prompt built by build_prompt, and the index of the first image slot (-1: none).
-    The text before and after the image slots is tokenized separately, as the original did."""
-    if image_length and prompt.startswith("<img></img>"):
-        head = tokenizer.encode("<img>", add_special_tokens=False)
-        tail = tokenizer.encode(prompt[len("<img>"):], add_special_tokens=False)
-        ids = head + [tokenizer.pad_token_id] * image_length + tail
-        return tokenizer.build_inputs_with_special_tokens(ids), len(head)
-    return tokenizer.encode(prompt, add_special_tokens=True), -1
+from .image_cache import ImageEncoder, pixels_key
+from .prompts import History, PromptTooLongError, build_prompt, encode_prompt, process_response
+from .sampling import SamplingParams
 
 
 class ChatEngine:
-    def __init__(self, model, tokenizer, *, allow_image_paths: bool = True, allow_image_urls: bool = True):
+    def __init__(self, model, tokenizer, *, allow_image_paths: bool = True, allow_image_urls: bool = True,
+                 image_cache_size: int = IMAGE_CACHE_SIZE):
+        """model: a backend, or a loaded model (a sat VisualGLMModel) that as_backend wraps."""
         self.model = model
+        self.backend = as_backend(model)
         self.tokenizer = tokenizer
         self.allow_image_paths = allow_image_paths
         self.allow_image_urls = allow_image_urls
+        self.images = ImageEncoder(self.backend, image_cache_size)
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        return self.backend.device
 
     @property
     def image_length(self) -> int:
-        return self.model.image_length
+        return self.backend.image_length
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence (prompt + answer) the model takes."""
+        return self.backend.max_sequence_length
 
     # -- images -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def encode_image(self, source) -> torch.Tensor:
-        """Path / URL / bytes / PIL image / pixel tensor [1,3,H,W] -> embeddings [1, L, hidden].
-        Embeddings (a 3-D tensor) pass through unchanged, so a returned image can be reused."""
+    def pixels(self, source) -> torch.Tensor:
+        """Path / URL / bytes / PIL image -> normalised pixels [1, 3, H, W] on the CPU; pixel tensors
+        ([3, H, W] or [1, 3, H, W]) pass through. Paths and URLs only where this engine allows them."""
         if isinstance(source, torch.Tensor):
-            if source.dim() == 3:
-                return source
-            return self.model.encode_image(source.to(self.device))
+            return source if source.dim() == 4 else source[None]
         img = load_image(source, allow_path=self.allow_image_paths, allow_url=self.allow_image_urls)
-        pixels = preprocess(img, self.model.image_size).to(self.device)
-        return self.model.encode_image(pixels)
+        return preprocess(img, self.backend.image_size)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: Sequence[torch.Tensor], keys: Optional[Sequence[str]] = None) -> List[torch.Tensor]:
+        """Pixels of several images -> embeddings [L, hidden] each: one backend call for the images not
+        seen recently, identical images once (see model/image_cache.py)."""
+        return self.images.encode(pixels, keys)
+
+    def encode_image(self, source) -> torch.Tensor:
+        """Any image source (see pixels) -> embeddings [1, L, hidden]. Embeddings (a 3-D tensor whose
+        first dimension is not 3 channels' worth of pixels, i.e. [1, L, hidden]) pass through unchanged,
+        so an image returned by chat() can be given back."""
+        if isinstance(source, torch.Tensor) and source.dim() == 3 and source.shape[1] == self.image_length:
+            return source
+        return self.encode_images([self.pixels(source)])[0][None]
 
     # -- prompts --------------------------------------------------------------------------------
-    def make_request(self, query: str, history: Optional[History], image_embeds, english: bool,
-                     params: SamplingParams, generator=None) -> Request:
-        prompt = build_prompt(query, history, english=english, image=image_embeds is not None)
-        ids, pre_image = encode_prompt(self.tokenizer, prompt, self.image_length if image_embeds is not None else 0)
+    def make_request(self, query: str, history: Optional[History] = None, image_embeds=None, english: bool = False,
+                     params: Optional[SamplingParams] = None, generator=None, *, has_image: bool = None) -> Request:
+        """A Request for the engine's generate(). image_embeds [1, L, hidden] or [L, hidden]; or
+        has_image=True to leave the image slots for embeddings attached later (the server encodes a
+        whole batch's images at once). Raises PromptTooLongError when no answer would fit."""
+        params = params or SamplingParams()
+        has_image = image_embeds is not None if has_image is None else has_image
+        prompt = build_prompt(query, history, english=english, image=has_image)
+        ids, pre_image = encode_prompt(self.tokenizer, prompt, self.image_length if has_image else 0)
         if len(ids) >= params.max_length:
             raise PromptTooLongError(
                 f"The prompt is {len(ids)} tokens, which leaves no room for an answer within max_length="
                 f"{params.max_length}. Shorten the question, clear the history, or raise max_length.")
-        return Request(ids=ids, params=params, pre_image=pre_image, generator=generator,
-                       image_embeds=None if image_embeds is None else image_embeds[0])
+        if image_embeds is not None and image_embeds.dim() == 3:
+            image_embeds = image_embeds[0]
+        return Request(ids=ids, params=params, pre_image=pre_image, generator=generator, image_embeds=image_embeds)
 
     def decode(self, ids: Sequence[int], final: bool = True) -> str:
         text = self.tokenizer.decode(list(ids))
@@ -110,6 +91,11 @@ class ChatEngine:
 
     def eos_ids(self) -> List[int]:
         return [self.tokenizer.eos_token_id]
+
+    def generate(self, requests: Sequence[Request], *, isolate_errors: bool = False):
+        """Per step, the new token of every request (see model.generation.generate)."""
+        return generate(self.backend, requests, self.tokenizer.pad_token_id, self.eos_ids(),
+                        isolate_errors=isolate_errors)
 
     # -- chat -----------------------------------------------------------------------------------
     def stream_chat(self, image_path, query: str, history: Optional[History] = None, image=None,
@@ -123,11 +109,9 @@ class ChatEngine:
         image_embeds = self.encode_image(source) if source is not None else None
         request = self.make_request(query, history, image_embeds, english, params, generator)
         out: List[int] = []
-        response = ""
-        for step in generate(self.model, [request], self.tokenizer.pad_token_id, self.eos_ids()):
+        for step in self.generate([request]):
             out.append(step[0])
-            response = self.decode(out, final=False)
-            yield response, history, image_embeds
+            yield self.decode(out, final=False), history, image_embeds
         response = self.decode(out)
         yield response, history + [(query, response)], image_embeds
 
@@ -138,21 +122,31 @@ class ChatEngine:
         return final
 
 
+def _params(max_length, top_p, top_k, temperature, repetition_penalty, invalid_slices) -> SamplingParams:
+    return SamplingParams(max_length=max_length, top_p=top_p, top_k=top_k, temperature=temperature,
+                          repetition_penalty=repetition_penalty, invalid_slices=list(invalid_slices))
+
+
 def chat(image_path, model, tokenizer, query: str, history: Optional[History] = None, image=None,
-         max_length: int = 1024, top_p: float = 0.7, top_k: int = 30, temperature: float = 0.95,
-         repetition_penalty: float = 1.2, invalid_slices=(), english: bool = False, generator=None):
+         max_length: int = CHAT_SAMPLING["max_length"], top_p: float = CHAT_SAMPLING["top_p"],
+         top_k: int = CHAT_SAMPLING["top_k"], temperature: float = CHAT_SAMPLING["temperature"],
+         repetition_penalty: float = CHAT_SAMPLING["repetition_penalty"], invalid_slices=(),
+         english: bool = False, generator=None):
     """The original sat `chat()`: returns (response, history + [(query, response)], image)."""
-    params = SamplingParams(max_length=max_length, top_p=top_p, top_k=top_k, temperature=temperature,
-                            repetition_penalty=repetition_penalty, invalid_slices=list(invalid_slices))
+    params = _params(max_length, top_p, top_k, temperature, repetition_penalty, invalid_slices)
     return ChatEngine(model, tokenizer).chat(image_path, query, history=history, image=image,
                                              english=english, generator=generator, params=params)
 
 
 def stream_chat(image_path, model, tokenizer, query: str, history: Optional[History] = None, image=None,
-                max_length: int = 1024, top_p: float = 0.7, top_k: int = 30, temperature: float = 0.95,
-                repetition_penalty: float = 1.2, invalid_slices=(), english: bool = False, generator=None):
+                max_length: int = CHAT_SAMPLING["max_length"], top_p: float = CHAT_SAMPLING["top_p"],
+                top_k: int = CHAT_SAMPLING["top_k"], temperature: float = CHAT_SAMPLING["temperature"],
+                repetition_penalty: float = CHAT_SAMPLING["repetition_penalty"], invalid_slices=(),
+                english: bool = False, generator=None):
     """Like chat(), but yields (response so far, history, image) while the answer grows."""
-    params = SamplingParams(max_length=max_length, top_p=top_p, top_k=top_k, temperature=temperature,
-                            repetition_penalty=repetition_penalty, invalid_slices=list(invalid_slices))
+    params = _params(max_length, top_p, top_k, temperature, repetition_penalty, invalid_slices)
     yield from ChatEngine(model, tokenizer).stream_chat(image_path, query, history=history, image=image,
                                                         english=english, generator=generator, params=params)
+
+
+__all__ = ["ChatEngine", "chat", "stream_chat", "PromptTooLongError", "SamplingParams", "pixels_key"]

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .defaults import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_MAX_PIXELS = 64_000_000        # far above any photo; stops decompression bombs
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
 
 class ImageLoadError(ValueError):
@@ -100,7 +100,7 @@ def _fetch(url: str, max_bytes: int, timeout: float = 20.0) -> bytes:
 
 
 def load_image(source, *, allow_path: bool = True, allow_url: bool = True,
-               max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+               max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """An RGB PIL image from a local path, an http(s) URL, raw bytes or a PIL image.
     Servers pass allow_path=False / allow_url=False for anything that came from a user."""
     if isinstance(source, Image.Image):

@@ -45,7 +45,7 @@ TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 
 def tokenizer_corpus(seed: int):
     """Questions and answers as the chat engine presents them, so prompt pieces get their own tokens."""
-    from model.chat import build_prompt
+    from model.prompts import build_prompt
     from synthetic.dataset import build_corpus
     texts = build_corpus(n_images=3000, seed=seed)
     templated = []
@@ -149,7 +149,7 @@ def make_init(config: dict, out: Path, tokenizer_dir: Path, cross_gain: float, s
     cross_gain and, with lattice > 0, spatial queries over a lattice x lattice grid (see
     init_spatial_queries), or with lattice 0 the ViT's position embeddings started from a 2-D
     sine-cosine table (see init_vit_positions; pos_scale 0 leaves sat's random ones)."""
-    from model.checkpoint import build_args, model_class, save_checkpoint
+    from model.sat.checkpoint import build_args, model_class, save_checkpoint
     cls = model_class(config["model_class"])
     m = cls(build_args(cls, config, skip_init=False, seed=seed))
     m.config = dict(config)
@@ -179,7 +179,7 @@ def prepare(out: Path, n_train: int, n_valid: int, questions_per_image: int, see
     from synthetic.dataset import EVAL_SEED, generate_split
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
-        from model.loading import load_tokenizer
+        from model.sat.loading import load_tokenizer
         (out / "tokenizer").mkdir(parents=True, exist_ok=True)
         for f in TOKENIZER_FILES:
             shutil.copy(Path(tokenizer) / f, out / "tokenizer" / f)
@@ -209,7 +209,7 @@ def prepare(out: Path, n_train: int, n_valid: int, questions_per_image: int, see
 
 def export(src: str, dst: Path, tokenizer_dir: Path, overwrite: bool = False) -> Path:
     """A trained checkpoint -> a plain fp16 VisualGLMModel folder with its tokenizer inside."""
-    from model.checkpoint import build_model, load_model, save_checkpoint
+    from model.sat.checkpoint import build_model, load_model, save_checkpoint
     trained = load_model(src, device="cpu", dtype=torch.float32)
     config = {k: v for k, v in trained.config.items()
               if k not in ("pre_seq_len", "lora_rank", "use_ptuning", "use_lora", "use_qlora", "layer_range")}
@@ -259,7 +259,7 @@ def main(argv=None):
     e.add_argument("--tokenizer", type=Path, required=True)
     e.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    import model  # noqa: F401  sat compatibility fixes
+    import model.sat  # noqa: F401  sat compatibility fixes
     if args.cmd == "prepare":
         prepare(args.out, args.train_images, args.valid_images, args.questions_per_image, args.seed, args.vocab_size,
                 args.shards, args.cross_gain, args.tokenizer)

@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from model.chat import PromptTooLongError
+from model.defaults import SERVER_MAX_IMAGE_BYTES, SERVER_MAX_IMAGE_PIXELS
+from model.prompts import PromptTooLongError
 
 from .errors import (AuthenticationError, BadRequestError, PayloadTooLargeError, ServingError,
                      UnsupportedMediaTypeError)
@@ -45,8 +46,6 @@ except NameError:                       # Python < 3.11: the backport anyio depe
 
 log = logging.getLogger("visualglm.serving")
 
-DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 _THREAD_PARSE_BYTES = 256 * 1024        # bodies larger than this are parsed off the event loop
 _STATUS_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type"}
 
@@ -167,8 +166,8 @@ async def until_disconnect(request: Request, awaitable, on_disconnect):
 
 
 def create_app(target, *, model_name: str = "visualglm-6b", allow_remote_images: bool = False,
-               allow_private_image_hosts: bool = False, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, max_body_bytes: Optional[int] = None,
+               allow_private_image_hosts: bool = False, max_image_bytes: int = SERVER_MAX_IMAGE_BYTES,
+               max_image_pixels: int = SERVER_MAX_IMAGE_PIXELS, max_body_bytes: Optional[int] = None,
                api_key: Optional[str] = None, cors_origins: Sequence[str] = (), image_decoders: int = 4,
                **worker_options) -> FastAPI:
     """target: a Worker, a ChatEngine, or a loader callable returning one (loaded in the background

@@ -7,6 +7,8 @@ import sys
 import threading
 from pathlib import Path
 
+from model.defaults import SERVER_MAX_IMAGE_BYTES, SERVER_MAX_IMAGE_PIXELS
+
 log = logging.getLogger("visualglm.serving")
 
 
@@ -42,7 +44,7 @@ def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=N
     (servers take images only as data; the API fetches URLs itself when the operator allows it)."""
     def load():
         from model.chat import ChatEngine
-        from model.loading import load_model_and_tokenizer
+        from model.sat.loading import load_model_and_tokenizer
         model, tok = load_model_and_tokenizer(from_pretrained, device=device, quant=quant, tokenizer=tokenizer)
         model.eval()
         return ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False)
@@ -62,8 +64,8 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
           help="fetch http(s) image URLs sent by clients (off: only inline base64 / data: URLs)")
     _flag(g, "--allow-private-image-hosts", action="store_true",
           help="with --allow-remote-images, also fetch from loopback / private / link-local addresses")
-    _flag(g, "--max-image-bytes", type=int, default=20 * 1024 * 1024, help="largest image accepted (413 above)")
-    _flag(g, "--max-image-pixels", type=int, default=50_000_000,
+    _flag(g, "--max-image-bytes", type=int, default=SERVER_MAX_IMAGE_BYTES, help="largest image accepted (413 above)")
+    _flag(g, "--max-image-pixels", type=int, default=SERVER_MAX_IMAGE_PIXELS,
           help="largest width x height accepted, checked before decoding (decompression bombs)")
     _flag(g, "--api-key", default=os.environ.get("VISUALGLM_API_KEY"),
           help="require 'Authorization: Bearer KEY' on POST endpoints (default: $VISUALGLM_API_KEY, unset: open)")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
+from model.defaults import SERVER_MAX_IMAGE_BYTES, SERVER_MAX_IMAGE_PIXELS
 from model.image import ImageLoadError, load_image
 
 from .errors import BadRequestError, PayloadTooLargeError
@@ -23,8 +24,8 @@ NO_REMOTE = ("This server does not fetch image URLs; send the image inline as ba
 
 @dataclass
 class ImageLimits:
-    max_bytes: int = 20 * 1024 * 1024       # encoded size of one image
-    max_pixels: int = 50_000_000            # width x height, checked before decoding (decompression bombs)
+    max_bytes: int = SERVER_MAX_IMAGE_BYTES     # encoded size of one image
+    max_pixels: int = SERVER_MAX_IMAGE_PIXELS   # width x height, checked before decoding (decompression bombs)
     allow_remote: bool = False              # fetch http(s) URLs at all
     allow_private_hosts: bool = False       # ... also from loopback / private / link-local addresses
     fetch_timeout: float = 15.0

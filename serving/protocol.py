@@ -11,14 +11,15 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from model.chat import has_chinese
-from model.generation import SamplingParams
+from model.prompts import has_chinese
+from model.defaults import DEMO_SAMPLING
+from model.sampling import SamplingParams
 
 from .errors import BadRequestError
 from .images import ImageLimits, ImageRef, decode_base64, image_ref_from_url
 
 # The defaults of the original api.py / web_demo.py (spec 6.1); repetition_penalty is chat()'s.
-DEFAULTS = dict(max_length=2048, temperature=0.8, top_p=0.4, top_k=100, repetition_penalty=1.2)
+DEFAULTS = DEMO_SAMPLING
 DEFAULT_IMAGE_QUERY = "描述这张图片。"
 MAX_TEMPERATURE = 10.0
 MAX_TOP_K = 1_000_000

@@ -9,7 +9,7 @@ so that the concatenated deltas equal the final text.
 """
 from typing import Callable, List, Optional, Sequence
 
-from model.chat import FULL_WIDTH, PLACEHOLDERS
+from model.prompts import FULL_WIDTH, PLACEHOLDERS
 
 _MARKS = set(FULL_WIDTH)                  # converted by process_response when a CJK character follows
 _PLACEHOLDERS = tuple(PLACEHOLDERS)       # replaced by process_response once complete

@@ -16,15 +16,16 @@ from typing import List, Optional, Tuple, Union
 
 import anyio
 
-from model.chat import PromptTooLongError, has_chinese
-from model.generation import SamplingParams
-from model.image import DEFAULT_MAX_BYTES, ImageLoadError, load_image
+from model.prompts import PromptTooLongError, has_chinese
+from model.sampling import SamplingParams
+from model.defaults import DEMO_SAMPLING, MAX_IMAGE_BYTES
+from model.image import ImageLoadError, load_image
 
 from .errors import NotReadyError, QueueFullError, ServingError
 from .text import TextAssembler
 from .worker import Worker
 
-DEFAULTS = dict(max_length=2048, top_p=0.4, temperature=0.8, top_k=100, repetition_penalty=1.2)
+DEFAULTS = DEMO_SAMPLING
 
 NOTICES = {
     "empty": ("请输入问题。", "Please type a question."),
@@ -58,8 +59,8 @@ def read_upload(source: Union[str, bytes]):
     comes from upload_image_box's preprocess) or the bytes of a data: URL."""
     if isinstance(source, str):
         path = Path(source)
-        if path.stat().st_size > DEFAULT_MAX_BYTES:
-            raise ImageLoadError(f"The image is over the limit of {DEFAULT_MAX_BYTES} bytes.")
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise ImageLoadError(f"The image is over the limit of {MAX_IMAGE_BYTES} bytes.")
         source = path.read_bytes()   # as bytes, so that messages say "The image" and not a temp path
     return load_image(source, allow_path=False, allow_url=False)
 

@@ -20,16 +20,14 @@ that is still waiting leaves the queue at once; a running one is dropped from th
 step (nothing more is sent), and the batch ends as soon as no row is left that someone waits for: a
 batch whose last listeners left is closed right away instead of running on to its longest row.
 
-The worker depends on this much of the engine (model.chat.ChatEngine, or any object alike):
-`make_request(query, history, image_embeds, english, params, generator)`, `encode_image(pixels)`
-for a [B, 3, H, W] tensor, `decode(ids, final=)`, `eos_ids()`, `tokenizer.pad_token_id`, `model`
-(with `image_size` and a `config` dict), and optionally `preprocess_image(pil)` and
-`generate_batch(requests)` where an engine needs its own.
+The worker uses the chat engine (model.chat.ChatEngine) for everything model-related: `pixels(image)`
+and `make_request(..., has_image=True)` to prepare, `encode_images(pixels, keys)` (batched, deduplicated,
+cached) and `generate(requests, isolate_errors=True)` to run, `decode` and `max_context`. Whatever
+backend the engine drives (sat, Hugging Face, a fast GPU path) serves the same way.
 """
 import asyncio
 import collections
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
@@ -37,8 +35,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from model.generation import SamplingParams, generate
-from model.image import preprocess
+from model.image_cache import pixels_key
+from model.sampling import SamplingParams
 
 from .errors import GenerationError, NotReadyError, QueueFullError
 
@@ -116,20 +114,9 @@ class Stream:
         return self.job.generated
 
 
-def image_to_pixels(engine, image) -> torch.Tensor:
-    """PIL image (or pixels [3,H,W] / [1,3,H,W]) -> normalised pixels [1, 3, H, W] on the CPU."""
-    if isinstance(image, torch.Tensor):
-        return image if image.dim() == 4 else image[None]
-    custom = getattr(engine, "preprocess_image", None)
-    if custom is not None:
-        return custom(image)
-    return preprocess(image, engine.model.image_size)
-
-
 class Worker:
     def __init__(self, engine=None, *, loader: Optional[Callable] = None, max_batch: int = 8,
-                 max_queue: int = 32, batch_wait: float = 0.01, image_cache_size: int = 16,
-                 generate_fn: Optional[Callable] = None):
+                 max_queue: int = 32, batch_wait: float = 0.01, generate_fn: Optional[Callable] = None):
         """engine: a ready ChatEngine; or loader: a callable returning one, run on the worker thread
         when it starts (the server answers /health with 503 meanwhile)."""
         if (engine is None) == (loader is None):
@@ -141,7 +128,6 @@ class Worker:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait = batch_wait
-        self.image_cache_size = image_cache_size
         self._generate_fn = generate_fn
         self.state = "ready" if engine is not None else "loading"   # loading, ready, failed, stopped
         self.error: Optional[str] = None
@@ -153,9 +139,8 @@ class Worker:
         self._settled = threading.Event()        # loaded or failed
         if engine is not None:
             self._settled.set()
-        self._cache: "collections.OrderedDict[str, torch.Tensor]" = collections.OrderedDict()
-        self.stats = dict(requests=0, rejected=0, cancelled=0, batches=0, generate_calls=0, max_batch_seen=0,
-                          tokens=0, images_encoded=0, image_cache_hits=0, errors=0)
+        self._stats = dict(requests=0, rejected=0, cancelled=0, batches=0, generate_calls=0, max_batch_seen=0,
+                           tokens=0, errors=0)
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> "Worker":
@@ -200,8 +185,13 @@ class Worker:
     @property
     def max_context(self) -> int:
         """The longest sequence (prompt + answer) the model takes."""
-        config = getattr(getattr(self.engine, "model", None), "config", None) or {}
-        return int(config.get("max_sequence_length", 2048))
+        return self.require_ready().max_context
+
+    @property
+    def stats(self) -> dict:
+        """Counters of the worker and of the engine's image encoder (images_encoded, image_cache_hits)."""
+        images = getattr(getattr(self.engine, "images", None), "stats", {})
+        return {**self._stats, **images}
 
     def require_ready(self):
         if self.state == "loading":
@@ -216,19 +206,16 @@ class Worker:
     def prepare(self, query: str, history, image=None, english: bool = False,
                 params: Optional[SamplingParams] = None, generator: Optional[torch.Generator] = None) -> Job:
         """Tokenize and preprocess (CPU work; call it from a worker thread of the event loop, not the loop
-        itself). image: a PIL image or pixels. Raises model.chat.PromptTooLongError when the prompt does
-        not fit within params.max_length."""
+        itself). image: a PIL image or pixels. Raises model.prompts.PromptTooLongError when the prompt
+        does not fit within params.max_length. The image is encoded later, with the rest of its batch."""
         engine = self.require_ready()
         params = dataclasses.replace(params or SamplingParams())   # the job's own copy
         pixels = key = None
         if image is not None:
-            pixels = image_to_pixels(engine, image).float().cpu().contiguous()
-            key = hashlib.sha1(pixels.numpy().tobytes()).hexdigest()
-        # The real embeddings are attached on the worker thread; a stand-in marks "has an image" here.
-        stand_in = torch.zeros(1, 1, 1) if pixels is not None else None
-        request = engine.make_request(query, list(history or []), stand_in, english, params, generator)
-        if pixels is not None:
-            request.image_embeds = None
+            pixels = engine.pixels(image).float().cpu().contiguous()   # [1, 3, H, W]
+            key = pixels_key(pixels)
+        request = engine.make_request(query, list(history or []), None, english, params, generator,
+                                      has_image=pixels is not None)
         return Job(request, pixels, key)
 
     def submit(self, job: Job) -> Stream:
@@ -239,12 +226,12 @@ class Worker:
             self.require_ready()
             limit = self.max_queue + (0 if self._running else self.max_batch)
             if len(self._pending) >= limit:
-                self.stats["rejected"] += 1
+                self._stats["rejected"] += 1
                 raise QueueFullError(f"The server is busy: {len(self._pending)} requests are already waiting. "
                                      f"Try again shortly.")
             job.state = "queued"
             self._pending.append(job)
-            self.stats["requests"] += 1
+            self._stats["requests"] += 1
             self._cond.notify_all()
         return Stream(self, job)
 
@@ -255,7 +242,7 @@ class Worker:
                 return
             if job.state == "queued":
                 self._pending.remove(job)
-                self.stats["cancelled"] += 1
+                self._stats["cancelled"] += 1
                 self._finish(job, "cancelled")
                 return
             job.cancelled.set()      # running: the worker thread stops the row at its next step
@@ -300,7 +287,7 @@ class Worker:
                 self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - the worker must survive anything a batch does
                 log.exception("generation failed")
-                self.stats["errors"] += 1
+                self._stats["errors"] += 1
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 error = GenerationError(f"Generation failed: {type(e).__name__}: {e}")
@@ -315,9 +302,9 @@ class Worker:
         batch = self._attach_images(batch)
         if not batch:
             return
-        self.stats["batches"] += 1
-        self.stats["generate_calls"] += 1
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+        self._stats["batches"] += 1
+        self._stats["generate_calls"] += 1
+        self._stats["max_batch_seen"] = max(self._stats["max_batch_seen"], len(batch))
         live = dict(enumerate(batch))
         steps = self._generate([job.request for job in batch])
         try:
@@ -325,7 +312,7 @@ class Worker:
                 for b, job in list(live.items()):
                     if job.cancelled.is_set():
                         del live[b]
-                        self.stats["cancelled"] += 1
+                        self._stats["cancelled"] += 1
                         self._finish(job, "cancelled")
                         continue
                     token = step[b]
@@ -334,7 +321,7 @@ class Worker:
                         self._end(job)
                         continue
                     job.generated += 1
-                    self.stats["tokens"] += 1
+                    self._stats["tokens"] += 1
                     self._push(job, [token])
                     if self._reason(job) == "length":
                         del live[b]
@@ -357,53 +344,30 @@ class Worker:
             self._finish(job, self._reason(job))
             return
         log.error("generation failed for one request of the batch", exc_info=error)
-        self.stats["errors"] += 1
+        self._stats["errors"] += 1
         self._finish(job, "error", GenerationError(f"Generation failed: {type(error).__name__}: {error}"))
 
     def _generate(self, requests):
-        engine = self.engine
         if self._generate_fn is not None:
-            return self._generate_fn(engine, requests)
-        custom = getattr(engine, "generate_batch", None)
-        if custom is not None:
-            return custom(requests)
-        return generate(engine.model, requests, engine.tokenizer.pad_token_id, engine.eos_ids(),
-                        isolate_errors=True)
+            return self._generate_fn(self.engine, requests)
+        return self.engine.generate(requests, isolate_errors=True)
 
     def _attach_images(self, batch: List[Job]) -> List[Job]:
-        """Encode the batch's images in one call (identical images once, recent ones from the cache)."""
+        """Encode the batch's images through the engine (one call; identical and recent images once).
+        If encoding fails, the jobs with images end with that error and the others run."""
         need = [job for job in batch if job.pixels is not None]
         if not need:
             return batch
-        embeds, missing = {}, collections.OrderedDict()
-        for job in need:
-            if job.image_key in self._cache:
-                self._cache.move_to_end(job.image_key)
-                embeds[job.image_key] = self._cache[job.image_key]
-                self.stats["image_cache_hits"] += 1
-            elif job.image_key not in embeds:
-                missing.setdefault(job.image_key, job.pixels)
-        if missing:
-            try:
-                encoded = self.engine.encode_image(torch.cat(list(missing.values())))
-            except Exception as e:  # noqa: BLE001
-                log.exception("encoding images failed")
-                error = GenerationError(f"Encoding the image failed: {type(e).__name__}: {e}")
-                failed = [job for job in need if job.image_key in missing]
-                for job in failed:
-                    self._finish(job, "error", error)
-                batch = [job for job in batch if job not in failed]
-                need = [job for job in need if job not in failed]
-            else:
-                self.stats["images_encoded"] += len(missing)
-                for key, emb in zip(missing, encoded):
-                    embeds[key] = emb
-                    if self.image_cache_size > 0:
-                        self._cache[key] = emb
-                        while len(self._cache) > self.image_cache_size:
-                            self._cache.popitem(last=False)
-        for job in need:
-            job.request.image_embeds = embeds[job.image_key]
+        try:
+            embeds = self.engine.encode_images([job.pixels for job in need], [job.image_key for job in need])
+        except Exception as e:  # noqa: BLE001
+            log.exception("encoding images failed")
+            error = GenerationError(f"Encoding the image failed: {type(e).__name__}: {e}")
+            for job in need:
+                self._finish(job, "error", error)
+            return [job for job in batch if job.pixels is None]
+        for job, emb in zip(need, embeds):
+            job.request.image_embeds = emb
             job.pixels = None
         return batch
 

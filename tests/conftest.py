@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import model  # noqa: E402,F401  (applies the sat compatibility fixes before anything imports sat)
+import model.sat  # noqa: E402,F401  (applies the sat compatibility fixes before anything imports sat)
 
 CORPUS_ZH = ["这张图片的背景是什么颜色？", "图中有一个红色的圆形。", "描述这张图片。", "左上角有一个蓝色的三角形。",
              "图片里有几个形状？", "有两个形状。", "你好，请问你是谁？", "我是一个视觉语言模型。"]
@@ -68,7 +68,7 @@ def tiny_config(tokenizer):
 @pytest.fixture(scope="session")
 def ckpt_dir(tmp_path_factory, tiny_config, tokenizer_dir):
     """A tiny random VisualGLM saved in sat format, with its tokenizer files inside."""
-    from model.checkpoint import build_model, save_checkpoint
+    from model.sat.checkpoint import build_model, save_checkpoint
     m = randomize(build_model(tiny_config, device="cpu"))
     out = tmp_path_factory.mktemp("ckpt") / "visualglm-test"
     save_checkpoint(m, out)
@@ -80,7 +80,7 @@ def ckpt_dir(tmp_path_factory, tiny_config, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny(ckpt_dir):
     """(model, tokenizer) loaded through the real loader."""
-    from model.loading import load_model_and_tokenizer
+    from model.sat.loading import load_model_and_tokenizer
     return load_model_and_tokenizer(str(ckpt_dir), device="cpu")
 
 

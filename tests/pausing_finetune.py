@@ -40,7 +40,7 @@ def pause_in_save(match: str, skip: int, flag: Path) -> None:
         while True:
             time.sleep(1)
 
-    torch.save = save   # DeepSpeed and model/checkpoint.py both call torch.save through the module
+    torch.save = save   # DeepSpeed and model/sat/checkpoint.py both call torch.save through the module
 
 
 if __name__ == "__main__":

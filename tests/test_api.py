@@ -30,8 +30,9 @@ import pytest
 import uvicorn
 from PIL import Image, ImageDraw
 
-from model.chat import ChatEngine, has_chinese
-from model.generation import SamplingParams
+from model.chat import ChatEngine
+from model.prompts import has_chinese
+from model.sampling import SamplingParams
 from serving import Worker
 from serving.app import create_app
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import BUNDLED_DIR, resolve_checkpoint_dir
+from model.sat.checkpoint import BUNDLED_DIR, resolve_checkpoint_dir
 
 TINY = BUNDLED_DIR / "visualglm-tiny"
 
@@ -17,7 +17,7 @@ def test_bundled_model_is_found_by_name_and_small(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from model.loading import load_model_and_tokenizer
+    from model.sat.loading import load_model_and_tokenizer
     return load_model_and_tokenizer("visualglm-tiny", device="cpu")
 
 

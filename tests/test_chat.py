@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model.chat import (ChatEngine, PromptTooLongError, build_prompt, chat, encode_prompt, has_chinese,
-                        process_response, stream_chat)
+from model.chat import ChatEngine, chat, stream_chat
+from model.prompts import PromptTooLongError, build_prompt, encode_prompt, has_chinese, process_response
 from model.image import ImageLoadError
 
 GREEDY = dict(top_k=1, max_length=400, repetition_penalty=1.3)
@@ -50,7 +50,7 @@ def test_two_turns_with_history_and_image_reuse(tiny, image_file, monkeypatch):
 
 
 def engine_params():
-    from model.generation import SamplingParams
+    from model.sampling import SamplingParams
     return SamplingParams(**GREEDY)
 
 

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from model.checkpoint import (CheckpointError, build_model, load_model, qkv_blocks_to_head_first,
+from model.sat.checkpoint import (CheckpointError, build_model, load_model, qkv_blocks_to_head_first,
                               qkv_head_first_to_blocks, save_checkpoint)
 from model.positions import batch_inputs
 
@@ -139,7 +139,7 @@ def test_save_never_overwrites(ckpt_dir, tmp_path):
 
 
 def test_sat_style_from_pretrained_and_sat_home(ckpt_dir, monkeypatch):
-    from model.visualglm import VisualGLMModel
+    from model.sat.visualglm import VisualGLMModel
     monkeypatch.setenv("SAT_HOME", str(ckpt_dir.parent))
     m, args = VisualGLMModel.from_pretrained(ckpt_dir.name)
     assert args.image_length == m.image_length and not m.training

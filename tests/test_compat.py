@@ -1,4 +1,4 @@
-"""Each compatibility fix in model/compat.py, shown against the upstream behaviour it works around."""
+"""Each compatibility fix in model/sat/compat.py, shown against the upstream behaviour it works around."""
 import subprocess
 import sys
 import time
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model.compat import SAT_QLORA_BUG_VERSIONS, _sat_version, fix_sat_qlora_dtype, skip_deepspeed_shm_comm
+from model.sat.compat import SAT_QLORA_BUG_VERSIONS, _sat_version, fix_sat_qlora_dtype, skip_deepspeed_shm_comm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ def test_plain_sat_import_needs_triton_but_ours_does_not():
     block_triton = "import sys; sys.modules['triton'] = None\n"  # as if triton were not installed
     upstream = run(block_triton + "import sat")
     assert upstream.returncode != 0 and "triton" in upstream.stderr
-    ours = run(block_triton + "import model, sat\nfrom model.checkpoint import build_model\n"
+    ours = run(block_triton + "import model.sat, sat\nfrom model.sat.checkpoint import build_model\n"
                "from model.configs import tiny_config\nbuild_model(tiny_config(), device='cpu')\nprint('ok')")
     assert ours.returncode == 0 and "ok" in ours.stdout, ours.stderr
 
@@ -36,7 +36,7 @@ def test_sat_import_without_wandb_when_deepspeed_is_installed():
                  "sys.modules['sat.model.position_embedding.triton_rotary'] = stub\n")
     upstream = run(hide + no_triton + "import sat")
     assert upstream.returncode != 0 and "wandb" in upstream.stderr
-    ours = run(hide + "import model, sat\nprint('ok', hasattr(sat, 'training_main'))")
+    ours = run(hide + "import model.sat, sat\nprint('ok', hasattr(sat, 'training_main'))")
     assert ours.returncode == 0 and "ok False" in ours.stdout, ours.stderr
 
 

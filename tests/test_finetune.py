@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import finetune_visualglm as ft
-from model.checkpoint import CheckpointError, build_model, load_model
+from model.sat.checkpoint import CheckpointError, build_model, load_model
 from model.configs import tiny_config as make_config
-from model.finetune import FineTuneVisualGLMModel, is_adapter_key
+from model.sat.finetune import FineTuneVisualGLMModel, is_adapter_key
 from test_finetune_data import make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,7 +217,7 @@ def test_two_processes_data_parallel_with_zero2(ckpt_dir, data, tmp_path):
 
 @pytest.mark.parametrize("name", ["lora", "qlora"])
 def test_merge_lora_gives_a_plain_model_with_the_same_logits(name, runs, tokenizer, data, tmp_path, capsys):
-    from model.merge_lora import main as merge_main
+    from model.sat.merge_lora import main as merge_main
     result, _ = runs(name)
     out = tmp_path / "merged"
     assert merge_main(["--from", str(result.run_dir), "--to", str(out)]) == 0

@@ -10,7 +10,7 @@ import torch
 
 from finetune_visualglm import (IGNORE, BatchOrder, DataError, VisualGLMDataset, collate, deepspeed_config,
                                 encode_sample, learning_rate, lm_loss, split_entries)
-from model.chat import build_prompt
+from model.prompts import build_prompt
 
 COLOURS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色")]
 
@@ -267,7 +267,7 @@ def test_deepspeed_config_from_flags(tmp_path):
 def test_generated_samples_are_the_stream_entries_tokenized_like_files(tmp_path):
     from finetune_visualglm import GeneratedDataset
     from model.image import preprocess
-    from model.loading import load_tokenizer
+    from model.sat.loading import load_tokenizer
     from synthetic.stream import generated_entry
     tok = load_tokenizer(Path(__file__).resolve().parent.parent / "pretrained" / "visualglm-tiny")
     ds = GeneratedDataset("synthetic:40:5", tok, image_size=(224, 224), image_length=32, max_source_length=192,

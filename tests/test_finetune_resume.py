@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import finetune_visualglm as ft
-from model.checkpoint import load_model
+from model.sat.checkpoint import load_model
 from test_finetune_data import make_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def test_kill_during_training_resumes_from_the_last_complete_checkpoint(data, tm
 
 
 def test_kill_during_a_checkpoint_save_keeps_the_previous_checkpoint_in_use(data, tmp_path, capsys):
-    from model.merge_lora import main as merge_main
+    from model.sat.merge_lora import main as merge_main
     save = tmp_path / "runs"
     # the second save (iteration 6) stops half-way through DeepSpeed's optimizer file
     proc = start(argv(data, "--save", str(save)), tmp_path, pause_match="optim_states", pause_skip=1)
@@ -193,7 +193,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpo
 
 
 def test_save_checkpoint_on_a_full_disk_keeps_the_existing_folder(tiny_config, tmp_path, monkeypatch):
-    from model.checkpoint import CheckpointError, build_model, save_checkpoint
+    from model.sat.checkpoint import CheckpointError, build_model, save_checkpoint
     out = save_checkpoint(build_model(tiny_config, device="cpu"), tmp_path / "model")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     full_disk_on(monkeypatch, lambda p: p.name == MODEL_FILE, nth=1)

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from model.checkpoint import build_model
-from model.generation import Request, SamplingParams, _forward, generate, process_logits, sample
+from model.sat.checkpoint import build_model
+from model.generation import Request, generate
+from model.sampling import SamplingParams, process_logits, sample
 from model.positions import batch_inputs
 from conftest import randomize
 
@@ -17,7 +18,7 @@ def full_recompute_logits(m, seq, context_length, image_embeds=None, pre_image=-
     ids, pos, mask, _ = batch_inputs([seq], pad_id=3, context_lengths=[context_length])
     kw = {} if image_embeds is None else dict(image_embeds=image_embeds[None], pre_image=torch.tensor([pre_image]))
     with torch.no_grad():
-        return _forward(m, input_ids=ids, position_ids=pos, attention_mask=mask, **kw)[0][0]
+        return m(input_ids=ids, position_ids=pos, attention_mask=mask, **kw)[0][0, -1].float()   # sat directly
 
 
 @pytest.mark.parametrize("with_image", [False, True])

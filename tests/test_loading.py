@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from model.chat import chat
-from model.checkpoint import CheckpointError
-from model.loading import find_tokenizer_dir, load_model_and_tokenizer
-from model.quantization import QuantizedLinear
+from model.sat.checkpoint import CheckpointError
+from model.sat.loading import find_tokenizer_dir, load_model_and_tokenizer
+from model.sat.quantization import QuantizedLinear
 
 
 @pytest.mark.parametrize("bits", [8, 4])

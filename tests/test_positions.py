@@ -21,7 +21,7 @@ def test_mask_is_bidirectional_over_context_and_causal_after():
 
 
 def test_matches_sat_chatglm_for_left_padded_batch(tiny_config):
-    from model.checkpoint import build_model
+    from model.sat.checkpoint import build_model
     m = build_model(tiny_config, device="meta")
     gmask, sop, pad = tiny_config["gmask_token_id"], tiny_config["bos_token_id"], tiny_config["pad_token_id"]
     seqs = [[30, 31, 32, gmask, sop], [40, 41, 42, 43, 44, 45, gmask, sop]]

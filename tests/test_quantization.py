@@ -1,4 +1,4 @@
-"""Tests for model/quantization.py (weight-only int8/int4, pure torch, CPU)."""
+"""Tests for model/sat/quantization.py (weight-only int8/int4, pure torch, CPU)."""
 import io
 import math
 
@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model  # noqa: F401  (sat import guard first)
-from model import quantization as Q
-from model.quantization import (QuantizedLinear, dequantize, dequantize_weight, pack_int4, quantize,
+import model.sat  # noqa: F401  (sat import guard first)
+from model.sat import quantization as Q
+from model.sat.quantization import (QuantizedLinear, dequantize, dequantize_weight, pack_int4, quantize,
                                 quantize_weight, unpack_int4)
 from sat.model.official.chatglm_model import ChatGLMModel
 from sat.mpu.layers import ColumnParallelLinear, RowParallelLinear
@@ -324,7 +324,7 @@ def test_quantize_transformer_directly_and_bare_modules():
 def test_visualglm_scope_includes_vision_tower_only_with_all():
     """On the project's VisualGLMModel: 'glm' leaves the image mixin alone, 'all' quantizes the EVA /
     Q-Former sat linears too, and glm_proj (a plain nn.Linear) only with include_nn_linear."""
-    checkpoint = pytest.importorskip("model.checkpoint")
+    checkpoint = pytest.importorskip("model.sat.checkpoint")
     configs = pytest.importorskip("model.configs")
     cfg = configs.tiny_config()
     base = checkpoint.build_model(cfg, device="cpu").eval()

@@ -8,8 +8,10 @@ import time
 import pytest
 from PIL import Image, ImageDraw
 
-from model.chat import ChatEngine, has_chinese, process_response
-from model.generation import SamplingParams, generate
+from model.chat import ChatEngine
+from model.prompts import has_chinese, process_response
+from model.generation import generate
+from model.sampling import SamplingParams
 from serving import GenerationError, NotReadyError, QueueFullError, Worker
 from serving.text import TextAssembler
 
@@ -210,9 +212,10 @@ def test_a_failing_batch_is_reported_and_the_worker_goes_on(engine):
 def test_images_are_encoded_once_per_batch_and_cached(engine, monkeypatch):
     expected = reference(engine, "描述这张图片。", RED, 3)
     sizes = []
-    original = engine.encode_image
-    monkeypatch.setattr(engine, "encode_image", lambda x: sizes.append(x.shape[0]) or original(x))
-    worker = Worker(engine, max_batch=4, batch_wait=0.3, image_cache_size=4).start()
+    engine = ChatEngine(engine.model, engine.tokenizer, allow_image_paths=False, image_cache_size=4)  # empty cache
+    original = engine.backend.encode_image
+    monkeypatch.setattr(engine.backend, "encode_image", lambda x: sizes.append(x.shape[0]) or original(x))
+    worker = Worker(engine, max_batch=4, batch_wait=0.3).start()
     try:
         async def main():
             batch = [submit(worker, q, img, 3) for q, img in

@@ -510,7 +510,7 @@ def test_fewshot_zip_equals_fresh_rebuild(tmp_path):
 
 
 def test_evaluate_cli_with_tiny_checkpoint(tmp_path, ckpt_dir):
-    """The CLI's answer_fn goes through model.loading + model.chat (a tiny random model: ~0%)."""
+    """The CLI's answer_fn goes through model.sat.loading + model.chat (a tiny random model: ~0%)."""
     ev = _load_evaluate_module()
     res = ev.main(["--from_pretrained", str(ckpt_dir), "--device", "cpu", "--generate", "4", "--seed", "1",
                    "--multi_turn_fraction", "0.5", "--max_length", "160", "--out_dir", str(tmp_path / "gen"),

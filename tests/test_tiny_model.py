@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from model.checkpoint import build_model, load_model
+from model.sat.checkpoint import build_model, load_model
 import math
 from pathlib import Path
 
@@ -53,7 +53,7 @@ def test_prepare_can_reuse_a_tokenizer(tokenizer_dir, tmp_path):
                      tokenizer=tokenizer_dir)
     work = tmp_path / "work"
     assert (work / "tokenizer" / "ice_text.model").read_bytes() == (tokenizer_dir / "ice_text.model").read_bytes()
-    from model.loading import load_tokenizer
+    from model.sat.loading import load_tokenizer
     tok = load_tokenizer(tokenizer_dir)
     assert config["pad_token_id"] == tok.pad_token_id and config["vocab_size"] >= len(tok)
     assert config["eva_args"]["attention_dropout"] == 0.0 and config["qformer_args"]["hidden_dropout"] == 0.0

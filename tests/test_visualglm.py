@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import build_model
+from model.sat.checkpoint import build_model
 from model.configs import VISUALGLM_6B
 from conftest import randomize
 

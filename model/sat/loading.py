@@ -4,9 +4,9 @@ from pathlib import Path
 
 import torch
 
+from ..defaults import TOKENIZER_FILES
 from .checkpoint import CheckpointError, load_model, sat_home
 
-TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 
 
 def pick_device(device=None) -> str:
@@ -37,7 +37,7 @@ def find_tokenizer_dir(ckpt_dir: Path, tokenizer_type=None, explicit=None) -> Pa
 
 
 def load_tokenizer(ckpt_dir, tokenizer_type=None, explicit=None):
-    from .tokenizer import ChatGLMTokenizer
+    from ..tokenizer import ChatGLMTokenizer
     return ChatGLMTokenizer.from_pretrained(find_tokenizer_dir(ckpt_dir, tokenizer_type, explicit))
 
 

@@ -72,7 +72,7 @@ class VisualGLMModel(ChatGLMModel):
 
     @classmethod
     def from_pretrained(cls, name, args=None, *, device="cpu", dtype=None, **kwargs):
-        """sat-style entry point returning (model, args); see model/checkpoint.py for what is checked."""
+        """sat-style entry point returning (model, args); see model/sat/checkpoint.py for what is checked."""
         from .checkpoint import load_model
         model = load_model(name, device=device, dtype=dtype, expected_class=cls, **kwargs)
         return model, model.args

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DIR = REPO_ROOT / "pretrained"          # models shipped with the repository
 MODEL_ZOO = {"visualglm-6b": "r2://visualglm-6b.zip"}  # names sat can download when a network exists
 # Keys present in released files that the model intentionally lacks (never used by the forward).
@@ -170,13 +170,9 @@ class _OnDevice(TorchFunctionMode):
 
 
 def model_class(name: str):
-    """Resolve `model_class` of model_config.json to a class (sat's registry, ours imported first)."""
+    """Resolve `model_class` of model_config.json to a class through sat's registry (model/sat/__init__
+    imports our classes, which registers them)."""
     from sat.model.registry import model_registry
-    from . import visualglm  # noqa: F401  registers VisualGLMModel
-    try:
-        from . import finetune  # noqa: F401  registers FineTuneVisualGLMModel (when present)
-    except ImportError:
-        pass
     try:
         return model_registry.get(name)
     except ValueError:

@@ -10,7 +10,7 @@
 Only the adapter tensors train (`disable_untrainable_params`). The whole model is saved, so a fine-tune
 folder is a self-contained sat checkpoint that `load_model` / cli_demo.py load directly.
 
-Loading (model/checkpoint.py builds on the meta device and assigns the tensors):
+Loading (model/sat/checkpoint.py builds on the meta device and assigns the tensors):
   * `adapt_state_dict` lets a plain VisualGLM file fill a LoRA model (`...query_key_value.weight` ->
     `...query_key_value.original.weight`);
   * `init_missing` gives adapters absent from the file (fine-tuning a base model) their initial values:
@@ -238,7 +238,7 @@ class FineTuneVisualGLMModel(VisualGLMModel):
                 f"The checkpoint holds adapter tensors this model was not built with (e.g. {stray[0]}; "
                 f"{len(stray)} in all). Build the same adapters (--use_lora/--use_qlora with the same "
                 f"--layer_range, --use_ptuning with the same --pre_seq_len), or fold LoRA into the base "
-                f"weights first: python -m model.merge_lora --from <dir> --to <new dir>.")
+                f"weights first: python -m model.sat.merge_lora --from <dir> --to <new dir>.")
         return out
 
     def init_missing(self, names, device="cpu", dtype=torch.float32):

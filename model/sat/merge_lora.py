@@ -1,6 +1,6 @@
 """Fold the LoRA (or QLoRA) adapters of a fine-tune run into the base weights.
 
-    python -m model.merge_lora --from checkpoints/finetune-visualglm-6b-05-19-07-36 --to checkpoints/merged
+    python -m model.sat.merge_lora --from checkpoints/finetune-visualglm-6b-05-19-07-36 --to checkpoints/merged
     python cli_demo.py --from_pretrained checkpoints/merged [--quant 4]
 
 Each wrapped layer becomes W' = W + concat_i(B_i A_i) / r (computed in fp32, stored in the checkpoint's
@@ -19,10 +19,10 @@ import torch
 
 from .checkpoint import (CheckpointError, _recompute_buffers, build_model, checkpoint_file, load_model,
                          read_config, read_state_dict, resolve_checkpoint_dir, save_checkpoint)
+from ..defaults import TOKENIZER_FILES
 from .finetune import ADAPTER_ARGS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 
 
 def stored_dtype(ckpt_dir: Path) -> torch.dtype:

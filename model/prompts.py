@@ -1,0 +1,52 @@
+"""Prompt formats and answer post-processing of VisualGLM-6B (spec 6).
+
+Prompt (Chinese):  <img></img>问：{q1}\n答：{a1}\n问：{query}\n答：
+Prompt (English):  <img></img>Q:{q1}\nA:{a1}\nQ:{query}\nA:
+Token ids:         ids("<img>") + [pad] * image_length + ids("</img>问：...") + [gMASK, <sop>]
+Without an image the "<img></img>" prefix is left out and the prompt is tokenized in one piece.
+"""
+import re
+from typing import List, Optional, Tuple
+
+History = List[Tuple[str, str]]
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+_CJK = "[\u4e00-\u9fff]"
+FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}   # half-width marks turned full-width
+PLACEHOLDERS = {"[[训练时间]]": "2023年"}                                  # strings replaced in answers
+
+
+def process_response(text: str) -> str:
+    """Post-processing of the original model: full-width punctuation next to Chinese characters."""
+    text = text.strip()
+    for placeholder, value in PLACEHOLDERS.items():
+        text = text.replace(placeholder, value)
+    for half, full in FULL_WIDTH.items():
+        text = re.sub(rf"({_CJK}){re.escape(half)}", rf"\1{full}", text)
+        text = re.sub(rf"{re.escape(half)}({_CJK})", rf"{full}\1", text)
+    return text
+
+
+def has_chinese(text: str) -> bool:
+    return re.search(_CJK, text) is not None
+
+
+def build_prompt(query: str, history: Optional[History] = None, english: bool = False, image: bool = True) -> str:
+    q, a = ("Q:", "A:") if english else ("问：", "答：")
+    turns = "".join(f"{q}{old_q}\n{a}{old_a}\n" for old_q, old_a in (history or []))
+    return ("<img></img>" if image else "") + turns + f"{q}{query}\n{a}"
+
+
+def encode_prompt(tokenizer, prompt: str, image_length: int = 0) -> Tuple[List[int], int]:
+    """Token ids of a prompt built by build_prompt, and the index of the first image slot (-1: none).
+    The text before and after the image slots is tokenized separately, as the original did."""
+    if image_length and prompt.startswith("<img></img>"):
+        head = tokenizer.encode("<img>", add_special_tokens=False)
+        tail = tokenizer.encode(prompt[len("<img>"):], add_special_tokens=False)
+        ids = head + [tokenizer.pad_token_id] * image_length + tail
+        return tokenizer.build_inputs_with_special_tokens(ids), len(head)
+    return tokenizer.encode(prompt, add_special_tokens=True), -1

@@ -1,0 +1,54 @@
+"""The sat model behind the chat core's backend interface (model/backend.py).
+
+sat's ChatGLM forward takes a float attention mask in the weights' dtype (1 = may attend) and returns
+(logits [B, S, V], {"past_key_values": ...} per layer); the cache is the tuple of those per-layer
+entries, handed back on the next step.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+
+class SatBackend:
+    def __init__(self, model):
+        self.model = model                          # a VisualGLMModel (or FineTuneVisualGLMModel)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.transformer.word_embeddings.weight.dtype
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return self.model.image_size
+
+    @property
+    def image_length(self) -> int:
+        return self.model.image_length
+
+    @property
+    def max_sequence_length(self) -> int:
+        return int(self.model.config.get("max_sequence_length", 2048))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self.device))          # [B, L, hidden]
+
+    def _forward(self, **kw):
+        out = self.model(**kw)
+        logits = out[0][:, -1].float()                                   # [B, V]
+        return logits, tuple(layer["past_key_values"] for layer in out[1:])
+
+    def prefill(self, ids, positions, mask, image_embeds: Optional[torch.Tensor] = None,
+                pre_image: Optional[torch.Tensor] = None):
+        kw = {}
+        if image_embeds is not None:
+            kw = dict(image_embeds=image_embeds.to(self.device), pre_image=pre_image.to(self.device))
+        return self._forward(input_ids=ids, position_ids=positions, attention_mask=mask.to(self.dtype), **kw)
+
+    def decode_step(self, tokens, positions, key_mask, cache):
+        mask = key_mask[:, None, None, :].to(self.dtype)                 # [B, 1, 1, T]
+        return self._forward(input_ids=tokens, position_ids=positions, attention_mask=mask,
+                             past_key_values=cache)
