@@ -166,7 +166,7 @@ class FineTuneVisualGLMModel(VisualGLMModel):
                 raise ValueError(f"--layer_range {given}: layer indices must be distinct and >= 0 "
                                  f"(it lists layers, it is not a range)")
             kept = [i for i in layers if i < args.num_layers]
-            if not kept:
+            if layers and not kept:     # an empty list is a merged model's: LoRA on no layer
                 raise ValueError(f"--layer_range {given}: the model has layers 0..{args.num_layers - 1} only")
             if kept != layers:
                 # the original default "0 14" names layers of the 28-layer model; on a smaller model

@@ -8,6 +8,7 @@ placeholder slots that follow the "<img>" tokens of the prompt:
     embeddings: E[ids]       | BLIP2(image)              | E[ids]             | E[ids]
 """
 import json
+import warnings
 
 import torch
 
@@ -71,8 +72,28 @@ class VisualGLMModel(ChatGLMModel):
         return super().add_model_specific_args(parser)
 
     @classmethod
-    def from_pretrained(cls, name, args=None, *, device="cpu", dtype=None, **kwargs):
-        """sat-style entry point returning (model, args); see model/sat/checkpoint.py for what is checked."""
+    def from_pretrained(cls, name, args=None, *, device=None, dtype=None, **kwargs):
+        """sat-style entry point returning (model, args), as upstream code calls it:
+            VisualGLMModel.from_pretrained("visualglm-6b", args=argparse.Namespace(fp16=True, skip_init=True))
+        The dtype follows args.fp16 / args.bf16 and the device args.device (CPU by default) unless given
+        here. The returned args are the model's full set with the caller's values laid over them, so
+        sat's save_checkpoint(iteration, model, None, None, args) writes a loadable folder.
+        See model/sat/checkpoint.py for what is checked while loading."""
         from .checkpoint import load_model
+        given = vars(args) if args is not None else {}
+        dtype = dtype or (torch.float16 if given.get("fp16") else torch.bfloat16 if given.get("bf16") else None)
+        device = device or _usable_device(given.get("device") or "cpu")
         model = load_model(name, device=device, dtype=dtype, expected_class=cls, **kwargs)
+        for key, value in given.items():
+            setattr(model.args, key, value)
+        model.args.device = device
         return model, model.args
+
+
+def _usable_device(device) -> str:
+    """Upstream snippets ask for device="cuda"; on a machine without CUDA they still run, on the CPU."""
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"device={device!r} was asked for but CUDA is not available: loading on the CPU.")
+        return "cpu"
+    return device
