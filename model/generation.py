@@ -11,7 +11,7 @@ import torch
 
 from .backend import as_backend
 from .positions import batch_inputs, next_positions
-from .sampling import SamplingParams, sample
+from .sampling import EMPTY_ERROR, NAN_ERROR, RowSettings, SamplingParams, draw, filter_logits
 
 
 @dataclass
@@ -58,34 +58,39 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
     logits, cache = backend.prefill(ids, positions, mask, image_embeds, pre_image)              # [B, V]
 
     batch = len(requests)
-    generated: List[List[int]] = [[] for _ in requests]
+    rows = RowSettings.of([r.params for r in requests], logits.shape[-1], device)
+    seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)   # generated tokens per row
+    generated = [0] * batch
     done = [len(r.ids) >= r.params.max_length for r in requests]
     key_mask = torch.arange(ids.shape[1], device=device)[None] >= torch.tensor(pads, device=device)[:, None]
     positions = positions[:, :, -1:]                                                             # [B, 2, 1]
     while not all(done):
+        filtered, nan, empty = filter_logits(logits, seen, rows)
+        tokens = draw(filtered, rows, [r.generator for r in requests])                          # [B]
+        host_tokens, host_nan, host_empty = torch.stack([tokens, nan.long(), empty.long()]).tolist()  # one sync
         step: List[Optional[int]] = []
         for b, r in enumerate(requests):
             if done[b]:
                 step.append(None)
                 continue
-            try:
-                token = sample(logits[b], generated[b], r.params, r.generator)
-            except Exception as e:  # noqa: BLE001 - one row's failure is that row's alone
+            if host_nan[b] or host_empty[b]:
+                error = ValueError(NAN_ERROR if host_nan[b] else EMPTY_ERROR)
                 if not isolate_errors:
-                    raise
-                r.error = e
-                done[b] = True
+                    raise error
+                r.error, done[b] = error, True     # one row's failure is that row's alone
                 step.append(None)
                 continue
+            token = host_tokens[b]
             if token in eos_ids:
                 done[b] = True
                 step.append(None)
                 continue
-            generated[b].append(token)
+            generated[b] += 1
             step.append(token)
-            limit_new = r.params.max_new_tokens is not None and len(generated[b]) >= r.params.max_new_tokens
-            if len(r.ids) + len(generated[b]) >= r.params.max_length or limit_new:
+            limit_new = r.params.max_new_tokens is not None and generated[b] >= r.params.max_new_tokens
+            if len(r.ids) + generated[b] >= r.params.max_length or limit_new:
                 done[b] = True
+        seen[torch.arange(batch, device=device), tokens] = True   # finished rows' marks are never read
         if any(t is not None for t in step):
             yield step
         if all(done):

@@ -53,45 +53,96 @@ class SamplingParams:
         return self.top_k == 1 or self.temperature == 0 or (self.top_k > 0 and self.top_p == 0)
 
 
+@dataclass
+class RowSettings:
+    """The sampling settings of a batch's rows as tensors [B] on the logits' device, built once per
+    generate() call, so that a decoding step filters and samples every row with a few batched kernels."""
+    plain: torch.Tensor          # divisor of every logit: the temperature, clamped
+    penalised: torch.Tensor      # divisor of already generated tokens: temperature x penalty, clamped
+    top_k: torch.Tensor          # 0: neither top-k nor top-p
+    top_p: torch.Tensor
+    greedy: torch.Tensor         # bool
+    invalid: Optional[torch.Tensor] = None   # [B, V] bool: invalid_slices, or None when no row has any
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], vocab: int, device) -> "RowSettings":
+        # Divisors are clamped in Python floats, so temperature x penalty can neither underflow to 0
+        # nor overflow to inf in fp32 (logits / 0 gave inf and NaN).
+        plain = [min(max(p.temperature, MIN_TEMPERATURE), MAX_DIVISOR) for p in params]
+        penalised = [min(max(t * p.repetition_penalty, MIN_DIVISOR), MAX_DIVISOR) for t, p in zip(plain, params)]
+        invalid = None
+        if any(p.invalid_slices for p in params):
+            invalid = torch.zeros(len(params), vocab, dtype=torch.bool)
+            for b, p in enumerate(params):
+                for sl in p.invalid_slices:
+                    invalid[b, sl] = True
+            invalid = invalid.to(device)
+
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+        return cls(t(plain, torch.float32), t(penalised, torch.float32), t([p.top_k for p in params], torch.long),
+                   t([p.top_p for p in params], torch.float32), t([p.greedy for p in params], torch.bool), invalid)
+
+
+def filter_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings):
+    """logits [B, V], seen [B, V] bool (tokens each row generated) -> (filtered fp32 logits [B, V],
+    nan [B] bool, empty [B] bool): steps 1-4 above for every row at once. Removed tokens are -inf;
+    `empty` marks rows where nothing is left to sample. No host synchronisation."""
+    x = logits.float()
+    nan = torch.isnan(x).any(-1)
+    certain = x == float("inf")                     # infinitely likely: nothing else can be drawn
+    x = torch.where(certain.any(-1, keepdim=True), torch.zeros_like(x).masked_fill(~certain, float("-inf")), x)
+    divisor = torch.where(seen, rows.penalised[:, None], rows.plain[:, None])
+    x = torch.where(torch.isinf(x), x, (x / divisor).clamp(-FP32_MAX, FP32_MAX))   # -inf stays impossible
+    if rows.invalid is not None:
+        x = x.masked_fill(rows.invalid, float("-inf"))
+    ranked, order = torch.sort(x, dim=-1, descending=True)                         # [B, V]
+    use_k = (rows.top_k > 0)[:, None]
+    kth = ranked.gather(1, (rows.top_k.clamp(1, x.shape[-1]) - 1)[:, None])         # [B, 1]
+    ranked = torch.where(use_k & (ranked < kth), float("-inf"), ranked)
+    beyond_p = torch.softmax(ranked, dim=-1).cumsum(-1) > rows.top_p[:, None]
+    beyond_p = torch.cat([torch.zeros_like(beyond_p[:, :1]), beyond_p[:, :-1]], dim=1)  # keep the one crossing top_p
+    ranked = torch.where(use_k & (rows.top_p < 1.0)[:, None] & beyond_p, float("-inf"), ranked)
+    x = torch.empty_like(x).scatter_(1, order, ranked)
+    empty = ~torch.isfinite(x.max(-1).values)
+    return x, nan, empty
+
+
+def draw(filtered: torch.Tensor, rows: RowSettings, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """Filtered logits [B, V] -> tokens [B]: argmax for greedy rows, otherwise a draw from the softmax by
+    inverse CDF with one uniform number per row (from the row's own generator when it has one, so a seed
+    gives the same answer on any device)."""
+    probs = torch.softmax(filtered, dim=-1)
+    if any(g is not None for g in generators):
+        u = torch.stack([torch.rand((), generator=g) for g in generators]).to(filtered.device)
+    else:
+        u = torch.rand(filtered.shape[0], device=filtered.device)
+    cdf = probs.cumsum(-1)
+    target = ((1.0 - u) * cdf[:, -1])[:, None]                       # in (0, total]: zero-probability
+    drawn = torch.searchsorted(cdf, target).squeeze(1).clamp_(max=filtered.shape[-1] - 1)  # tokens never win
+    return torch.where(rows.greedy, filtered.argmax(-1), drawn)
+
+
+NAN_ERROR = "NaN in the model's logits (fp16 overflow? try --quant none or fp32/bf16)."
+EMPTY_ERROR = "No token can be sampled: every logit is -inf or masked by invalid_slices."
+
+
 def process_logits(logits: torch.Tensor, generated: List[int], p: SamplingParams) -> torch.Tensor:
-    """logits [V] -> filtered logits [V] (fp32), steps 1-4 above. Removed tokens are -inf; at least one
-    token is always left finite (ValueError otherwise)."""
-    logits = logits.float()
-    if torch.isnan(logits).any():
-        raise ValueError("NaN in the model's logits (fp16 overflow? try --quant none or fp32/bf16).")
-    certain = logits == float("inf")
-    if certain.any():                     # infinitely likely: nothing else can be drawn
-        logits = torch.zeros_like(logits).masked_fill(~certain, float("-inf"))
-    # The two divisors are computed in Python floats and clamped, so that temperature * penalty can
-    # neither underflow to 0 nor overflow to inf in fp32 (logits / 0 gave inf and NaN).
-    plain = min(max(p.temperature, MIN_TEMPERATURE), MAX_DIVISOR)
-    divisor = torch.full_like(logits, plain)
-    if generated and p.repetition_penalty != 1.0:
-        penalised = min(max(plain * p.repetition_penalty, MIN_DIVISOR), MAX_DIVISOR)
-        divisor[torch.tensor(sorted(set(generated)), device=logits.device)] = penalised
-    scaled = (logits / divisor).clamp(-FP32_MAX, FP32_MAX)
-    logits = torch.where(torch.isinf(logits), logits, scaled)    # -inf stays impossible
-    for s in p.invalid_slices:
-        logits[s] = float("-inf")
-    if p.top_k > 0:
-        k = min(p.top_k, logits.shape[-1])
-        kth = torch.topk(logits, k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-            remove = cumulative > p.top_p
-            remove[1:] = remove[:-1].clone()  # keep the token that crosses top_p
-            remove[0] = False
-            logits[order[remove]] = float("-inf")
-    if not torch.isfinite(logits.max()):
-        raise ValueError("No token can be sampled: every logit is -inf or masked by invalid_slices.")
-    return logits
+    """One row: logits [V] -> filtered logits [V] (fp32), steps 1-4 above. Removed tokens are -inf; at
+    least one token is always left finite (ValueError otherwise)."""
+    seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+    if generated:
+        seen[0, torch.tensor(sorted(set(generated)), device=logits.device)] = True
+    filtered, nan, empty = filter_logits(logits[None], seen, RowSettings.of([p], logits.shape[-1], logits.device))
+    if nan.item():
+        raise ValueError(NAN_ERROR)
+    if empty.item():
+        raise ValueError(EMPTY_ERROR)
+    return filtered[0]
 
 
 def sample(logits: torch.Tensor, generated: List[int], p: SamplingParams, generator=None) -> int:
+    """One row: logits [V] -> the next token."""
     filtered = process_logits(logits, generated, p)
-    if p.greedy:
-        return int(filtered.argmax())
-    probs = torch.softmax(filtered, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    rows = RowSettings.of([p], logits.shape[-1], logits.device)
+    return int(draw(filtered[None], rows, [generator])[0])

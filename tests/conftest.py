@@ -92,3 +92,23 @@ def image_file(tmp_path_factory):
     ImageDraw.Draw(img).ellipse([60, 60, 160, 160], fill="red")
     img.save(path)
     return path
+
+
+def fail_rows(monkeypatch, which, at_step=None):
+    """Make sampling fail for some rows of every generate() call, as NaN logits would: `which(rows)` gives
+    the rows [B] bool (rows: model.sampling.RowSettings), at_step the decoding step (None: every step).
+    Steps are counted per generate() call (each call builds its own RowSettings)."""
+    from model import generation
+    real, steps = generation.filter_logits, {}
+
+    def flaky(logits, seen, rows):
+        filtered, nan, empty = real(logits, seen, rows)
+        step = steps[id(rows)] = steps.get(id(rows), -1) + 1
+        if at_step is None or step == at_step:
+            nan = nan | which(rows).to(nan.device)
+        return filtered, nan, empty
+    monkeypatch.setattr(generation, "filter_logits", flaky)
+
+
+def temperature_is(value):
+    return lambda rows: (rows.plain - value).abs() < 1e-6

@@ -15,6 +15,8 @@ from model.sampling import SamplingParams
 from serving import GenerationError, NotReadyError, QueueFullError, Worker
 from serving.text import TextAssembler
 
+from conftest import fail_rows, temperature_is
+
 
 @pytest.fixture(scope="module")
 def engine(tiny):
@@ -324,18 +326,11 @@ def test_a_row_with_an_extreme_penalty_runs_and_its_batch_is_unharmed(engine):
 
 
 def test_a_row_whose_sampling_fails_ends_alone_with_a_generation_error(engine, monkeypatch):
-    from model import generation
-    real = generation.sample
     marker = 0.31337                        # the temperature of the row made to fail
-
-    def flaky(logits, generated, p, generator=None):
-        if p.temperature == marker and len(generated) == 2:
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(logits, generated, p, generator)
     expected = [reference(engine, q, img, n) for q, img, n in SEVEN]
-    monkeypatch.setattr(generation, "sample", flaky)
+    fail_rows(monkeypatch, temperature_is(marker), at_step=2)
     worker, outs, odd_out = run_eight(engine, params(40, temperature=marker))
     assert outs == expected, "the other seven rows must finish as if run alone"
     assert isinstance(odd_out, GenerationError) and odd_out.type == "generation_error" and odd_out.status == 500
-    assert "RuntimeError" in odd_out.message and "inf, nan" in odd_out.message
+    assert "ValueError" in odd_out.message and "NaN" in odd_out.message
     assert worker.stats["errors"] == 1
