@@ -5,13 +5,14 @@ through these calls, so the sat model, a Hugging Face model or a fast static-cac
 sit behind it:
 
     backend.encode_image(pixels)                 pixels [B, 3, H, W] (normalised) -> [B, L, hidden]
-    backend.prefill(ids, positions, mask, image_embeds, pre_image) -> (logits [B, V] fp32, cache)
+    backend.prefill(ids, positions, mask, image_embeds, pre_image, capacity) -> (logits [B, V] fp32, cache)
     backend.decode_step(tokens, positions, key_mask, cache)        -> (logits [B, V] fp32, cache)
 
 with ids [B, S] (left-padded), positions [B, 2, S] (GLM 2-D ids), mask [B, 1, S, S] (bool, True = may
 attend), image_embeds [B, L, hidden] or None, pre_image [B] (index of the first image slot, -1: none),
-tokens [B, 1], key_mask [B, T] (bool, which cached positions are real tokens). `cache` is whatever the
-backend keeps between steps; the core only hands it back.
+tokens [B, 1], key_mask [B, T] (bool, which cached positions are real tokens), capacity the most tokens
+(prompt + answer) a row may reach, for backends that preallocate. `cache` is whatever the backend keeps
+between steps; the core only hands it back.
 """
 from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
@@ -29,7 +30,7 @@ class Backend(Protocol):
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 image_embeds: Optional[torch.Tensor] = None,
-                pre_image: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Any]: ...
+                pre_image: Optional[torch.Tensor] = None, capacity: Optional[int] = None) -> Tuple[torch.Tensor, Any]: ...
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
                     cache: Any) -> Tuple[torch.Tensor, Any]: ...

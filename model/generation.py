@@ -55,7 +55,8 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
     ids, positions, mask, pads = batch_inputs([r.ids for r in requests], pad_id, device=device,
                                               dtype=torch.bool)  # [B, S], [B, 2, S], [B, 1, S, S]
     image_embeds, pre_image = _images(requests, pads, device)
-    logits, cache = backend.prefill(ids, positions, mask, image_embeds, pre_image)              # [B, V]
+    capacity = max(r.params.max_length for r in requests)         # lets a static-cache backend size its cache
+    logits, cache = backend.prefill(ids, positions, mask, image_embeds, pre_image, capacity=capacity)  # [B, V]
 
     batch = len(requests)
     rows = RowSettings.of([r.params for r in requests], logits.shape[-1], device)

@@ -46,7 +46,7 @@ class ScriptedBackend:
             logits[b, ANSWER[n] if n < len(ANSWER) else tok.eos_token_id] = 10.0
         return logits
 
-    def prefill(self, ids, positions, mask, image_embeds=None, pre_image=None):
+    def prefill(self, ids, positions, mask, image_embeds=None, pre_image=None, capacity=None):
         assert mask.dtype == torch.bool and positions.shape == (ids.shape[0], 2, ids.shape[1])
         self.prompts.append((ids.tolist(), None if pre_image is None else pre_image.tolist()))
         return self._logits([0] * ids.shape[0]), 0

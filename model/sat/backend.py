@@ -42,7 +42,8 @@ class SatBackend:
         return logits, tuple(layer["past_key_values"] for layer in out[1:])
 
     def prefill(self, ids, positions, mask, image_embeds: Optional[torch.Tensor] = None,
-                pre_image: Optional[torch.Tensor] = None):
+                pre_image: Optional[torch.Tensor] = None, capacity: Optional[int] = None):
+        """capacity is not needed: sat's cache grows by concatenation."""
         kw = {}
         if image_embeds is not None:
             kw = dict(image_embeds=image_embeds.to(self.device), pre_image=pre_image.to(self.device))

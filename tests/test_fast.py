@@ -1,0 +1,93 @@
+"""The fast backend (model/fast) against the sat backend on a tiny random model, fp32 on the CPU."""
+import pytest
+import torch
+
+from model.chat import ChatEngine
+from model.fast import FastBackend
+from model.fast.cache import CacheOverflow
+from model.generation import Request, generate
+from model.positions import batch_inputs
+from model.sampling import SamplingParams
+from model.sat.backend import SatBackend
+from model.sat.checkpoint import build_model
+from conftest import randomize
+
+
+@pytest.fixture(scope="module")
+def net(tiny_config):
+    return randomize(build_model(tiny_config, device="cpu"), seed=3).eval()
+
+
+def requests(cfg, emb):
+    L, g, s = cfg["image_length"], cfg["gmask_token_id"], cfg["bos_token_id"]
+    greedy = dict(top_k=1, repetition_penalty=1.3)
+    return [Request(ids=[20, 21, 22, g, s], params=SamplingParams(max_length=30, **greedy)),
+            Request(ids=[20, 21] + [3] * L + [25, 26, 27, 28, g, s], params=SamplingParams(max_length=70, **greedy),
+                    image_embeds=emb, pre_image=2),
+            Request(ids=[30, 31, 32, 33, 34, 35, 36, 37, g, s], params=SamplingParams(max_length=40, **greedy))]
+
+
+def test_prefill_and_decode_logits_equal_the_sat_backend(net, tiny_config):
+    emb = net.encode_image(torch.randn(2, 3, 224, 224))
+    reqs = requests(tiny_config, emb[0])
+    ids, pos, mask, pads = batch_inputs([r.ids for r in reqs], 3, dtype=torch.bool)
+    pre = torch.tensor([-1, pads[1] + 2, -1])
+    image = torch.stack([torch.zeros_like(emb[0]), emb[0], torch.zeros_like(emb[0])])
+    ref_logits, ref_cache = SatBackend(net).prefill(ids, pos, mask, image, pre)
+    fast = FastBackend(net)
+    logits, cache = fast.prefill(ids, pos, mask, image, pre, capacity=70)
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    tokens = ref_logits.argmax(-1, keepdim=True)
+    step_pos = torch.stack([pos[:, 0, -1], pos[:, 1, -1] + 1], 1)[:, :, None]
+    key_mask = torch.cat([mask[:, 0, -1], torch.ones(3, 1, dtype=torch.bool)], 1)
+    ref_step, _ = SatBackend(net).decode_step(tokens, step_pos, key_mask, ref_cache)
+    step, _ = fast.decode_step(tokens, step_pos, key_mask, cache)
+    assert torch.allclose(step, ref_step, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_tokens_equal_the_sat_backend_for_a_mixed_batch(net, tiny_config):
+    emb = net.encode_image(torch.randn(1, 3, 224, 224))[0]
+    ref = list(generate(SatBackend(net), requests(tiny_config, emb), 3, []))
+    fast = list(generate(FastBackend(net), requests(tiny_config, emb), 3, []))
+    assert fast == ref
+    assert sum(t is not None for step in ref for t in step) > 60      # the rows really generated
+
+
+def test_two_turn_chat_with_an_image_is_the_same_on_both_backends(tiny, image_file):
+    model, tok = tiny
+    answers = []
+    for backend in (SatBackend(model), FastBackend(model)):
+        engine = ChatEngine(backend, tok)
+        greedy = dict(top_k=1, max_length=600, max_new_tokens=40, repetition_penalty=1.3)
+        r1, h, img = engine.chat(str(image_file), "描述这张图片。", **greedy)
+        r2, h, _ = engine.chat(None, "背景是什么颜色？", history=h, image=img, **greedy)
+        r3, _, _ = engine.chat(None, "Hello, who are you?", english=True, **greedy)   # text only
+        answers.append((r1, r2, r3))
+    assert answers[0] == answers[1] and all(answers[0])
+
+
+def test_the_static_cache_refuses_to_overflow(net, tiny_config):
+    fast = FastBackend(net)
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    ids, pos, mask, _ = batch_inputs([[20, 21, 22, g, s]], 3, dtype=torch.bool)
+    logits, cache = fast.prefill(ids, pos, mask, capacity=8)
+    assert cache.length == 256                                    # the smallest bucket
+    with pytest.raises(CacheOverflow, match="past the 256"):
+        fast.decode_step(torch.tensor([[5]]), pos[:, :, -1:], torch.ones(1, 257, dtype=torch.bool), cache)
+
+
+def test_a_newer_prefill_invalidates_the_older_cache(net, tiny_config):
+    fast = FastBackend(net)
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    ids, pos, mask, _ = batch_inputs([[20, 21, g, s]], 3, dtype=torch.bool)
+    _, old = fast.prefill(ids, pos, mask, capacity=8)
+    fast.prefill(torch.cat([ids, ids]), torch.cat([pos, pos]), torch.cat([mask, mask]), capacity=8)
+    with pytest.raises(RuntimeError, match="replaced"):
+        fast.decode_step(torch.tensor([[5]]), pos[:, :, -1:], torch.ones(1, 5, dtype=torch.bool), old)
+
+
+def test_cuda_graph_capture_needs_a_gpu(net):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need an NVIDIA GPU; the GPU path is measured by bench/bench_inference.py")
+    fast = FastBackend(net.cuda())
+    assert fast.cuda_graph
