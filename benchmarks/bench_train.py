@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --from_pretrained visualglm-tiny --train-data <dataset.json ...> \
         --batch-sizes 64 256 --workers 15 [--bf16]
 
-Uses finetune_visualglm.py's own pieces (dataset, collate, DeepSpeed engine and config), so the
+Uses the trainer's own pieces (training/: dataset, collate, DeepSpeed engine and config), so the
 numbers are those of `finetune_visualglm.py --mode pretrain`. Prints samples/s for each part and the
 ratio of the full pipeline to the faster of the two parts (1.0 = no part waits on the other).
 """
@@ -30,18 +30,23 @@ def main(argv=None):
 
     import model.sat  # noqa: F401  sat compatibility fixes
     import deepspeed
-    import finetune_visualglm as ft
+    from finetune_visualglm import parse_args
     from model.sat.loading import find_tokenizer_dir, load_tokenizer
+    from training.batches import BatchOrder, make_loader
+    from training.data import load_datasets
+    from training.distributed import deepspeed_config, param_groups, setup_distributed, train_dtype
+    from training.objective import forward_loss
+    from training.source import load_for_training, resolve_source
 
     base = ["--mode", "pretrain", "--from_pretrained", a.from_pretrained, "--train-data", *a.train_data,
             "--max_source_length", "192", "--max_target_length", "64", "--lr", "1e-4", "--seed", "1"]
     base += ["--bf16"] if a.bf16 else []
-    args = ft.parse_args(base + ["--batch-size", str(a.batch_sizes[0])])
-    dist = ft.setup_distributed(args)
-    source = ft.resolve_source(args)
+    args = parse_args(base + ["--batch-size", str(a.batch_sizes[0])])
+    dist = setup_distributed(args)
+    source = resolve_source(args)
     tokenizer = load_tokenizer(find_tokenizer_dir(source.folder, source.config.get("tokenizer_type"), None))
-    train_set, _, _ = ft.load_datasets(args, tokenizer, source.config)
-    model_, _ = ft.load_for_training(args, source, dist, ft.train_dtype(args, dist.device))
+    train_set, _, _ = load_datasets(args, tokenizer, source.config)
+    model_, _ = load_for_training(args, source, dist, train_dtype(args, dist.device))
     for prm in model_.parameters():
         prm.requires_grad_(prm.is_floating_point())
     model_.train()
@@ -49,12 +54,12 @@ def main(argv=None):
     print(f"device {dist.device}; {len(train_set)} samples; workers {a.workers}")
     print(f"{'batch':>6} {'loader/s':>10} {'step/s':>10} {'both/s':>10} {'both/min(parts)':>16} {'ms/step':>8}")
     for bs in a.batch_sizes:
-        args = ft.parse_args(base + ["--batch-size", str(bs)])
-        engine, *_ = deepspeed.initialize(model=model_, model_parameters=ft.param_groups(model_),
-                                          config=ft.deepspeed_config(args, 1))
-        order = ft.BatchOrder(len(train_set), bs, 1, 0, seed=1)
+        args = parse_args(base + ["--batch-size", str(bs)])
+        engine, *_ = deepspeed.initialize(model=model_, model_parameters=param_groups(model_),
+                                          config=deepspeed_config(args, 1))
+        order = BatchOrder(len(train_set), bs, 1, 0, seed=1)
         # loader alone (after its workers have started)
-        loader = iter(ft.make_loader(train_set, order, 0, a.steps + 5, tokenizer.pad_token_id, a.workers))
+        loader = iter(make_loader(train_set, order, 0, a.steps + 5, tokenizer.pad_token_id, a.workers))
         for _ in range(5):
             batch = next(loader)
         t = time.time()
@@ -63,12 +68,12 @@ def main(argv=None):
         loader_rate = a.steps * bs / (time.time() - t)
         # model step alone on one fixed batch
         for _ in range(3):
-            engine.backward(ft.forward_loss(engine, batch, dist.device))
+            engine.backward(forward_loss(engine, batch, dist.device))
             engine.step()
         sync()
         t = time.time()
         for _ in range(a.steps):
-            loss = ft.forward_loss(engine, batch, dist.device)
+            loss = forward_loss(engine, batch, dist.device)
             engine.backward(loss)
             engine.step()
             loss.item()
@@ -76,14 +81,14 @@ def main(argv=None):
         step_time = (time.time() - t) / a.steps
         step_rate = bs / step_time
         # both, as the trainer runs them
-        loader = iter(ft.make_loader(train_set, order, 100, 100 + a.steps + 5, tokenizer.pad_token_id, a.workers))
+        loader = iter(make_loader(train_set, order, 100, 100 + a.steps + 5, tokenizer.pad_token_id, a.workers))
         for _ in range(5):
-            engine.backward(ft.forward_loss(engine, next(loader), dist.device))
+            engine.backward(forward_loss(engine, next(loader), dist.device))
             engine.step()
         sync()
         t = time.time()
         for _ in range(a.steps):
-            loss = ft.forward_loss(engine, next(loader), dist.device)
+            loss = forward_loss(engine, next(loader), dist.device)
             engine.backward(loss)
             engine.step()
             loss.item()

@@ -12,10 +12,14 @@ import pytest
 import torch
 
 import finetune_visualglm as ft
+from model.image import normalize
 from model.sat.checkpoint import CheckpointError, build_model, load_model
 from model.configs import tiny_config as make_config
 from model.sat.finetune import FineTuneVisualGLMModel, is_adapter_key
 from test_finetune_data import make_dataset
+from training.batches import collate
+from training.data import VisualGLMDataset
+from training.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,9 +57,9 @@ def runs(ckpt_dir, data, tmp_path_factory):
 
 
 def probe_batch(tokenizer, data):
-    ds = ft.VisualGLMDataset([data], tokenizer, (224, 224), 32, 64, 32)
-    batch = ft.collate([ds[0], ds[1]], tokenizer.pad_token_id)
-    batch["image"] = ft.normalize(batch["image"])   # the loader's uint8 pixels, as forward_loss does
+    ds = VisualGLMDataset([data], tokenizer, (224, 224), 32, 64, 32)
+    batch = collate([ds[0], ds[1]], tokenizer.pad_token_id)
+    batch["image"] = normalize(batch["image"])   # the loader's uint8 pixels, as forward_loss does
     return batch
 
 
@@ -281,9 +285,11 @@ def test_layer_range_lists_layers_and_lora_scaling_is_one_over_rank():
     assert tuple(pt.state_dict()["mixins.ptuning.prefix.2"].shape) == (2, 4, 5, 16)
 
 
-def test_mode_and_flag_errors(ckpt_dir, data, tmp_path):
-    with pytest.raises(SystemExit, match="needs an adapter"):
+def test_mode_and_flag_errors(ckpt_dir, data, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="needs an adapter"):
         ft.run(argv(ckpt_dir, data))
+    assert ft.main(argv(ckpt_dir, data)) == 1      # the command line reports it as `error: ...`
+    assert "error: --mode finetune needs an adapter" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--mode pretrain trains every weight"):
         ft.parse_args(argv(ckpt_dir, data, None, "--mode", "pretrain", "--use_lora"))
     with pytest.raises(SystemExit, match="zero-stage 3"):

@@ -1,5 +1,5 @@
 """Fine-tune data: tokens and label masking (spec 8.4), formats, image lookup, malformed entries,
-batch order and the learning-rate schedule of finetune_visualglm.py. No training here."""
+batch order and the learning-rate schedule of the trainer (training/). No training here."""
 import json
 import math
 from argparse import Namespace
@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_visualglm import (IGNORE, BatchOrder, DataError, VisualGLMDataset, collate, deepspeed_config,
-                                encode_sample, learning_rate, lm_loss, split_entries)
+from training.batches import BatchOrder, collate
+from training.data import IGNORE, DataError, VisualGLMDataset, encode_sample, split_entries
+from training.distributed import deepspeed_config
+from training.objective import learning_rate, lm_loss
 from model.prompts import build_prompt
 
 COLOURS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色")]
@@ -265,7 +267,7 @@ def test_deepspeed_config_from_flags(tmp_path):
 # generated data (--train-data synthetic:<samples>[:<seed>])
 
 def test_generated_samples_are_the_stream_entries_tokenized_like_files(tmp_path):
-    from finetune_visualglm import GeneratedDataset
+    from training.data import GeneratedDataset
     from model.image import preprocess
     from model.sat.loading import load_tokenizer
     from synthetic.stream import generated_entry
@@ -293,7 +295,7 @@ def test_generated_samples_are_the_stream_entries_tokenized_like_files(tmp_path)
 
 @pytest.mark.parametrize("spec", ["synthetic:zero", "synthetic:0", "synthetic:5:1:1"])
 def test_malformed_generated_spec_is_a_data_error(tokenizer, spec):
-    from finetune_visualglm import GeneratedDataset
+    from training.data import GeneratedDataset
     with pytest.raises(DataError, match=r"--train-data .*expected synthetic:<samples>\[:<seed>\]"):
         GeneratedDataset(spec, tokenizer, image_size=(224, 224), image_length=32, max_source_length=64,
                          max_target_length=32)
