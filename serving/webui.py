@@ -92,81 +92,111 @@ def upload_image_box(**kw):
     return box
 
 
-def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optional[dict] = None):
-    import gradio as gr
+class _Refused(Exception):
+    """A question that is not sent to the model: the notice (its message) tells the visitor why."""
 
-    d = dict(DEFAULTS, **(defaults or {}))
 
-    async def respond(query: str, image, history: List[Tuple[str, str]], max_length, top_p, temperature):
+def new_conversation():
+    return [], []
+
+
+def _turn(chat: list, history: list, query: str, answer: str):
+    """The outputs while `answer` streams in: chat messages, history pairs, an emptied text box. The
+    partial answer is kept in the history too, so that Stop leaves both in agreement."""
+    messages = chat + [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+    return messages, history + [(query, answer)], ""
+
+
+class ChatHandler:
+    """The demo's `respond`: one per demo, holding the worker and the sampling defaults (top_k and
+    repetition_penalty, which have no slider)."""
+
+    def __init__(self, worker: Worker, defaults: dict):
+        self.worker = worker
+        self.defaults = defaults
+
+    async def respond(self, query: str, image, history: List[Tuple[str, str]], max_length, top_p, temperature):
         """Yields (chat messages, history pairs, text box value). The history pairs are the truth; the
         chat messages are drawn from them."""
+        import gradio as gr
+
         query = (query or "").strip()
         history = [tuple(pair) for pair in (history or [])]
         chat = messages_of(history)
         chinese = has_chinese(query)
-        if not query:
-            gr.Warning(f"{NOTICES['empty'][0]} / {NOTICES['empty'][1]}")
-            yield chat, history, query
-            return
-        if image is None:
-            gr.Warning(notice("no_image", chinese))
-            yield chat, history, query
-            return
         try:
-            image = await anyio.to_thread.run_sync(read_upload, image)
-        except ImageLoadError as e:
-            gr.Warning(f"{notice('bad_image', chinese)} {e}")
-            yield chat, history, query
-            return
-        except OSError:          # Gradio deletes uploads after an hour (delete_cache below)
-            gr.Warning(notice("upload_gone", chinese))
-            yield chat, history, query
-            return
-        try:
-            params = SamplingParams(max_length=int(max_length), top_p=float(top_p), temperature=float(temperature),
-                                    top_k=int(d["top_k"]), repetition_penalty=float(d["repetition_penalty"]))
-            job = await anyio.to_thread.run_sync(worker.prepare, query, history, image, not chinese, params)
-            stream = worker.submit(job)
-        except PromptTooLongError:
-            gr.Warning(notice("too_long", chinese))
-            yield chat, history, query
-            return
-        except QueueFullError:
-            gr.Warning(notice("busy", chinese))
-            yield chat, history, query
-            return
-        except NotReadyError:
-            gr.Warning(notice("loading", chinese))
-            yield chat, history, query
-            return
-        except (ServingError, ValueError) as e:
-            gr.Warning(notice("failed", chinese) + str(e))
+            stream = await self._start(query, image, history, chinese, max_length, top_p, temperature)
+        except _Refused as e:
+            gr.Warning(str(e))
             yield chat, history, query
             return
 
-        def state(answer: str):
-            messages = chat + [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-            # the partial answer is kept in the history too, so that Stop leaves both in agreement
-            return messages, history + [(query, answer)], ""
-
-        yield state("")
-        text = TextAssembler(worker.engine.decode)
+        yield _turn(chat, history, query, "")
+        text = TextAssembler(self.worker.engine.decode)
         try:
             async for ids in stream:
                 if text.add(ids):
-                    yield state(text.text)
+                    yield _turn(chat, history, query, text.text)
             text.finish()
-            yield state(text.text)
+            yield _turn(chat, history, query, text.text)
         except ServingError as e:
             text.finish()
-            messages, pairs, _ = state(text.text)
+            messages, pairs, _ = _turn(chat, history, query, text.text)
             messages[-1] = {"role": "assistant", "content": f"{text.text}\n\n⚠️ {notice('failed', chinese)}{e}"}
             yield messages, pairs, ""
         finally:
             stream.cancel()        # the visitor pressed Stop / Clear or left: free the batch row
 
-    def new_conversation():
-        return [], []
+    async def _start(self, query, image, history, chinese: bool, max_length, top_p, temperature):
+        """The queued Stream for this question, or _Refused with the notice to show instead."""
+        if not query:
+            raise _Refused(f"{NOTICES['empty'][0]} / {NOTICES['empty'][1]}")
+        if image is None:
+            raise _Refused(notice("no_image", chinese))
+        image = await self._read(image, chinese)
+        d = self.defaults
+        try:
+            params = SamplingParams(max_length=int(max_length), top_p=float(top_p), temperature=float(temperature),
+                                    top_k=int(d["top_k"]), repetition_penalty=float(d["repetition_penalty"]))
+            job = await anyio.to_thread.run_sync(self.worker.prepare, query, history, image, not chinese, params)
+            return self.worker.submit(job)
+        except PromptTooLongError:
+            raise _Refused(notice("too_long", chinese)) from None
+        except QueueFullError:
+            raise _Refused(notice("busy", chinese)) from None
+        except NotReadyError:
+            raise _Refused(notice("loading", chinese)) from None
+        except (ServingError, ValueError) as e:
+            raise _Refused(notice("failed", chinese) + str(e)) from None
+
+    @staticmethod
+    async def _read(image, chinese: bool):
+        try:
+            return await anyio.to_thread.run_sync(read_upload, image)
+        except ImageLoadError as e:
+            raise _Refused(f"{notice('bad_image', chinese)} {e}") from None
+        except OSError:          # Gradio deletes uploads after an hour (delete_cache in build_demo)
+            raise _Refused(notice("upload_gone", chinese)) from None
+
+
+def _settings(worker: Worker, d: dict):
+    """The left column: the image box and the sampling sliders."""
+    import gradio as gr
+
+    image = upload_image_box(label="Image / 图片", elem_id="image", height=320)
+    max_length = gr.Slider(64, max(worker.max_context, 64), value=min(d["max_length"], worker.max_context),
+                           step=1, label="Maximum length / 最大长度", elem_id="max_length")
+    top_p = gr.Slider(0.0, 1.0, value=d["top_p"], step=0.01, label="Top P", elem_id="top_p")
+    temperature = gr.Slider(0.0, 2.0, value=d["temperature"], step=0.01, label="Temperature / 温度",
+                            elem_id="temperature")
+    return image, max_length, top_p, temperature
+
+
+def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optional[dict] = None):
+    import gradio as gr
+
+    d = dict(DEFAULTS, **(defaults or {}))
+    respond = ChatHandler(worker, d).respond
 
     # Gradio keeps uploads in its cache folder: delete them after an hour (checked every 10 minutes)
     with gr.Blocks(title=title, delete_cache=(600, 3600), analytics_enabled=False) as demo:
@@ -174,12 +204,7 @@ def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optiona
         history = gr.State([])
         with gr.Row():
             with gr.Column(scale=2):
-                image = upload_image_box(label="Image / 图片", elem_id="image", height=320)
-                max_length = gr.Slider(64, max(worker.max_context, 64), value=min(d["max_length"], worker.max_context),
-                                       step=1, label="Maximum length / 最大长度", elem_id="max_length")
-                top_p = gr.Slider(0.0, 1.0, value=d["top_p"], step=0.01, label="Top P", elem_id="top_p")
-                temperature = gr.Slider(0.0, 2.0, value=d["temperature"], step=0.01, label="Temperature / 温度",
-                                        elem_id="temperature")
+                image, max_length, top_p, temperature = _settings(worker, d)
             with gr.Column(scale=4):
                 chatbot = gr.Chatbot(label=title, elem_id="chatbot", height=460)
                 query = gr.Textbox(show_label=False, placeholder="Ask about the image… / 就图片提问…", lines=1, max_lines=6,
