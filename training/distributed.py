@@ -67,10 +67,8 @@ def _init_process_group(backend: str, rank: int, world: int) -> None:
 
 def _init_sat_and_deepspeed(backend: str, cuda: bool, seed: int) -> None:
     """sat's model-parallel state (of size 1) and DeepSpeed's view of the group made above."""
-    import model.sat  # noqa: F401  (sat compatibility fixes before sat is imported)
-    from sat import mpu
-    if not mpu.model_parallel_is_initialized():
-        mpu.initialize_model_parallel(1)
+    from model.sat.parallel import init_model_parallel
+    mpu = init_model_parallel(1)
     import deepspeed
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)  # wraps the group
     if cuda:
