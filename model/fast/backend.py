@@ -15,8 +15,14 @@ import torch
 
 from .cache import CacheOverflow, KVCache
 from .glm import FastGLM
+from .quant import quantize_glm
 
 MIN_CACHE = 256
+
+
+def _release(weight: torch.Tensor) -> None:
+    """Free a float weight that now lives on quantized (the Parameter object stays, empty)."""
+    weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
 
 
 @dataclass
@@ -30,10 +36,15 @@ class _Graph:
 
 
 class FastBackend:
-    def __init__(self, model, *, cuda_graph: Optional[bool] = None):
-        """model: a loaded VisualGLM model (its image encoder runs as it is; its GLM weights are shared)."""
+    def __init__(self, model, *, cuda_graph: Optional[bool] = None, quant: Optional[int] = None):
+        """model: a loaded VisualGLM model (its image encoder runs as it is; its GLM weights are shared).
+        quant 8 / 4: the GLM's linear weights and the LM head become int8 / int4 here, and the loaded
+        model's float copies of them are released (the loaded model's own GLM is unusable afterwards;
+        its image encoder keeps working)."""
         self.model = model
         self.glm = FastGLM(model).eval()
+        if quant:
+            quantize_glm(self.glm, quant, release=_release)
         self.config = model.config
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self._cache: Optional[KVCache] = None

@@ -1,0 +1,220 @@
+"""Inference benchmark: the full-size VisualGLM-6B architecture with random weights, built on the GPU.
+
+    python benchmarks/bench_inference.py                          # every variant, a table at the end
+    python benchmarks/bench_inference.py --variants sat-fp16,fast-fp16 --new-tokens 256
+
+Each variant runs in its own process (so peak memory is its own): it builds the model from the released
+config (model/configs.py) with random weights directly on the GPU (no download), then answers one
+224x224 image + a short question with `--new-tokens` forced new tokens (eos ignored), sampling with
+top_p 0.4 / top_k 100 / temperature 0.8, batch 1, through the chat core's generate(). Reported:
+time to first token (image encoding + prefill + first sample), decode tokens/s after the first token,
+peak GPU memory, achieved GB/s (GLM + LM-head weight bytes read per step x tokens/s) and the fraction of
+the copy bandwidth measured in the same run, and the ratio to the reference (sat-fp16).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("sat-fp16", "fast-fp16", "fast-bf16", "fast-int8", "fast-int4")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written (median of 20)."""
+    import torch
+    src = torch.empty(2 * 1024 ** 3, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / sorted(times[5:])[len(times[5:]) // 2] / 1e9
+
+
+def random_model(dtype):
+    """The released architecture with random weights (std 0.02, LayerNorms at 1 / 0), on the GPU."""
+    import torch
+    from model.configs import VISUALGLM_6B
+    from model.sat.checkpoint import build_model
+    m = build_model(VISUALGLM_6B, device="cuda", dtype=dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "layernorm" in name or "ln_vision" in name or name.endswith("norm.weight"):
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    m.config = dict(VISUALGLM_6B)
+    return m.eval()
+
+
+def weight_bytes(glm) -> int:
+    """Bytes of weights one decode step reads: every GLM layer's linears and the LM head."""
+    total = 0
+    for module in list(glm.blocks.modules()) + [glm.lm_head]:
+        for name, t in module.named_buffers(recurse=False):
+            total += t.numel() * t.element_size()
+        for name, t in module.named_parameters(recurse=False):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run_variant(name: str, new_tokens: int) -> dict:
+    import torch
+    from model.generation import Request, generate
+    from model.sampling import SamplingParams
+    path, kind = name.split("-")
+    dtype = torch.bfloat16 if kind in ("bf16", "int4") else torch.float16
+    model = random_model(dtype)
+    if path == "sat":
+        from model.sat.backend import SatBackend
+        backend, glm = SatBackend(model), None
+    else:
+        from model.fast import FastBackend
+        backend = FastBackend(model, quant=int(kind[-1]) if kind in ("int8", "int4") else None)
+        glm = backend.glm
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    L, gmask, sop = model.image_length, model.config["gmask_token_id"], model.config["bos_token_id"]
+    ids = [20, 21] + [3] * L + list(range(100, 120)) + [gmask, sop]           # "<img>" + image + question
+    params = SamplingParams(max_length=len(ids) + new_tokens + 1, max_new_tokens=new_tokens, top_p=0.4,
+                            top_k=100, temperature=0.8, repetition_penalty=1.0)
+    pixels = torch.randn(1, 3, 224, 224, device="cuda")
+
+    def answer():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        emb = backend.encode_image(pixels)[0]
+        stamps = []
+        for _ in generate(backend, [Request(ids=ids, params=params, image_embeds=emb, pre_image=2)], 3, []):
+            stamps.append(time.perf_counter())
+        return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
+
+    answer()                                                         # warm-up: graphs, kernels, caches
+    torch.cuda.reset_peak_memory_stats()
+    runs = [answer() for _ in range(3)]
+    ttft = sorted(r[0] for r in runs)[1]
+    tps = sorted(r[1] for r in runs)[1]
+    out = dict(variant=name, ttft_ms=ttft * 1e3, tokens_per_s=tps, tokens=runs[0][2],
+               peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    if glm is not None:
+        out["weight_gb"] = weight_bytes(glm) / 1e9
+    else:
+        from model.fast.glm import FastGLM
+        out["weight_gb"] = weight_bytes(FastGLM(model)) / 1e9      # shares the tensors: nothing copied
+    return out
+
+
+def check_kernels() -> list:
+    """The GPU kernels against their dequantized weights on random data: relative error per layer shape."""
+    import torch
+    from model.fast.quant import Int4Linear, Int8Linear, dequantize_int4_groups
+    from model.quant import dequantize
+    rows = []
+    for n, k in ((12288, 4096), (4096, 16384), (130528, 4096)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        for m in (1, 4, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            q8 = Int8Linear(w, None)
+            ref8 = x.float() @ dequantize(q8.qweight, q8.scale, 8, torch.float32).T
+            q4 = Int4Linear(w.to(torch.bfloat16), None)
+            cpu4 = Int4Linear(w.float().cpu(), None)                      # same groups, CPU layout
+            ref4 = x.float() @ dequantize_int4_groups(cpu4.qweight, cpu4.scales_and_zeros, torch.float32).cuda().T
+            rows.append(dict(shape=f"{m}x{k} @ {k}x{n}",
+                             int8=((q8(x).float() - ref8).norm() / ref8.norm()).item(),
+                             int4=((q4(x.to(torch.bfloat16)).float() - ref4).norm() / ref4.norm()).item()))
+    return rows
+
+
+def greedy_agreement(new_tokens: int) -> list:
+    """The bundled model in fp16 on the GPU: greedy tokens of the fast path against the sat path, a few
+    prompts with an image, eos ignored. Returns, per prompt, the length of the common prefix."""
+    import torch
+    from model.chat import ChatEngine
+    from model.fast import FastBackend
+    from model.generation import generate
+    from model.prompts import has_chinese
+    from model.sampling import SamplingParams
+    from model.sat.backend import SatBackend
+    from model.sat.loading import load_model_and_tokenizer
+    model, tok = load_model_and_tokenizer("visualglm-tiny", device="cuda", dtype=torch.float16)
+    out = []
+    for image, question in (("1.png", "描述这张图片。"), ("2.png", "What colour is the square?"),
+                            ("3.png", "图中有几个图形？"), ("4.png", "Describe the image.")):
+        runs = []
+        for backend in (SatBackend(model), FastBackend(model)):
+            engine = ChatEngine(backend, tok)
+            emb = engine.encode_image(str(ROOT / "examples" / image))
+            request = engine.make_request(question, [], emb, not has_chinese(question),
+                                          SamplingParams(top_k=1, max_length=2048, max_new_tokens=new_tokens))
+            runs.append([st[0] for st in generate(backend, [request], tok.pad_token_id, [])])
+        same = next((i for i, (a, b) in enumerate(zip(*runs)) if a != b), len(runs[0]))
+        out.append(dict(image=image, tokens=len(runs[0]), common_prefix=same))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--one", help=argparse.SUPPRESS)                  # run one variant (child process)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--check", action="store_true", help="first check the kernels and fast-vs-sat greedy agreement")
+    args = p.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(run_variant(args.one, args.new_tokens)), flush=True)
+        return 0
+    import torch
+    if not torch.cuda.is_available():
+        print("This benchmark needs an NVIDIA GPU (it builds the 7.8B model on it).", file=sys.stderr)
+        return 2
+    bandwidth = copy_bandwidth()
+    if args.check:
+        for row in check_kernels():
+            print(f"kernel check {row['shape']:>24}: int8 rel. error {row['int8']:.2e}, int4 {row['int4']:.2e}")
+        for row in greedy_agreement(args.new_tokens):
+            print(f"greedy agreement {row['image']}: {row['common_prefix']}/{row['tokens']} tokens identical "
+                  f"before the first difference")
+    results = []
+    for name in args.variants.split(","):
+        done = subprocess.run([sys.executable, __file__, "--one", name, "--new-tokens", str(args.new_tokens)],
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            print(f"{name}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+            results.append(dict(variant=name, error=done.stderr.strip().splitlines()[-1:]))
+            continue
+        results.append(json.loads(lines[0][len("RESULT "):]))
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    ref = next((r for r in results if r["variant"] == "sat-fp16" and "error" not in r), None)
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bandwidth:.0f} GB/s  "
+          f"new tokens {args.new_tokens}")
+    print(f"{'variant':<10} {'TTFT ms':>8} {'tok/s':>8} {'x ref':>6} {'peak GiB':>9} {'weights GB':>10} "
+          f"{'GB/s':>7} {'of limit':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<10} failed: {r['error']}")
+            continue
+        gbs = r["weight_gb"] * r["tokens_per_s"]
+        ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
+        r.update(gb_per_s=gbs, fraction_of_copy=gbs / bandwidth, ratio_to_ref=ratio)
+        print(f"{r['variant']:<10} {r['ttft_ms']:>8.1f} {r['tokens_per_s']:>8.1f} {ratio:>6.1f} {r['peak_gib']:>9.2f} "
+              f"{r['weight_gb']:>10.2f} {gbs:>7.0f} {gbs / bandwidth:>8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(bandwidth_gb_s=bandwidth, gpu=torch.cuda.get_device_name(),
+                                                   torch=torch.__version__, results=results), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Weight-only int8 / int4 layers of the fast path (model/fast/quant.py): CPU numerics within the bounds
+the quantization error allows, and a quantized FastBackend still generating."""
+import pytest
+import torch
+
+from model.fast import FastBackend
+from model.fast.quant import Int4Linear, Int8Linear, dequantize_int4_groups, group_size, quantize_int4_groups
+from model.generation import Request, generate
+from model.sampling import SamplingParams
+from model.sat.backend import SatBackend
+from model.sat.checkpoint import build_model
+from conftest import randomize
+
+
+def test_int8_linear_error_is_within_half_a_step_per_weight():
+    torch.manual_seed(0)
+    w, b, x = torch.randn(96, 256), torch.randn(96), torch.randn(5, 256)
+    layer = Int8Linear(w, b)
+    exact = x @ w.T + b
+    step = w.abs().amax(1) / 127                                       # one quantization step per row
+    bound = (x.abs() @ torch.ones(256, 1)) * step[None] / 2 + 1e-4     # sum_k |x_k| * step / 2
+    assert ((layer(x) - exact).abs() <= bound).all()
+    assert (layer(x) - exact).abs().max() > 0                          # it really is quantized
+
+
+def test_int4_groups_round_trip_within_half_a_step():
+    torch.manual_seed(1)
+    w = torch.randn(48, 256) * torch.linspace(0.1, 3, 256)            # groups of different ranges
+    q, sz = quantize_int4_groups(w, group_size(256))
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and sz.shape == (2, 48, 2)
+    back = dequantize_int4_groups(q, sz, torch.float32)
+    step = sz[..., 0].float().transpose(0, 1).repeat_interleave(128, dim=1)   # [48, 256]
+    assert ((back - w).abs() <= step / 2 + step * 0.02).all()           # bf16 scales round a little
+
+
+def test_int4_linear_matches_its_dequantized_weight_on_the_cpu():
+    torch.manual_seed(2)
+    w, x = torch.randn(64, 96), torch.randn(3, 96)
+    layer = Int4Linear(w, None)
+    assert layer.group == 32
+    expected = x @ dequantize_int4_groups(layer.qweight, layer.scales_and_zeros, torch.float32).T
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert (layer(x) - x @ w.T).abs().max() < 0.1 * (x @ w.T).abs().max()
+
+
+def dequantized_copy(net, tiny_config, bits):
+    """The float model with every GLM linear and the LM head replaced by the values its quantized
+    layer holds: the independent computation a quantized fast backend must reproduce."""
+    ref = build_model(tiny_config, device="cpu")
+    ref.load_state_dict(net.state_dict())
+    layers = [m for layer in ref.transformer.layers for m in (layer.attention.query_key_value, layer.attention.dense,
+                                                              layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h)]
+    with torch.no_grad():
+        for m in layers + [ref.mixins["chatglm-final"].lm_head]:
+            if bits == 8:
+                q = Int8Linear(m.weight, None)
+                m.weight.copy_(q.qweight.float() * q.scale[:, None])
+            else:
+                q = Int4Linear(m.weight, None)
+                m.weight.copy_(dequantize_int4_groups(q.qweight, q.scales_and_zeros, torch.float32))
+    return ref.eval()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_fast_backend_computes_its_dequantized_model(tiny_config, bits):
+    from model.positions import batch_inputs
+    net = randomize(build_model(tiny_config, device="cpu"), seed=4).eval()
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    ids = [20, 21, 22, 23, g, s]
+    args = batch_inputs([ids], 3, dtype=torch.bool)[:3]
+    with torch.no_grad():
+        exact, _ = SatBackend(net).prefill(*args)
+        expected, _ = SatBackend(dequantized_copy(net, tiny_config, bits)).prefill(*args)
+    fast = FastBackend(net, quant=bits)
+    logits, _ = fast.prefill(*args, capacity=32)
+    assert torch.allclose(logits, expected, atol=1e-3, rtol=1e-3)
+    assert (logits - exact).abs().max() > 1e-3                          # and it is not the float model
+    assert net.transformer.layers[0].attention.query_key_value.weight.numel() == 0   # the float copy was freed
+    params = SamplingParams(top_k=1, max_length=30)
+    tokens = [st[0] for st in generate(fast, [Request(ids=ids, params=params)], 3, [])]
+    assert len(tokens) == 30 - len(ids)
