@@ -50,6 +50,7 @@ def random_model(dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     with torch.no_grad():
         for name, p in m.named_parameters():
+            p.data = p.data.to(dtype)       # as the loader stores every weight (the ViT's conv is built in fp32)
             if "layernorm" in name or "ln_vision" in name or name.endswith("norm.weight"):
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
@@ -128,7 +129,7 @@ def check_kernels() -> list:
             q8 = Int8Linear(w, None)
             ref8 = x.float() @ dequantize(q8.qweight, q8.scale, 8, torch.float32).T
             q4 = Int4Linear(w.to(torch.bfloat16), None)
-            cpu4 = Int4Linear(w.float().cpu(), None)                      # same groups, CPU layout
+            cpu4 = Int4Linear(w.to(torch.bfloat16).float().cpu(), None)  # same values, CPU layout
             ref4 = x.float() @ dequantize_int4_groups(cpu4.qweight, cpu4.scales_and_zeros, torch.float32).cuda().T
             rows.append(dict(shape=f"{m}x{k} @ {k}x{n}",
                              int8=((q8(x).float() - ref8).norm() / ref8.norm()).item(),
