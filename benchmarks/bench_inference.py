@@ -196,7 +196,7 @@ def main(argv=None):
             results.append(dict(variant=name, error=done.stderr.strip().splitlines()[-1:]))
             continue
         results.append(json.loads(lines[0][len("RESULT "):]))
-        print(f"{name}: done", file=sys.stderr, flush=True)
+        print(f"{name}: {lines[0][len('RESULT '):]}", file=sys.stderr, flush=True)
     ref = next((r for r in results if r["variant"] == "sat-fp16" and "error" not in r), None)
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bandwidth:.0f} GB/s  "
           f"new tokens {args.new_tokens}")

@@ -62,6 +62,7 @@ class RowSettings:
     top_k: torch.Tensor          # 0: neither top-k nor top-p
     top_p: torch.Tensor
     greedy: torch.Tensor         # bool
+    ranks: int                   # how many of the best logits a step must rank: max top_k, or V if a row has none
     invalid: Optional[torch.Tensor] = None   # [B, V] bool: invalid_slices, or None when no row has any
 
     @classmethod
@@ -80,8 +81,10 @@ class RowSettings:
 
         def t(values, dtype):
             return torch.tensor(values, dtype=dtype, device=device)
+        ranks = vocab if any(p.top_k == 0 for p in params) else min(vocab, max(p.top_k for p in params))
         return cls(t(plain, torch.float32), t(penalised, torch.float32), t([p.top_k for p in params], torch.long),
-                   t([p.top_p for p in params], torch.float32), t([p.greedy for p in params], torch.bool), invalid)
+                   t([p.top_p for p in params], torch.float32), t([p.greedy for p in params], torch.bool), ranks,
+                   invalid)
 
 
 def filter_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings):
@@ -96,14 +99,18 @@ def filter_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings):
     x = torch.where(torch.isinf(x), x, (x / divisor).clamp(-FP32_MAX, FP32_MAX))   # -inf stays impossible
     if rows.invalid is not None:
         x = x.masked_fill(rows.invalid, float("-inf"))
-    ranked, order = torch.sort(x, dim=-1, descending=True)                         # [B, V]
+    # Only the best `ranks` logits can survive top-k: ranking those (topk) is far cheaper than sorting V.
+    if rows.ranks < x.shape[-1]:
+        ranked, order = torch.topk(x, rows.ranks, dim=-1)                          # [B, ranks], descending
+    else:
+        ranked, order = torch.sort(x, dim=-1, descending=True)                     # [B, V]
     use_k = (rows.top_k > 0)[:, None]
     kth = ranked.gather(1, (rows.top_k.clamp(1, x.shape[-1]) - 1)[:, None])         # [B, 1]
     ranked = torch.where(use_k & (ranked < kth), float("-inf"), ranked)
     beyond_p = torch.softmax(ranked, dim=-1).cumsum(-1) > rows.top_p[:, None]
     beyond_p = torch.cat([torch.zeros_like(beyond_p[:, :1]), beyond_p[:, :-1]], dim=1)  # keep the one crossing top_p
     ranked = torch.where(use_k & (rows.top_p < 1.0)[:, None] & beyond_p, float("-inf"), ranked)
-    x = torch.empty_like(x).scatter_(1, order, ranked)
+    x = torch.full_like(x, float("-inf")).scatter_(1, order, ranked)
     empty = ~torch.isfinite(x.max(-1).values)
     return x, nan, empty
 

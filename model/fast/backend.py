@@ -36,17 +36,21 @@ class _Graph:
 
 
 class FastBackend:
-    def __init__(self, model, *, cuda_graph: Optional[bool] = None, quant: Optional[int] = None):
+    def __init__(self, model, *, cuda_graph: Optional[bool] = None, compile: Optional[bool] = None,
+                 quant: Optional[int] = None):
         """model: a loaded VisualGLM model (its image encoder runs as it is; its GLM weights are shared).
         quant 8 / 4: the GLM's linear weights and the LM head become int8 / int4 here, and the loaded
         model's float copies of them are released (the loaded model's own GLM is unusable afterwards;
-        its image encoder keeps working)."""
+        its image encoder keeps working). compile (default: on CUDA): the decode step goes through
+        torch.compile first, which fuses each layer's small element-wise kernels before the graph is captured."""
         self.model = model
         self.glm = FastGLM(model).eval()
         if quant:
             quantize_glm(self.glm, quant, release=_release)
         self.config = model.config
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.compiled = self.cuda_graph if compile is None else compile
+        self._decode = torch.compile(self._step, dynamic=False) if self.compiled else self._step
         self._cache: Optional[KVCache] = None
         self._graph: Optional[_Graph] = None
 
@@ -107,7 +111,7 @@ class FastBackend:
         mask = torch.zeros(key_mask.shape[0], 1, 1, cache.length, dtype=torch.bool, device=self.device)
         mask[:, 0, 0, :T] = key_mask
         slot = torch.tensor([T - 1], device=self.device)
-        return self._step(tokens, positions, mask, slot, cache), cache
+        return self._decode(tokens, positions, mask, slot, cache), cache
 
     # -- mechanics -----------------------------------------------------------------------------------
     def _step(self, tokens, positions, mask, slot, cache):
@@ -143,10 +147,10 @@ class FastBackend:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(tokens, positions, mask, slot, cache)
+            for _ in range(3):                                   # (compiles here when compiling)
+                self._decode(tokens, positions, mask, slot, cache)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._step(tokens, positions, mask, slot, cache)
+            logits = self._decode(tokens, positions, mask, slot, cache)
         return _Graph(graph, tokens, positions, mask, slot, logits)

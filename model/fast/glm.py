@@ -41,10 +41,14 @@ def rotary_table(positions: int, dim: int, dtype, device):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate(u, cos, sin):
-    """u [B, S, nh, d]; cos / sin [B, S, 1, d]: pairs (i, i + d/2) rotated."""
-    half = u.shape[-1] // 2
-    return u * cos + torch.cat([-u[..., half:], u[..., :half]], dim=-1) * sin
+def rotary_pairs(head_dim: int, device):
+    """Both halves of a head rotate on their own, pairing (i, i + d/2) within each half (d = head_dim/2).
+    As one permutation of the head's channels and a sign: rotate_half of each half = u[perm] * sign."""
+    d = head_dim // 2
+    half = torch.arange(d, device=device)
+    perm = torch.cat([(half + d // 2) % d, (half + d // 2) % d + d])
+    sign = torch.where((torch.arange(head_dim, device=device) % d) < d // 2, -1.0, 1.0)
+    return perm, sign
 
 
 class Block(nn.Module):
@@ -57,16 +61,17 @@ class Block(nn.Module):
 
     def forward(self, x, rope, cache: KVCache, index: int, slots, mask):
         B, S, H = x.shape
+        cos, sin, perm = rope                                                      # [B, S, 1, 1, hd] x2, [hd]
         a = self.ln1(x)
-        q, k, v = self.qkv(a).view(B, S, 3, self.heads, -1).unbind(2)           # [B, S, nh, hd] each
-        q, k = (torch.cat([rotate(t[..., :t.shape[-1] // 2], *rope[0]), rotate(t[..., t.shape[-1] // 2:], *rope[1])],
-                          dim=-1) for t in (q, k))
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                          # [B, nh, S, hd]
+        qkv = self.qkv(a).view(B, S, 3, self.heads, -1)                            # [B, S, 3, nh, hd]
+        qk = qkv[:, :, :2]
+        qk = qk * cos + qk[..., perm] * sin                                        # q and k rotated together
+        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))   # [B, nh, S, hd]
         keys, values = cache.update(index, slots, k, v)                           # [B, nh, T, hd]
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)    # [B, nh, S, hd]
-        h = a * self.alpha + self.dense(attn.transpose(1, 2).reshape(B, S, H))
+        h = torch.add(self.dense(attn.transpose(1, 2).reshape(B, S, H)), a, alpha=self.alpha)
         m = self.ln2(h)
-        return m * self.alpha + self.down(F.gelu(self.up(m), approximate="tanh"))
+        return torch.add(self.down(F.gelu(self.up(m), approximate="tanh")), m, alpha=self.alpha)
 
 
 class FastGLM(nn.Module):
@@ -85,8 +90,10 @@ class FastGLM(nn.Module):
         self._rope = None
 
     def rope_tables(self, dtype, device):
+        """cos, sin [positions, hd/2] and the channel permutation and sign of rotate_half."""
         if self._rope is None or self._rope[0].dtype != dtype or self._rope[0].device != torch.device(device):
-            self._rope = rotary_table(self.max_positions + 1, self.head_dim // 2, dtype, device)
+            self._rope = (*rotary_table(self.max_positions + 1, self.head_dim // 2, dtype, device),
+                          *rotary_pairs(self.head_dim, device))
         return self._rope
 
     def embed_tokens(self, ids, image_embeds=None, pre_image=None):
@@ -104,8 +111,11 @@ class FastGLM(nn.Module):
     def forward(self, x, positions, cache: KVCache, slots, mask) -> torch.Tensor:
         """x [B, S, H] embeddings, positions [B, 2, S] (GLM 2-D ids), slots [S] cache slots to write,
         mask [B, 1, S, T] bool over the cache -> logits of the last position [B, V] (fp32)."""
-        cos, sin = self.rope_tables(x.dtype, x.device)
-        rope = [(cos[positions[:, i]][:, :, None], sin[positions[:, i]][:, :, None]) for i in (0, 1)]  # [B, S, 1, d]
+        cos, sin, perm, sign = self.rope_tables(x.dtype, x.device)
+        # first half of each head: position ids; second half: block position ids
+        cos = torch.cat([cos[positions[:, 0]], cos[positions[:, 1]]], dim=-1)[:, :, None, None]   # [B, S, 1, 1, hd]
+        sin = torch.cat([sin[positions[:, 0]], sin[positions[:, 1]]], dim=-1)[:, :, None, None] * sign.to(x.dtype)
+        rope = (cos, sin, perm)
         for index, block in enumerate(self.blocks):
             x = block(x, rope, cache, index, slots, mask)
         return self.lm_head(self.final_ln(x[:, -1])).float()
