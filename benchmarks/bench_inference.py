@@ -108,6 +108,15 @@ def run_variant(name: str, new_tokens: int) -> dict:
     tps = sorted(r[1] for r in runs)[1]
     out = dict(variant=name, ttft_ms=ttft * 1e3, tokens_per_s=tps, tokens=runs[0][2],
                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    graph = getattr(backend, "_graph", None)
+    if graph is not None:                       # the captured step alone, without sampling and Python
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        out["graph_step_ms"] = start.elapsed_time(end) / 50
     if glm is not None:
         out["weight_gb"] = weight_bytes(glm) / 1e9
     else:
@@ -201,7 +210,7 @@ def main(argv=None):
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bandwidth:.0f} GB/s  "
           f"new tokens {args.new_tokens}")
     print(f"{'variant':<10} {'TTFT ms':>8} {'tok/s':>8} {'x ref':>6} {'peak GiB':>9} {'weights GB':>10} "
-          f"{'GB/s':>7} {'of limit':>8}")
+          f"{'GB/s':>7} {'of limit':>8} {'graph ms':>8}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<10} failed: {r['error']}")
@@ -210,7 +219,7 @@ def main(argv=None):
         ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
         r.update(gb_per_s=gbs, fraction_of_copy=gbs / bandwidth, ratio_to_ref=ratio)
         print(f"{r['variant']:<10} {r['ttft_ms']:>8.1f} {r['tokens_per_s']:>8.1f} {ratio:>6.1f} {r['peak_gib']:>9.2f} "
-              f"{r['weight_gb']:>10.2f} {gbs:>7.0f} {gbs / bandwidth:>8.2f}")
+              f"{r['weight_gb']:>10.2f} {gbs:>7.0f} {gbs / bandwidth:>8.2f} {r.get('graph_step_ms', float('nan')):>8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(bandwidth_gb_s=bandwidth, gpu=torch.cuda.get_device_name(),
                                                    torch=torch.__version__, results=results), indent=2))
