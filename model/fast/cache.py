@@ -9,9 +9,11 @@ class CacheOverflow(RuntimeError):
 class KVCache(torch.nn.Module):
     def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (layers, batch, heads, length, head_dim)                 # [L, B, nh, T, hd]
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch, heads, length, head_dim)                         # [B, nh, T, hd] per layer
+        # One tensor per layer, not one [L, ...] tensor: torch.compile copies the whole base tensor when
+        # a view of it is written in place (measured: ~0.5 ms per decoded token on the 28-layer model).
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.batch, self.length = batch, length
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
