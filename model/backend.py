@@ -14,6 +14,7 @@ tokens [B, 1], key_mask [B, T] (bool, which cached positions are real tokens), c
 (prompt + answer) a row may reach, for backends that preallocate. `cache` is whatever the backend keeps
 between steps; the core only hands it back.
 """
+import weakref
 from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
@@ -40,10 +41,35 @@ def is_backend(obj) -> bool:
     return all(callable(getattr(obj, name, None)) for name in ("encode_image", "prefill", "decode_step"))
 
 
-def as_backend(model) -> Backend:
-    """A backend as it is, or a loaded model wrapped in its backend (a thin, stateless wrapper). Only a
-    sat model exists today; its wrapper is imported on demand so that the core never imports sat."""
+BACKENDS = ("auto", "fast", "sat")
+_fast_backends: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # one per loaded model
+
+
+def as_backend(model, kind: str = "auto") -> Backend:
+    """A backend as it is, or a loaded model wrapped in one. kind "sat": the reference path (sat's own
+    forward); "fast": model/fast (static cache, compiled CUDA-graph decoding; built once per model and
+    kept, since compiling and capturing take seconds); "auto": fast on a GPU when the model's GLM is
+    plain float (a model quantized by model/sat/quantization stays on the sat path), sat otherwise.
+    The wrappers are imported on demand, so that the core never imports sat."""
+    if kind not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {kind!r}")
     if is_backend(model):
         return model
+    if kind == "fast" or (kind == "auto" and _fast_suits(model)):
+        if model not in _fast_backends:
+            from .fast import FastBackend
+            _fast_backends[model] = FastBackend(model)
+        return _fast_backends[model]
     from .sat.backend import SatBackend      # a sat model can only exist where sat is installed
     return SatBackend(model)
+
+
+# The fast path reproduces these mixins (spec 3) and ignores sat's cached-autoregressive one, which only
+# matters to sat's own generation; P-tuning prefixes or LoRA layers would be lost, so such models stay on sat.
+FAST_MIXINS = {"chatglm-final", "chatglm-attn", "chatglm-layer", "eva", "auto-regressive"}
+
+
+def _fast_suits(model) -> bool:
+    first = model.transformer.layers[0].attention.query_key_value
+    return (next(model.parameters()).is_cuda and set(getattr(model, "mixins", {})) <= FAST_MIXINS
+            and isinstance(getattr(first, "weight", None), torch.nn.Parameter))

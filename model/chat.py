@@ -20,10 +20,11 @@ from .sampling import SamplingParams
 
 class ChatEngine:
     def __init__(self, model, tokenizer, *, allow_image_paths: bool = True, allow_image_urls: bool = True,
-                 image_cache_size: int = IMAGE_CACHE_SIZE):
-        """model: a backend, or a loaded model (a sat VisualGLMModel) that as_backend wraps."""
+                 image_cache_size: int = IMAGE_CACHE_SIZE, backend: str = "auto"):
+        """model: a backend, or a loaded model (a sat VisualGLMModel) that as_backend wraps; backend
+        "auto" (fast on a GPU), "fast" or "sat" (the reference path), see model/backend.py."""
         self.model = model
-        self.backend = as_backend(model)
+        self.backend = as_backend(model, backend)
         self.tokenizer = tokenizer
         self.allow_image_paths = allow_image_paths
         self.allow_image_urls = allow_image_urls

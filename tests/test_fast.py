@@ -91,3 +91,17 @@ def test_cuda_graph_capture_needs_a_gpu(net):
         pytest.skip("CUDA graphs need an NVIDIA GPU; the GPU path is measured by bench/bench_inference.py")
     fast = FastBackend(net.cuda())
     assert fast.cuda_graph
+
+
+def test_auto_picks_the_sat_path_on_the_cpu_and_for_models_the_fast_path_cannot_run(net, tiny_config, monkeypatch):
+    from model import backend as backend_module
+    assert isinstance(backend_module.as_backend(net), SatBackend)                  # CPU: the reference path
+    assert isinstance(backend_module.as_backend(net, "fast"), FastBackend)
+    assert backend_module.as_backend(net, "fast") is backend_module.as_backend(net, "fast")   # built once
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend_module.as_backend(net, "turbo")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))        # as if on a GPU
+    assert backend_module._fast_suits(net)
+    ptuned = build_model(dict(tiny_config, model_class="FineTuneVisualGLMModel", use_ptuning=True, pre_seq_len=4),
+                         device="cpu")
+    assert not backend_module._fast_suits(ptuned), "P-tuning prefixes would be lost on the fast path"
