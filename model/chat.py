@@ -13,7 +13,7 @@ from .backend import as_backend
 from .defaults import CHAT_SAMPLING, IMAGE_CACHE_SIZE
 from .generation import Request, generate
 from .image import load_image, preprocess
-from .image_cache import ImageEncoder, pixels_key
+from .image_cache import ImageEncoder
 from .prompts import History, PromptTooLongError, build_prompt, encode_prompt, process_response
 from .sampling import SamplingParams
 
@@ -59,10 +59,9 @@ class ChatEngine:
         return self.images.encode(pixels, keys)
 
     def encode_image(self, source) -> torch.Tensor:
-        """Any image source (see pixels) -> embeddings [1, L, hidden]. Embeddings (a 3-D tensor whose
-        first dimension is not 3 channels' worth of pixels, i.e. [1, L, hidden]) pass through unchanged,
-        so an image returned by chat() can be given back."""
-        if isinstance(source, torch.Tensor) and source.dim() == 3 and source.shape[1] == self.image_length:
+        """Path / URL / bytes / PIL image / pixels [1, 3, H, W] -> embeddings [1, L, hidden]. Embeddings
+        (3-D) pass through unchanged, so an image returned by chat() can be given back."""
+        if isinstance(source, torch.Tensor) and source.dim() == 3:
             return source
         return self.encode_images([self.pixels(source)])[0][None]
 
@@ -150,4 +149,4 @@ def stream_chat(image_path, model, tokenizer, query: str, history: Optional[Hist
                                                         english=english, generator=generator, params=params)
 
 
-__all__ = ["ChatEngine", "chat", "stream_chat", "PromptTooLongError", "SamplingParams", "pixels_key"]
+__all__ = ["ChatEngine", "chat", "stream_chat", "PromptTooLongError", "SamplingParams"]
