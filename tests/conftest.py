@@ -112,3 +112,21 @@ def fail_rows(monkeypatch, which, at_step=None):
 
 def temperature_is(value):
     return lambda rows: (rows.plain - value).abs() < 1e-6
+
+
+@pytest.fixture
+def eps_plugin(monkeypatch):
+    """Records any use of Pillow's EPS plugin: its header parser and its Ghostscript call."""
+    from PIL import EpsImagePlugin
+    calls = []
+
+    def parse(self):
+        calls.append("EpsImageFile._open")
+        raise SyntaxError("the EPS plugin was reached")
+
+    def ghostscript(*args, **kwargs):
+        calls.append("Ghostscript")
+        raise OSError("Ghostscript was called")
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", parse)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    return calls

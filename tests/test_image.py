@@ -82,22 +82,6 @@ def opened_formats(monkeypatch):
     return seen
 
 
-@pytest.fixture
-def eps_plugin(monkeypatch):
-    """Records any use of Pillow's EPS plugin: its header parser and its Ghostscript call."""
-    from PIL import EpsImagePlugin
-    calls = []
-
-    def parse(self):
-        calls.append("EpsImageFile._open")
-        raise SyntaxError("the EPS plugin was reached")
-
-    def ghostscript(*args, **kwargs):
-        calls.append("Ghostscript")
-        raise OSError("Ghostscript was called")
-    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", parse)
-    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
-    return calls
 
 
 def test_eps_bytes_and_files_are_refused_before_the_eps_plugin(eps_plugin, opened_formats, tmp_path):
@@ -170,3 +154,67 @@ def test_error_messages_say_what_is_wrong_without_object_reprs(tmp_path):
             load_image(source)
         message = str(info.value)
         assert expected in message and "object at 0x" not in message and "<_io." not in message, message
+
+
+# -- file:// URLs and download failures ------------------------------------------------------------------
+def test_file_urls_are_local_paths(tmp_path):
+    from urllib.parse import quote
+    folder = tmp_path / "my pictures"
+    folder.mkdir()
+    path = folder / "red 100%.png"
+    Image.new("RGB", (8, 6), (200, 0, 0)).save(path)
+    for url in ("file://" + quote(str(path)), "file://localhost" + quote(str(path))):
+        assert load_image(url).size == (8, 6)
+    with pytest.raises(ImageLoadError, match="another machine"):
+        load_image("file://fileserver" + quote(str(path)))
+    with pytest.raises(ImageLoadError, match="disabled"):
+        load_image("file://" + quote(str(path)), allow_path=False)     # servers: never a local file
+    with pytest.raises(ImageLoadError, match="not found"):
+        load_image("file://" + quote(str(folder / "missing.png")))
+
+
+@pytest.fixture
+def http_server():
+    """A local HTTP server answering 404 to every request: (its base URL)."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404, "Not Found")
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def closed_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]         # nothing listens there once the socket is closed
+
+
+def test_a_failed_download_is_one_clear_line(http_server, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    cases = {f"http://127.0.0.1:{closed_port()}/a.png": "connection refused",
+             f"{http_server}/a.png": "the server answered 404 Not Found"}
+    for url, reason in cases.items():
+        with pytest.raises(ImageLoadError) as e:
+            load_image(url)
+        assert str(e.value) == f"Could not download {url}: {reason}.", str(e.value)
+    # a host name that does not resolve, without the network: the resolver fails as it would offline
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(ImageLoadError) as e:
+        load_image("https://images.example.invalid/a.png")
+    message = str(e.value)
+    assert message.startswith("Could not download https://images.example.invalid/a.png: the host name could "
+                              "not be resolved") and "\n" not in message
+    assert "Pool" not in message and "Caused by" not in message and "object at" not in message

@@ -53,22 +53,6 @@ def client(worker):
         yield c
 
 
-@pytest.fixture
-def eps_plugin(monkeypatch):
-    """Records any use of Pillow's EPS plugin (its header parser, its Ghostscript call)."""
-    from PIL import EpsImagePlugin
-    calls = []
-
-    def parse(self):
-        calls.append("EpsImageFile._open")
-        raise SyntaxError("the EPS plugin was reached")
-
-    def ghostscript(*args, **kwargs):
-        calls.append("Ghostscript")
-        raise OSError("Ghostscript was called")
-    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", parse)
-    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
-    return calls
 
 
 def assert_refused(r, expected: str):

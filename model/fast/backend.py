@@ -9,10 +9,11 @@ The cache is preallocated for the batch and a length bucket (a power of two that
 cache and, on CUDA, captures a new graph (only the latest is kept, to bound memory).
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
+from ..backend_base import LoadedModelBackend
 from .cache import CacheOverflow, KVCache
 from .glm import FastGLM
 from .quant import quantize_glm
@@ -35,7 +36,7 @@ class _Graph:
     logits: torch.Tensor       # [B, V]       static output
 
 
-class FastBackend:
+class FastBackend(LoadedModelBackend):
     def __init__(self, model, *, cuda_graph: Optional[bool] = None, compile: Optional[bool] = None,
                  quant: Optional[int] = None):
         """model: a loaded VisualGLM model (its image encoder runs as it is; its GLM weights are shared).
@@ -47,7 +48,6 @@ class FastBackend:
         self.glm = FastGLM(model).eval()
         if quant:
             quantize_glm(self.glm, quant, release=_release)
-        self.config = model.config
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.compiled = self.cuda_graph if compile is None else compile
         self._decode = torch.compile(self._step, dynamic=False) if self.compiled else self._step
@@ -63,23 +63,7 @@ class FastBackend:
     def dtype(self) -> torch.dtype:
         return self.glm.embed.dtype
 
-    @property
-    def image_size(self) -> Tuple[int, int]:
-        return self.model.image_size
-
-    @property
-    def image_length(self) -> int:
-        return self.model.image_length
-
-    @property
-    def max_sequence_length(self) -> int:
-        return int(self.config.get("max_sequence_length", 2048))
-
-    # -- the interface -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels.to(self.device))                 # [B, L, hidden]
-
+    # -- the interface (sizes and encode_image: LoadedModelBackend) --------------------------------
     @torch.inference_mode()
     def prefill(self, ids, positions, mask, image_embeds=None, pre_image=None, capacity: Optional[int] = None):
         B, S = ids.shape

@@ -4,12 +4,14 @@ sat's ChatGLM forward takes a float attention mask in the weights' dtype (1 = ma
 (logits [B, S, V], {"past_key_values": ...} per layer); the cache is the tuple of those per-layer
 entries, handed back on the next step.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
+from ..backend_base import LoadedModelBackend
 
-class SatBackend:
+
+class SatBackend(LoadedModelBackend):
     def __init__(self, model):
         self.model = model                          # a VisualGLMModel (or FineTuneVisualGLMModel)
 
@@ -20,21 +22,6 @@ class SatBackend:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.transformer.word_embeddings.weight.dtype
-
-    @property
-    def image_size(self) -> Tuple[int, int]:
-        return self.model.image_size
-
-    @property
-    def image_length(self) -> int:
-        return self.model.image_length
-
-    @property
-    def max_sequence_length(self) -> int:
-        return int(self.model.config.get("max_sequence_length", 2048))
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels.to(self.device))          # [B, L, hidden]
 
     def _forward(self, **kw):
         out = self.model(**kw)
