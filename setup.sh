@@ -13,4 +13,4 @@ if [ "${1:-}" = "--no-ds" ]; then
 else
   pip install -r requirements.txt
 fi
-python -c "import model, sat; print('VisualGLM environment ready: torch', __import__('torch').__version__)"
+python -c "import model.sat, sat; print('VisualGLM environment ready: torch', __import__('torch').__version__)"
