@@ -39,17 +39,18 @@ REPO_ROOT = Path(__file__).resolve().parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# (importing model.sat first applies its sat compatibility fixes; the original README's LoRA-merge
-# snippet imports FineTuneVisualGLMModel from this module)
-from model.sat.finetune import FineTuneVisualGLMModel  # noqa: E402
-from model.sat.checkpoint import CheckpointError  # noqa: E402
-from model.image import ImageLoadError  # noqa: E402
-from training.console import log  # noqa: E402
-from training.data import DataError  # noqa: E402
-from training.errors import ConfigError  # noqa: E402
-from training.loop import TrainResult, train  # noqa: E402
+from model.configs import add_finetune_model_args  # noqa: E402
 
 __all__ = ["FineTuneVisualGLMModel", "build_parser", "parse_args", "run", "main"]
+
+
+def __getattr__(name):
+    # The original README's LoRA-merge snippet imports FineTuneVisualGLMModel from this module. It is
+    # loaded on first use, like the trainer, so that --help and flag errors do not wait for sat.
+    if name == "FineTuneVisualGLMModel":
+        from model.sat.finetune import FineTuneVisualGLMModel
+        return FineTuneVisualGLMModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _str2bool(value) -> bool:
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-init", action="store_true", help="accepted for compatibility (weights are never initialised twice)")
     g.add_argument("--checkpoint-activations", action="store_true", help="recompute GLM activations in backward")
     g.add_argument("--checkpoint-num-layers", type=int, default=1)
-    FineTuneVisualGLMModel.add_model_specific_args(p)  # --pre_seq_len --lora_rank --use_* --layer_range
+    add_finetune_model_args(p)  # FineTuneVisualGLMModel's flags: --pre_seq_len --lora_rank --use_* --layer_range ...
 
     g = p.add_argument_group("data")
     g.add_argument("--train-data", nargs="+", default=None,
@@ -155,19 +156,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
     if args.use_lora and args.use_qlora:
+        from training.console import log
         log("warning: --use_lora and --use_qlora both given; LoRA takes precedence (as in the original)")
         args.use_qlora = False
     args.eval_batch_size = args.eval_batch_size or args.batch_size
     return args
 
 
-def run(argv=None) -> TrainResult:
+def run(argv=None) -> "TrainResult":  # noqa: F821  (training.loop's, imported on use)
+    from training.loop import train
     return train(parse_args(argv))
 
 
 def main(argv=None) -> int:
     """The command line: train, or print `error: ...` on stderr and return 1 (flag errors exit from
     parse_args, as argparse's own do)."""
+    from model.image import ImageLoadError
+    from model.sat.checkpoint import CheckpointError
+    from training.data import DataError
+    from training.errors import ConfigError
     try:
         run(argv)
     except (ConfigError, DataError, CheckpointError, ImageLoadError) as e:

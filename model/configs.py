@@ -1,4 +1,6 @@
-"""Model configurations as plain dicts, in the key names of sat's model_config.json."""
+"""Model configurations as plain dicts, in the key names of sat's model_config.json, and the
+command-line flags that set them (sat-free, so that the trainer's --help needs no sat)."""
+import json
 
 # The released visualglm-6b checkpoint (spec section 1.2).
 VISUALGLM_6B = {
@@ -68,3 +70,33 @@ def tiny_config(vocab_size=1000, bos_token_id=5, mask_token_id=6, gmask_token_id
         "pad_token_id": pad_token_id,
         **extra,
     }
+
+
+def add_adapter_args(parser) -> None:
+    """FineTuneVisualGLMModel's adapter flags (model/sat/finetune.py adds them through this)."""
+    group = parser.add_argument_group("VisualGLM-finetune", "Adapter options (saved in model_config.json)")
+    group.add_argument("--pre_seq_len", type=int, default=8, help="P-tuning v2 prefix length")
+    group.add_argument("--lora_rank", type=int, default=10)
+    group.add_argument("--use_ptuning", action="store_true")
+    group.add_argument("--use_lora", action="store_true")
+    group.add_argument("--use_qlora", action="store_true")
+    group.add_argument("--layer_range", nargs="+", type=int, default=None,
+                       help="GLM layers that get LoRA, as a list: '0 14' = layers 0 and 14 (default: all)")
+
+
+def add_visualglm_args(parser) -> None:
+    """VisualGLMModel's own flags (model/sat/visualglm.py adds them through this)."""
+    group = parser.add_argument_group("VisualGLM", "VisualGLM Configurations")
+    group.add_argument("--image_length", type=int, default=32)
+    group.add_argument("--eva_args", type=json.loads, default={})
+    group.add_argument("--qformer_args", type=json.loads, default={})
+
+
+def add_finetune_model_args(parser) -> None:
+    """Every flag FineTuneVisualGLMModel.add_model_specific_args adds, without importing sat: ours, then
+    the token-id flags sat's ChatGLMModel adds (tests/test_readme.py checks that the two sets agree)."""
+    add_adapter_args(parser)
+    add_visualglm_args(parser)
+    group = parser.add_argument_group("ChatGLM", "ChatGLM Configurations")
+    for flag in ("--bos-token-id", "--mask-token-id", "--gmask-token-id", "--pad-token-id"):
+        group.add_argument(flag, type=int)

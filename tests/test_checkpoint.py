@@ -143,3 +143,38 @@ def test_sat_style_from_pretrained_and_sat_home(ckpt_dir, monkeypatch):
     monkeypatch.setenv("SAT_HOME", str(ckpt_dir.parent))
     m, args = VisualGLMModel.from_pretrained(ckpt_dir.name)
     assert args.image_length == m.image_length and not m.training
+
+
+def test_the_released_model_missing_points_to_the_bundled_one(tmp_path, monkeypatch):
+    from model.sat import checkpoint
+    monkeypatch.setenv("SAT_HOME", str(tmp_path / "home"))
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.resolve_checkpoint_dir("visualglm-6b", download=False)
+    assert "--from_pretrained visualglm-tiny" in str(e.value) and "offline" in str(e.value)
+
+    def no_network(name, path, url):
+        raise ConnectionError("no route to the model zoo")
+    import sat.resources
+    monkeypatch.setattr(sat.resources, "auto_create", no_network)
+    with pytest.raises(CheckpointError, match="Could not download") as e:
+        checkpoint.resolve_checkpoint_dir("visualglm-6b")
+    assert "--from_pretrained visualglm-tiny" in str(e.value)
+    with pytest.raises(CheckpointError) as e:           # other names: nothing to suggest
+        checkpoint.resolve_checkpoint_dir("my-finetune")
+    assert "offline" not in str(e.value)
+
+
+def test_large_checkpoints_show_progress_on_stderr(ckpt_dir, tiny_config, tmp_path, monkeypatch, capfd):
+    """Reading and writing a checkpoint over the size limit (1 GiB: the 6B model's 16 GB) moves a byte
+    bar on stderr; smaller ones (the limit lowered here to 0 bytes) stay silent, and stdout stays clean."""
+    from model import progress
+    model = load_model(str(ckpt_dir))
+    save_checkpoint(model, tmp_path / "small")
+    assert capfd.readouterr() == ("", "")
+    monkeypatch.setattr(progress, "LARGE_CHECKPOINT_BYTES", 0)
+    save_checkpoint(model, tmp_path / "large")
+    again = load_model(str(tmp_path / "large"))
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "Saving checkpoint: 100%" in err and "Loading large: 100%" in err
+    assert torch.equal(logits(again, tiny_config), logits(model, tiny_config))   # the counted write is the file

@@ -72,3 +72,23 @@ def test_deepspeed_cpu_shm_comm_op_is_not_built():
     start = time.time()
     assert build_shm_op() is None                        # upstream: a ~100 s g++ build on first use
     assert time.time() - start < 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed logs the warning only on machines without CUDA")
+def test_deepspeed_cpu_accelerator_warning_is_dropped_and_its_other_messages_kept():
+    upstream = run("import deepspeed")
+    assert "Setting accelerator to CPU" in upstream.stdout       # on stdout, where programs print results
+    ours = run("import model.sat, sat, deepspeed\nfrom deepspeed.utils import logger\n"
+               "logger.warning('another DeepSpeed warning')\nprint('ok')")
+    assert ours.returncode == 0 and ours.stdout.strip().endswith("ok"), ours.stderr
+    assert "Setting accelerator" not in ours.stdout + ours.stderr
+    assert "another DeepSpeed warning" in ours.stdout
+
+
+def test_importing_model_sat_does_not_import_sat():
+    """The fixes are in place before sat loads, but sat (and DeepSpeed) load only when a model is needed,
+    so that `python -m model.sat.merge_lora --help` and flag errors are quick."""
+    done = run("import sys, model.sat, model.sat.checkpoint, model.sat.merge_lora\n"
+               "print(sorted(m for m in ('sat', 'deepspeed') if m in sys.modules))\n"
+               "print(model.sat.VisualGLMModel.__name__, 'sat' in sys.modules)")
+    assert done.returncode == 0 and done.stdout.split("\n")[:2] == ["[]", "VisualGLMModel True"], done.stderr

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .. import progress
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DIR = REPO_ROOT / "pretrained"          # models shipped with the repository
 MODEL_ZOO = {"visualglm-6b": "r2://visualglm-6b.zip"}  # names sat can download when a network exists
@@ -58,7 +60,20 @@ def resolve_checkpoint_dir(name_or_path: str, download: bool = True) -> Path:
         f"Checkpoint '{name}' not found. Looked in: {looked}. Put a sat checkpoint folder (model_config.json, "
         f"latest, <iter>/mp_rank_00_model_states.pt) there, set SAT_HOME to the folder holding it, or pass "
         f"--from_pretrained <path>. The released weights are named: {', '.join(MODEL_ZOO)}; bundled: "
-        f"{', '.join(sorted(p.name for p in BUNDLED_DIR.glob('*') if p.is_dir())) or 'none'}.")
+        f"{', '.join(bundled_models()) or 'none'}.{_offline_hint(name)}")
+
+
+def bundled_models() -> list:
+    return sorted(p.name for p in BUNDLED_DIR.glob("*") if (p / "model_config.json").is_file())
+
+
+def _offline_hint(name: str) -> str:
+    """Someone asking for the released weights on a machine without them (the default of every command)
+    can try everything on the bundled model instead: say how."""
+    if name not in MODEL_ZOO or not bundled_models():
+        return ""
+    return (f" To try everything without the {name} weights (offline, on a CPU), use the bundled model: "
+            f"--from_pretrained {bundled_models()[0]}.")
 
 
 def _download(name: str) -> Path:
@@ -70,7 +85,7 @@ def _download(name: str) -> Path:
         raise CheckpointError(
             f"Could not download '{name}' into {sat_home()} ({type(e).__name__}: {e}). Download "
             f"{name}.zip by hand, unzip it into {sat_home()} (so that {sat_home() / name / 'model_config.json'} "
-            f"exists), or set SAT_HOME.") from e
+            f"exists), or set SAT_HOME.{_offline_hint(name)}") from e
 
 
 def read_config(ckpt_dir: Path) -> dict:
@@ -170,9 +185,10 @@ class _OnDevice(TorchFunctionMode):
 
 
 def model_class(name: str):
-    """Resolve `model_class` of model_config.json to a class through sat's registry (model/sat/__init__
-    imports our classes, which registers them)."""
+    """Resolve `model_class` of model_config.json to a class through sat's registry, which knows a class
+    once it is defined: the package (model/sat/__init__) defines ours on first use of their names."""
     from sat.model.registry import model_registry
+    from . import FineTuneVisualGLMModel, VisualGLMModel  # noqa: F401  (registers them)
     try:
         return model_registry.get(name)
     except ValueError:
@@ -256,9 +272,18 @@ def load_model(name_or_path, device="cpu", dtype=None, qkv_layout="auto", expect
         state_dict = adapt(state_dict)
     check_state_dict(model, state_dict, allow_missing)
     expected = model.state_dict()
-    tensors = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and expected[k].is_floating_point()
-                       else v.dtype)
-               for k, v in state_dict.items() if k in expected}
+    wanted = [(k, v) for k, v in state_dict.items() if k in expected]
+    size = sum(v.numel() * v.element_size() for _, v in wanted)
+    # the 6B model's 16 GB take a minute or more to read (and convert, or copy to the GPU): show it
+    shown = progress.byte_bar(size, f"Loading {ckpt_dir.name}") if size >= progress.LARGE_CHECKPOINT_BYTES else None
+    tensors = {}
+    for k, v in wanted:
+        tensors[k] = v.to(device=device, dtype=dtype if v.is_floating_point() and expected[k].is_floating_point()
+                          else v.dtype)
+        if shown is not None:
+            shown.update(v.numel() * v.element_size())
+    if shown is not None:
+        shown.close()
     model.load_state_dict(tensors, strict=False, assign=True)
     _recompute_buffers(model, device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -358,7 +383,14 @@ def save_error(error: BaseException, target, previous: str) -> CheckpointSaveErr
 def write_model_state(model, path) -> None:
     """{"module": tensors} on the CPU, loadable with weights_only=True."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save({"module": state}, path)
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    if size < progress.LARGE_CHECKPOINT_BYTES:
+        torch.save({"module": state}, path)
+        return
+    # writing the 6B model's 16 GB takes a while (merge_lora, fine-tune saves): a bar of bytes written
+    with open(path, "wb") as f, progress.byte_bar(size, "Saving checkpoint") as shown:
+        torch.save({"module": state}, progress.CountingWriter(f, shown))
+        shown.total = shown.n      # the file is a little larger than its tensors (zip and pickle records)
 
 
 def save_checkpoint(model, out_dir, iteration: int = 1, config: dict = None, overwrite: bool = False) -> Path:

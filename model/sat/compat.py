@@ -1,7 +1,9 @@
 """Narrow compatibility fixes for third-party packages, each with the version it targets.
 
-Import sat through `import_sat()` (or just import `model`, which calls it) so that these fixes are in
-place first. Every fix here is checked by tests/test_compat.py, which shows the upstream bug.
+Importing the package `model.sat` applies the import-time fixes (`apply_fixes()`, which imports nothing
+of sat, so it is cheap), so every module of model/sat that imports sat gets them first; `import_sat()`
+applies them and imports sat. Every fix here is checked by tests/test_compat.py, which shows the
+upstream bug.
 """
 import importlib
 import importlib.util
@@ -57,11 +59,41 @@ def _quiet_sat_logging() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def import_sat():
-    """Import SwissArmyTransformer 0.4.12 with the fixes this project relies on applied."""
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+DEEPSPEED_CPU_WARNING = "Setting accelerator to CPU."
+
+
+def _quiet_deepspeed_accelerator_warning() -> None:
+    """deepspeed 0.19.8 logs "Setting accelerator to CPU. If you have GPU or other accelerator, we were
+    unable to detect it." at import on every machine without CUDA, on stdout: every command (sat imports
+    deepspeed) began with it and machine-readable output did not. The front ends pick the device
+    themselves and say so where it matters, so only that one message of DeepSpeed's logger is dropped;
+    its other warnings still show. The filter sits on the logger by name, so it works whether or not
+    deepspeed is imported yet."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage(DEEPSPEED_CPU_WARNING))
+
+
+def apply_fixes() -> None:
+    """The fixes that must be in place before sat (or deepspeed) is imported. Imports neither."""
     _quiet_sat_logging()
+    _quiet_deepspeed_accelerator_warning()
     _stub_triton_rotary()
     _allow_sat_without_trainer_deps()
+
+
+def import_sat():
+    """Import SwissArmyTransformer 0.4.12 with the fixes this project relies on applied."""
+    apply_fixes()
     try:
         return importlib.import_module("sat")
     except ModuleNotFoundError as e:

@@ -31,6 +31,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from ..configs import add_adapter_args
 from .visualglm import VisualGLMModel
 
 LORA_KEYS = ("matrix_A", "matrix_B")
@@ -199,14 +200,7 @@ class FineTuneVisualGLMModel(VisualGLMModel):
     # -- args ---------------------------------------------------------------------------------
     @classmethod
     def add_model_specific_args(cls, parser):
-        group = parser.add_argument_group("VisualGLM-finetune", "Adapter options (saved in model_config.json)")
-        group.add_argument("--pre_seq_len", type=int, default=8, help="P-tuning v2 prefix length")
-        group.add_argument("--lora_rank", type=int, default=10)
-        group.add_argument("--use_ptuning", action="store_true")
-        group.add_argument("--use_lora", action="store_true")
-        group.add_argument("--use_qlora", action="store_true")
-        group.add_argument("--layer_range", nargs="+", type=int, default=None,
-                           help="GLM layers that get LoRA, as a list: '0 14' = layers 0 and 14 (default: all)")
+        add_adapter_args(parser)
         return super().add_model_specific_args(parser)
 
     @property

@@ -20,7 +20,6 @@ import torch
 from .checkpoint import (CheckpointError, _recompute_buffers, build_model, checkpoint_file, load_model,
                          read_config, read_state_dict, resolve_checkpoint_dir, save_checkpoint)
 from ..defaults import TOKENIZER_FILES
-from .finetune import ADAPTER_ARGS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -35,6 +34,7 @@ def stored_dtype(ckpt_dir: Path) -> torch.dtype:
 
 def merge_lora(src, dst, dtype="auto", device="cpu") -> Path:
     """Merge the run `src` into the new folder `dst`; returns dst."""
+    from .finetune import ADAPTER_ARGS   # (imports sat: not at module level, so that --help is quick)
     ckpt_dir = resolve_checkpoint_dir(src, download=False)
     config = read_config(ckpt_dir)
     if not (config.get("use_lora") or config.get("use_qlora")):

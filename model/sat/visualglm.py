@@ -7,7 +7,6 @@ placeholder slots that follow the "<img>" tokens of the prompt:
     ids:        <img> tokens | image_length placeholders | </img>问：...\n答： | [gMASK] <sop> ...
     embeddings: E[ids]       | BLIP2(image)              | E[ids]             | E[ids]
 """
-import json
 import warnings
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from sat.model.base_model import BaseMixin
 from sat.model.official.chatglm_model import ChatGLMModel
 
+from ..configs import add_visualglm_args
 from .blip2 import BLIP2
 
 
@@ -65,10 +65,7 @@ class VisualGLMModel(ChatGLMModel):
 
     @classmethod
     def add_model_specific_args(cls, parser):
-        group = parser.add_argument_group("VisualGLM", "VisualGLM Configurations")
-        group.add_argument("--image_length", type=int, default=32)
-        group.add_argument("--eva_args", type=json.loads, default={})
-        group.add_argument("--qformer_args", type=json.loads, default={})
+        add_visualglm_args(parser)
         return super().add_model_specific_args(parser)
 
     @classmethod
