@@ -62,12 +62,20 @@ def summarise(records: Sequence[dict]) -> dict:
 
 
 def evaluate(items: Iterable[dict], answer_fn: AnswerFn, base_dir: Optional[str] = None,
-             verbose: bool = False) -> dict:
+             verbose: bool = False, progress: bool = False) -> dict:
     """Ask every question of `items` (dataset.json entries) through `answer_fn` and grade it.
 
     Returns {"rows": {row: {"zh"|"en"|"all": {"correct", "total", "accuracy"}}}, "overall": {...},
-    "records": [one dict per graded turn]}. `img` paths are used as given, or joined to `base_dir`."""
+    "records": [one dict per graded turn]}. `img` paths are used as given, or joined to `base_dir`.
+    `progress`: a bar of questions answered, with an ETA, on stderr (1,000 images take minutes on a CPU)."""
+    items = list(items)
     records: List[dict] = []
+    shown = None
+    if progress:
+        from model.progress import bar
+        shown = bar(total=sum(len(it.get("conversations", [it])) for it in items), desc="Evaluating",
+                    unit="question")
+    say = (lambda text: shown.write(text, file=sys.stdout)) if shown is not None else print
     for index, item in enumerate(items):
         lang = item["lang"]
         english = lang == "en"
@@ -86,11 +94,15 @@ def evaluate(items: Iterable[dict], answer_fn: AnswerFn, base_dir: Optional[str]
             records.append({"item": index, "turn": turn_index, "row": row, "type": turn["type"], "lang": lang,
                             "img": item["img"], "prompt": turn["prompt"], "label": turn.get("label"),
                             "response": response, "answer": turn["answer"], "correct": bool(correct)})
-            if verbose:
+            if verbose:   # (through the bar when there is one, which keeps it below the lines)
                 mark = "ok " if correct else "BAD"
-                print(f"[{mark}] {row}/{turn['type']} {lang} {item['img']}\n  Q: {turn['prompt']}\n"
-                      f"  A: {response}\n  expected: {turn.get('label')}", flush=True)
+                say(f"[{mark}] {row}/{turn['type']} {lang} {item['img']}\n  Q: {turn['prompt']}\n"
+                    f"  A: {response}\n  expected: {turn.get('label')}")
             history.append((turn["prompt"], response))
+            if shown is not None:
+                shown.update(1)
+    if shown is not None:
+        shown.close()
     return summarise(records)
 
 
@@ -188,10 +200,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parser.parse_args(argv)
     if not args.oracle and not args.from_pretrained:
         parser.error("--from_pretrained is required (or --oracle)")
+    return _run(args)
+
+
+def _read_split(path) -> List[dict]:
+    try:
+        return load_split(path)
+    except (OSError, ValueError) as e:    # no such folder or dataset.json, or not JSON
+        raise SystemExit(f"error: cannot read the split {path}: {e}") from None
+
+
+def _run(args) -> dict:
+    """main() after parsing. What a user can get wrong (a model that cannot be found or loaded, a missing
+    split or image) ends the command with `error: ...` and status 1 (SystemExit), not a traceback."""
+    from model.image import ImageLoadError
+    from model.sat.checkpoint import CheckpointError
 
     tmp = None
     if args.split:
-        items = _filter_types(load_split(args.split), args.types)
+        items = _filter_types(_read_split(args.split), args.types)
     else:
         types = [t for t in (args.types or []) if t != MULTI_TURN] or None
         include_background = args.include_background or bool(types and "background" in types)
@@ -202,20 +229,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if out_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="synthetic-eval-")
             out_dir = os.path.join(tmp.name, f"eval-{args.seed}")
-        generate_split(out_dir, args.generate, args.seed, include_background=include_background,
-                       multi_turn_fraction=fraction, types=types, lang=args.lang)
-        items = load_split(out_dir)
+        from model.progress import bar
+        with bar(total=args.generate, desc="Generating images", unit="image") as shown:
+            generate_split(out_dir, args.generate, args.seed, include_background=include_background,
+                           multi_turn_fraction=fraction, types=types, lang=args.lang,
+                           on_image=lambda: shown.update(1))
+        items = _read_split(out_dir)
         if args.types and MULTI_TURN in args.types and len(args.types) == 1:
             items = [it for it in items if it["type"] == MULTI_TURN]
     if args.limit is not None:
         items = items[:args.limit]
 
-    if args.oracle:
-        answer_fn = oracle_answer_fn(items)
-    else:
-        answer_fn = build_answer_fn(args.from_pretrained, device=args.device, quant=args.quant,
-                                    max_length=args.max_length, repetition_penalty=args.repetition_penalty)
-    results = evaluate(items, answer_fn, verbose=args.verbose)
+    try:
+        if args.oracle:
+            answer_fn = oracle_answer_fn(items)
+        else:
+            answer_fn = build_answer_fn(args.from_pretrained, device=args.device, quant=args.quant,
+                                        max_length=args.max_length, repetition_penalty=args.repetition_penalty)
+        results = evaluate(items, answer_fn, verbose=args.verbose, progress=True)
+    except (CheckpointError, ImageLoadError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(format_table(results))
     if args.json_out:
         payload = dict(results)

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from serving.cli import add_model_args, add_worker_args, sat_engine_loader, worker_options
+from serving.cli import add_model_args, add_worker_args, model_name_of, sat_engine_loader, worker_options
 
 
 def parse_args(argv=None):
@@ -34,7 +34,9 @@ def serve(args, loader) -> int:
     if not worker.wait_ready():
         print(f"error: could not load the model: {worker.error}", file=sys.stderr)
         return 1
-    launch(build_demo(worker), worker, host=args.host, port=args.port, share=args.share)
+    # the page and the chat are titled after the model loaded (visualglm-tiny is not VisualGLM-6B)
+    launch(build_demo(worker, title=model_name_of(args.from_pretrained)), worker, host=args.host, port=args.port,
+           share=args.share)
     return 0
 
 

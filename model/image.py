@@ -96,7 +96,45 @@ def _fetch(url: str, max_bytes: int, timeout: float = 20.0) -> bytes:
                     raise ImageLoadError(f"{url} is larger than {max_bytes} bytes.")
             return bytes(data)
     except requests.RequestException as e:
-        raise ImageLoadError(f"Could not download {url}: {e}") from e
+        raise ImageLoadError(f"Could not download {url}: {_download_failure(e, timeout)}.") from e
+
+
+def _download_failure(error: BaseException, timeout: float) -> str:
+    """Why a download failed, in a few words: requests wraps the reason in two layers of urllib3
+    exceptions whose text repeats the URL and object reprs ("HTTPConnectionPool(host=...): Max retries
+    exceeded ... (Caused by NewConnectionError(...))"), so the innermost cause is reported instead."""
+    import socket
+
+    import requests
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        return f"the server answered {error.response.status_code} {error.response.reason or ''}".rstrip()
+    if isinstance(error, requests.Timeout):
+        return f"no answer within {timeout:g} s"
+    root, seen = error, set()
+    while id(root) not in seen:       # requests -> urllib3 MaxRetryError -> NewConnectionError -> OSError
+        seen.add(id(root))
+        reason = getattr(root, "reason", None)
+        inner = reason if isinstance(reason, BaseException) else \
+            root.args[0] if root.args and isinstance(root.args[0], BaseException) else root.__cause__
+        if inner is None:
+            break
+        root = inner
+    if isinstance(root, socket.gaierror):
+        return "the host name could not be resolved (no network, or a mistyped address)"
+    if isinstance(root, OSError) and root.strerror:
+        return root.strerror[:1].lower() + root.strerror[1:]
+    text = " ".join(_OBJECT_REPR.sub("", str(root)).split()) or type(root).__name__
+    return text.split(" (Caused by")[0]
+
+
+def _file_url_path(url: str) -> Path:
+    """file:///home/me/a%20b.png (what file managers put on the clipboard) -> /home/me/a b.png."""
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ImageLoadError(f"{url} names a file on another machine ({parts.netloc}); give a local path.")
+    return Path(url2pathname(parts.path))   # (url2pathname undoes the %-escapes)
 
 
 def load_image(source, *, allow_path: bool = True, allow_url: bool = True,
@@ -118,7 +156,7 @@ def load_image(source, *, allow_path: bool = True, allow_url: bool = True,
             return _decode(_fetch(text, max_bytes), text, max_pixels)
         if not allow_path:
             raise ImageLoadError("Reading images from local paths is disabled here.")
-        path = Path(text).expanduser()
+        path = _file_url_path(text) if text.lower().startswith("file:") else Path(text).expanduser()
         if not path.is_file():
             raise ImageLoadError(f"Image file not found: {path}")
         if path.stat().st_size > max_bytes:

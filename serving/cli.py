@@ -44,8 +44,14 @@ def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=N
     (servers take images only as data; the API fetches URLs itself when the operator allows it)."""
     def load():
         from model.chat import ChatEngine
+        from model.sat.checkpoint import CheckpointError
         from model.sat.loading import load_model_and_tokenizer
-        model, tok = load_model_and_tokenizer(from_pretrained, device=device, quant=quant, tokenizer=tokenizer)
+
+        from .errors import ModelLoadError
+        try:
+            model, tok = load_model_and_tokenizer(from_pretrained, device=device, quant=quant, tokenizer=tokenizer)
+        except CheckpointError as e:   # says what is wrong and where it looked: no traceback needed
+            raise ModelLoadError(str(e)) from None
         model.eval()
         return ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False)
     return load

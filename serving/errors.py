@@ -48,6 +48,13 @@ class NotReadyError(ServingError):
     type = "model_not_ready"
 
 
+class ModelLoadError(ServingError):
+    """The model could not be loaded for a reason its message explains (no checkpoint there, a tokenizer
+    that does not fit): the front ends print it once, without a traceback (a bug still gets one)."""
+    status = 503
+    type = "model_not_ready"
+
+
 class GenerationError(ServingError):
     """Generation itself failed (out of memory, NaN logits...): a server fault, not the client's."""
     status = 500

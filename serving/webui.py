@@ -11,6 +11,7 @@ user's text (Chinese when it contains Han characters).
 """
 import base64
 import binascii
+import sys
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
@@ -38,8 +39,9 @@ NOTICES = {
     "loading": ("模型还在加载，请稍后再试。", "The model is still loading; please try again shortly."),
     "failed": ("生成出错：", "Generation failed: "),
 }
-INTRO = ("**VisualGLM-6B**: upload an image, then ask questions about it (Chinese or English). "
+INTRO = ("**{title}**: upload an image, then ask questions about it (Chinese or English). "
          "上传图片后即可就图片内容提问（中文或英文）。新图片或“清除”会开始新的对话。")
+SHARE_HINT = "* To create a public link, add --share to the command."
 
 
 def notice(key: str, chinese: bool) -> str:
@@ -131,9 +133,11 @@ class ChatHandler:
             yield chat, history, query
             return
 
-        yield _turn(chat, history, query, "")
-        text = TextAssembler(self.worker.engine.decode)
         try:
+            # inside the try: a Stop (or Clear) that closes this generator at the first, empty output
+            # must cancel the stream too, or its row keeps generating for nobody
+            yield _turn(chat, history, query, "")
+            text = TextAssembler(self.worker.engine.decode)
             async for ids in stream:
                 if text.add(ids):
                     yield _turn(chat, history, query, text.text)
@@ -200,7 +204,7 @@ def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optiona
 
     # Gradio keeps uploads in its cache folder: delete them after an hour (checked every 10 minutes)
     with gr.Blocks(title=title, delete_cache=(600, 3600), analytics_enabled=False) as demo:
-        gr.Markdown(INTRO)
+        gr.Markdown(INTRO.format(title=title))
         history = gr.State([])
         with gr.Row():
             with gr.Column(scale=2):
@@ -228,5 +232,13 @@ def build_demo(worker: Worker, *, title: str = "VisualGLM-6B", defaults: Optiona
 
 
 def launch(demo, worker: Worker, *, host: str = "0.0.0.0", port: int = 7860, share: bool = False, **kw):
+    """Serve until interrupted. Gradio's own start-up lines are replaced by ours: its hint "set
+    `share=True` in `launch()`" speaks to programmers, while users of web_demo.py have --share."""
     demo.queue(max_size=max(worker.max_batch + worker.max_queue, 1))
-    return demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, show_error=True, **kw)
+    demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, show_error=True, quiet=True,
+                prevent_thread_lock=True, **kw)
+    print(f"* Running on local URL:  {demo.protocol}://{demo.server_name}:{demo.server_port}")
+    if not share:                      # (with --share Gradio prints the public URL itself)
+        print(SHARE_HINT)
+    sys.stdout.flush()
+    demo.block_thread()

@@ -38,7 +38,7 @@ import torch
 from model.image_cache import pixels_key
 from model.sampling import SamplingParams
 
-from .errors import GenerationError, NotReadyError, QueueFullError
+from .errors import GenerationError, ModelLoadError, NotReadyError, QueueFullError
 
 log = logging.getLogger("visualglm.serving")
 
@@ -252,10 +252,16 @@ class Worker:
         if self._loader is not None and self.engine is None:
             try:
                 engine = self._loader()
+            except ModelLoadError as e:   # explained by its message, which the front end prints
+                error = str(e)
             except BaseException as e:  # noqa: BLE001 - report any failure through /health
                 log.exception("loading the model failed")
+                error = f"{type(e).__name__}: {e}"
+            else:
+                error = None
+            if error is not None:
                 with self._cond:
-                    self.error = f"{type(e).__name__}: {e}"
+                    self.error = error
                     self.state = "failed"
                 self._settled.set()
                 return

@@ -21,7 +21,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 from .qa import LANGS, PRETRAIN_TYPES, QUESTION_TYPES, QA, make_conversation, sample_qa
 from .scenes import save_png, sample_scene
@@ -97,10 +97,11 @@ def write_dataset_json(items: List[dict], path: Union[str, Path]) -> None:
 def generate_split(out_dir: Union[str, Path], n_images: int, seed: int, include_background: bool = False,
                    multi_turn_fraction: float = DEFAULT_MULTI_TURN_FRACTION,
                    types: Optional[Sequence[str]] = None, questions_per_image: int = 1,
-                   lang: Optional[str] = None) -> List[dict]:
+                   lang: Optional[str] = None, on_image: Optional[Callable[[], None]] = None) -> List[dict]:
     """Write `n_images` PNGs and `dataset.json` into `out_dir`; return the items written.
 
-    `img` paths are `<basename of out_dir>/<index>.png` (relative to out_dir's parent)."""
+    `img` paths are `<basename of out_dir>/<index>.png` (relative to out_dir's parent). `on_image` is
+    called after each image is written (evaluate.py moves its progress bar with it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir.resolve().name + "/"
@@ -110,6 +111,8 @@ def generate_split(out_dir: Union[str, Path], n_images: int, seed: int, include_
             types=types, questions_per_image=questions_per_image, lang=lang, img_prefix=prefix)):
         save_png(image, out_dir / f"{index:06d}.png")
         all_items.extend(items)
+        if on_image is not None:
+            on_image()
     write_dataset_json(all_items, out_dir / "dataset.json")
     return all_items
 

@@ -689,6 +689,10 @@ def test_api_py_serves_a_checkpoint_and_exits_on_a_missing_one(ckpt_dir, tmp_pat
                               "--host", "127.0.0.1", "--port", str(free_port()), "--device", "cpu"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "could not load the model" in missing.stderr
+    # said once, clearly: no traceback, the reason not repeated by a log line
+    assert "Traceback" not in missing.stderr and missing.stderr.count("not found") == 1, missing.stderr
+    assert [line for line in missing.stderr.splitlines() if "not found" in line][0].startswith(
+        "error: could not load the model: Checkpoint")
 
 
 # -- hostile clients ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The serving worker: batching, per-row settings, cancellation, the bounded queue, loading, errors,
 image encoding once per batch, and streamed text that never takes anything back."""
 import asyncio
+import logging
 import random
 import threading
 import time
@@ -334,3 +335,32 @@ def test_a_row_whose_sampling_fails_ends_alone_with_a_generation_error(engine, m
     assert isinstance(odd_out, GenerationError) and odd_out.type == "generation_error" and odd_out.status == 500
     assert "ValueError" in odd_out.message and "NaN" in odd_out.message
     assert worker.stats["errors"] == 1
+
+
+def test_a_load_failure_the_message_explains_gets_no_traceback_and_a_bug_does(caplog):
+    from serving.errors import ModelLoadError
+
+    def missing():
+        raise ModelLoadError("Checkpoint 'x' not found. Looked in: here.")
+
+    def bug():
+        raise KeyError("model_class")
+    with caplog.at_level(logging.DEBUG, logger="visualglm.serving"):
+        explained = Worker(loader=missing).start()
+        assert not explained.wait_ready(10)
+        explained.stop()
+        assert explained.error == "Checkpoint 'x' not found. Looked in: here."   # printed once, by the front end
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        broken = Worker(loader=bug).start()
+        assert not broken.wait_ready(10)
+        broken.stop()
+    assert broken.error == "KeyError: 'model_class'"
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.exc_info is not None                    # an unexpected failure keeps its traceback
+
+
+def test_the_sat_loader_turns_a_missing_checkpoint_into_a_model_load_error(tmp_path):
+    from serving.cli import sat_engine_loader
+    from serving.errors import ModelLoadError
+    with pytest.raises(ModelLoadError, match="not found"):
+        sat_engine_loader(str(tmp_path / "nothing-here"), device="cpu")()

@@ -451,6 +451,40 @@ def test_evaluate_cli_oracle(tmp_path):
     assert set(res["rows"]) == {"count"}
 
 
+def run_evaluate(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+def test_evaluate_shows_progress_on_stderr_and_only_the_table_on_stdout(tmp_path, ckpt_dir):
+    done = run_evaluate("--from_pretrained", str(ckpt_dir), "--device", "cpu", "--generate", "3", "--seed", "1",
+                        "--max_length", "120", "--out_dir", str(tmp_path / "gen"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["type", "zh", "en", "all"] and lines[-1].startswith("overall"), done.stdout
+    assert "Evaluating" not in done.stdout and "\r" not in done.stdout and "Setting accelerator" not in done.stdout
+    n_turns = sum(len(it.get("conversations", [it])) for it in load_split(tmp_path / "gen"))
+    assert "Generating images: 100%|" in done.stderr and "3/3" in done.stderr
+    assert "Evaluating: 100%|" in done.stderr and f"{n_turns}/{n_turns}" in done.stderr
+
+
+def test_evaluate_verbose_lines_go_to_stdout_beside_the_bar(tmp_path):
+    done = run_evaluate("--oracle", "--generate", "2", "--seed", "4", "--out_dir", str(tmp_path / "gen"), "--verbose")
+    assert done.returncode == 0 and done.stdout.count("[ok ]") >= 2 and "[ok ]" not in done.stderr
+
+
+def test_evaluate_errors_are_one_line_not_a_traceback(tmp_path):
+    missing = run_evaluate("--from_pretrained", str(tmp_path / "no-model"), "--generate", "2",
+                           "--out_dir", str(tmp_path / "gen"))
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.splitlines()[-1].startswith(f"error: Checkpoint '{tmp_path / 'no-model'}' not found")
+    no_split = run_evaluate("--oracle", "--split", str(tmp_path / "no-split"))
+    assert no_split.returncode == 1 and "Traceback" not in no_split.stderr
+    assert no_split.stderr.startswith(f"error: cannot read the split {tmp_path / 'no-split'}")
+
+
 # ----------------------------------------------------------------------------- fewshot-data.zip
 
 def _zip_contents(path):

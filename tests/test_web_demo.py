@@ -181,7 +181,7 @@ RASTER = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 class FakeWorker:
     """Just enough of serving.Worker for build_demo and respond: records the images it is given."""
-    max_context, max_batch = 256, 2
+    max_context, max_batch, max_queue = 256, 2, 4
 
     def __init__(self):
         self.images = []
@@ -311,3 +311,86 @@ def test_the_image_box_opens_nothing_itself(upload_dir, tmp_path, pillow_calls):
     with pytest.raises(ImageLoadError, match=ACCEPTED):
         read_upload(str(inside))
     assert pillow_calls["eps"] == []
+
+
+# -- Stop at the first output, the title, the start-up lines, a model that cannot load --------------------
+class RecordingWorker(FakeWorker):
+    """FakeWorker whose streams record whether they were cancelled."""
+
+    def __init__(self):
+        super().__init__()
+        self.cancelled = []
+
+    def submit(self, job):
+        worker = self
+
+        class Stream:
+            def cancel(self):
+                worker.cancelled.append(self)
+        self.cancelled.append("submitted")
+        return Stream()
+
+
+def test_stop_right_after_the_first_empty_output_cancels_the_generation(image_file):
+    """Gradio closes the handler's generator when the visitor presses Stop; at the first output (the
+    question with an empty answer) that must free the batch row like any later Stop."""
+    import asyncio
+
+    from serving.webui import DEFAULTS, ChatHandler
+    worker = RecordingWorker()
+
+    async def stop_at_first_output():
+        answer = ChatHandler(worker, DEFAULTS).respond("What is it?", str(image_file), [], 200, 0.4, 0.8)
+        chat, history, box = await answer.__anext__()
+        assert chat[-1] == {"role": "assistant", "content": ""} and box == ""
+        await answer.aclose()                      # what Gradio does on Stop
+    asyncio.run(stop_at_first_output())
+    assert len(worker.cancelled) == 2, "the stream was not cancelled"
+
+
+def test_the_page_is_titled_after_the_model():
+    from serving.webui import build_demo
+    demo = build_demo(FakeWorker(), title="visualglm-tiny")
+    texts = [getattr(b, "value", None) for b in demo.blocks.values()]
+    assert demo.title == "visualglm-tiny"
+    assert any(isinstance(t, str) and t.startswith("**visualglm-tiny**") for t in texts)
+    assert not any(isinstance(t, str) and "VisualGLM-6B" in t for t in texts)
+    chatbot = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "chatbot")
+    assert chatbot.label == "visualglm-tiny"
+
+
+def test_web_demo_passes_the_checkpoint_name_as_title(monkeypatch, tmp_path):
+    import types
+
+    import web_demo
+    import serving.webui as webui
+    shown = {}
+    monkeypatch.setattr(webui, "launch", lambda demo, worker, **kw: shown.update(title=demo.title))
+    args = web_demo.parse_args(["--from_pretrained", str(tmp_path / "my-finetune") + "/"])
+    engine = types.SimpleNamespace(max_context=256)     # all build_demo asks of the loaded engine
+    assert web_demo.serve(args, loader=lambda: engine) == 0
+    assert shown["title"] == "my-finetune"
+
+
+def test_start_up_names_the_share_flag_not_gradios_launch_argument(capfd):
+    from serving.webui import build_demo, launch
+    demo = build_demo(FakeWorker())
+    demo.block_thread = lambda: None               # return instead of serving until Ctrl-C
+    try:
+        launch(demo, FakeWorker(), host="127.0.0.1", port=free_port())
+    finally:
+        demo.close()
+    out = capfd.readouterr().out
+    assert "* Running on local URL:  http://127.0.0.1:" in out
+    assert "add --share" in out and "share=True" not in out and "launch()" not in out
+
+
+def test_a_model_that_cannot_load_is_reported_once_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "web_demo.py", "--from_pretrained", str(tmp_path / "nothing-here"),
+                           "--host", "127.0.0.1", "--port", str(free_port())],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, GRADIO_ANALYTICS_ENABLED="False"))
+    output = done.stdout + done.stderr
+    assert done.returncode == 1
+    assert "Traceback" not in output and output.count("not found") == 1, output
+    assert done.stderr.startswith("error: could not load the model: Checkpoint") and done.stderr.count("\n") == 1
