@@ -1,25 +1,35 @@
 """Chat with VisualGLM in the terminal (sat checkpoints).
 
+    python cli_demo.py --from_pretrained visualglm-tiny           # the bundled small model, offline
     python cli_demo.py --from_pretrained visualglm-6b            # the released weights in $SAT_HOME
     python cli_demo.py --from_pretrained ./checkpoints/my-finetune --quant 4
 
-At the image prompt give a path or an http(s) URL (Enter alone: text-only chat). Then type questions;
-`clear` starts over with a new image, `stop` quits.
+At the image prompt give a path (quoted or dragged in from a file manager is fine), a file:// or an
+http(s) URL; Enter alone: text-only chat. Then type questions: each is answered in the prompt format of
+its language (Chinese when it contains Chinese characters; --english: always English). `clear` starts
+over with a new image, `stop` (or Ctrl-D, or Ctrl-C at a prompt) quits, Ctrl-C during an answer stops it.
 """
 import argparse
+import os
+import shlex
 import sys
-
-import torch
 
 from model.defaults import DEMO_SAMPLING
 
+# "zh" / "en": the language of the last question (or --english); "both": before the first question
 MESSAGES = {
-    False: dict(image="请输入图像路径或URL（回车进入纯文本对话）：", user="用户：", bot="VisualGLM：",
-                welcome="欢迎使用 VisualGLM 模型，输入图像URL或本地路径读图，继续输入内容对话，clear 重新开始，stop 终止程序"),
-    True: dict(image="Please enter the image path or URL (press Enter for plain text chat): ", user="User: ",
-               bot="VisualGLM: ", welcome="Welcome to VisualGLM. Enter an image URL or local path to read an "
-                                          "image, then chat; 'clear' starts over, 'stop' quits."),
+    "zh": dict(image="请输入图像路径或URL（回车进入纯文本对话）：", user="用户：", bot="VisualGLM：",
+               stopped="（已停止）",
+               welcome="欢迎使用 VisualGLM 模型，输入图像URL或本地路径读图，继续输入内容对话，clear 重新开始，"
+                       "stop 终止程序，Ctrl-C 中断回答"),
+    "en": dict(image="Please enter the image path or URL (press Enter for plain text chat): ", user="User: ",
+               bot="VisualGLM: ", stopped="(stopped)",
+               welcome="Welcome to VisualGLM. Enter an image URL or local path to read an image, then chat; "
+                       "'clear' starts over, 'stop' quits, Ctrl-C stops an answer."),
 }
+MESSAGES["both"] = dict(
+    MESSAGES["zh"], image="请输入图像路径或URL（回车进入纯文本对话）/ Image path or URL (Enter: text only): ",
+    user="用户 / User: ", welcome=MESSAGES["zh"]["welcome"] + "\n" + MESSAGES["en"]["welcome"])
 
 
 def parse_args(argv=None):
@@ -30,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--top_k", type=int, default=d["top_k"], help="top k for top-k sampling (1 = greedy)")
     p.add_argument("--temperature", type=float, default=d["temperature"], help="temperature for sampling (0 = greedy)")
     p.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
-    p.add_argument("--english", action="store_true", help="English prompts and answers")
+    p.add_argument("--english", action="store_true",
+                   help="always the English prompt format and messages (default: each question's language)")
     p.add_argument("--quant", choices=[8, 4], type=int, default=None, help="quantize the GLM weights to 8 or 4 bits")
     p.add_argument("--from_pretrained", type=str, default="visualglm-6b", help="checkpoint name or folder")
     p.add_argument("--tokenizer", type=str, default=None, help="folder with ice_text.model (default: found automatically)")
@@ -41,11 +52,36 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def image_argument(text: str) -> str:
+    """What the user meant at the image prompt. Terminals paste a file dragged into them as 'path',
+    "path" or path\\ with\\ escaped\\ spaces, so those are unquoted the way a shell would; a path that
+    exists as typed (or a URL) is taken as typed. file:// URLs are read by model.image."""
+    text = text.strip()
+    if not text or "://" in text or os.path.exists(os.path.expanduser(text)):
+        return text
+    try:
+        words = shlex.split(text)
+    except ValueError:        # an unbalanced quote, e.g. an unquoted path with an apostrophe in it
+        return text
+    return words[0] if len(words) == 1 else text
+
+
+class _Quit(Exception):
+    """The user asked to leave: `stop`, Ctrl-D or Ctrl-C at a prompt."""
+
+
+def ask(prompt: str) -> str:
+    try:
+        return input(prompt)
+    except (EOFError, KeyboardInterrupt):
+        print()               # end the prompt's line, so that the shell's prompt starts on a new one
+        raise _Quit from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from model.chat import ChatEngine, PromptTooLongError
+    from model.chat import ChatEngine
     from model.sat.checkpoint import CheckpointError
-    from model.image import ImageLoadError
     from model.sat.loading import load_model_and_tokenizer
 
     try:
@@ -54,61 +90,97 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    engine = ChatEngine(model, tokenizer)
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    sampling = dict(max_length=args.max_length, top_p=args.top_p, top_k=args.top_k,
-                    temperature=args.temperature, repetition_penalty=args.repetition_penalty,
-                    invalid_slices=[slice(63823, 130000)] if args.english and model.config["vocab_size"] > 130000 else [])
-    msg = MESSAGES[args.english]
-    print(msg["welcome"])
+    except KeyboardInterrupt:
+        print()
+        return 130
+    TerminalChat(ChatEngine(model, tokenizer), args, model.config["vocab_size"]).run()
+    return 0
 
-    def ask(prompt):
+
+class TerminalChat:
+    def __init__(self, engine, args, vocab_size: int):
+        import torch
+        self.engine, self.args = engine, args
+        self.lang = "en" if args.english else "both"
+        self.generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+        self.vocab_size = vocab_size
+
+    @property
+    def msg(self) -> dict:
+        return MESSAGES[self.lang]
+
+    def run(self) -> None:
+        """Conversations until the user quits."""
         try:
-            return input(prompt)
-        except EOFError:
-            return None
+            self._conversations()
+        except _Quit:
+            pass
+        except KeyboardInterrupt:   # one that landed outside a prompt or an answer: quit all the same
+            print()
 
-    while True:
-        image_path = ask(msg["image"])
-        if image_path is None or image_path.strip() == "stop":
-            return 0
-        image_path = image_path.strip()
-        history, image = [], None
-        if image_path:
-            try:
-                image = engine.encode_image(image_path)
-            except ImageLoadError as e:
-                print(f"error: {e}")
-                continue
-            query = args.prompt_en if args.english else args.prompt_zh
-        else:
-            query = ask(msg["user"])
-            if query is None:
-                return 0
+    def _conversations(self) -> None:
+        from model.image import ImageLoadError
+        print(self.msg["welcome"])
         while True:
-            if query.strip() == "stop":
-                return 0
-            if query.strip() == "clear":
-                break
-            if query.strip():
-                print(msg["bot"], end="", flush=True)
-                shown = ""
+            image_path = image_argument(ask(self.msg["image"]))
+            if image_path == "stop":
+                raise _Quit
+            history, image = [], None
+            if image_path:
                 try:
-                    for response, history, image in engine.stream_chat(None, query, history=history, image=image,
-                                                                       english=args.english, generator=generator,
-                                                                       **sampling):
-                        # process_response may rewrite punctuation already shown; print only the new tail
-                        if response.startswith(shown):
-                            print(response[len(shown):], end="", flush=True)
-                        else:
-                            print("\n" + msg["bot"] + response, end="", flush=True)
-                        shown = response
+                    image = self.engine.encode_image(image_path)
+                except ImageLoadError as e:
+                    print(f"error: {e}")
+                    continue
+                except KeyboardInterrupt:      # encoding a large image model on a CPU takes a while
                     print()
-                except PromptTooLongError as e:
-                    print(f"\nerror: {e}")
-            query = ask(msg["user"])
-            if query is None:
-                return 0
+                    continue
+                # the first question about an image: in the language of the conversation so far
+                query = self.args.prompt_en if self.lang == "en" else self.args.prompt_zh
+            else:
+                query = ask(self.msg["user"])
+            while query.strip() != "clear":
+                if query.strip() == "stop":
+                    raise _Quit
+                if query.strip():
+                    history, image = self.answer(query, history, image)
+                query = ask(self.msg["user"])
+
+    def answer(self, query: str, history, image):
+        """Stream one answer; returns the new (history, image). Ctrl-C stops the answer where it is and
+        keeps what was shown, as the web demo's Stop does."""
+        from model.chat import PromptTooLongError
+        from model.prompts import has_chinese
+        english = self.args.english or not has_chinese(query)
+        self.lang = "en" if english else "zh"
+        a = self.args
+        # the 6B vocabulary's Chinese-only pieces are kept out of English answers, as upstream does
+        invalid = [slice(63823, 130000)] if english and self.vocab_size > 130000 else []
+        shown, stream = "", None
+        try:
+            print(self.msg["bot"], end="", flush=True)
+            stream = self.engine.stream_chat(None, query, history=history, image=image, english=english,
+                                             generator=self.generator, max_length=a.max_length, top_p=a.top_p,
+                                             top_k=a.top_k, temperature=a.temperature,
+                                             repetition_penalty=a.repetition_penalty, invalid_slices=invalid)
+            for response, new_history, image in stream:
+                # process_response may rewrite punctuation already shown; print only the new tail
+                if response.startswith(shown):
+                    print(response[len(shown):], end="", flush=True)
+                else:
+                    print("\n" + self.msg["bot"] + response, end="", flush=True)
+                shown = response
+            print()
+            return new_history, image
+        except PromptTooLongError as e:
+            print(f"\nerror: {e}")
+            return history, image
+        except KeyboardInterrupt:
+            print(" " + self.msg["stopped"])
+            return (history + [(query, shown)] if shown else history), image
+        finally:
+            if stream is not None:
+                stream.close()    # stops the generation if the interrupt came between two tokens
 
 
 if __name__ == "__main__":
