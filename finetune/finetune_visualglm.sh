@@ -6,16 +6,18 @@
 # Environment variables (defaults in brackets):
 #   MODEL        checkpoint name or folder                       [visualglm-6b]
 #   TRAIN_DATA   training set (DATA is an alias)                 [./fewshot-data/dataset.json]
-#   VALID_DATA   validation set                                  [= TRAIN_DATA]
+#   VALID_DATA   validation set                                  [none: no validation loss]
 #   SAVE         folder for runs                                 [./checkpoints]
-#   EXPERIMENT   run name prefix                                 [finetune-visualglm-6b]
+#   EXPERIMENT   run name prefix                                 [finetune-<MODEL's folder name>]
 #   ADAPTER      lora | qlora | ptuning                          [lora]
 #   LORA_RANK [10]  LAYER_RANGE ["0 14"]  PRE_SEQ_LEN [4]
 #   TRAIN_ITERS [300]  BATCH_SIZE [4]  GRAD_ACCUM [1]  LR [0.0001]  SAVE_INTERVAL [300]
 #   NUM_GPUS     GPUs on this machine to use                     [all visible; 0 = CPU]
 #   HOSTFILE     DeepSpeed hostfile for several nodes            [none: this machine only]
 #   MASTER_PORT  [16666]   PRECISION fp16 | bf16 | fp32          [fp16 on GPUs, fp32 on the CPU]
-#   PYTHON       interpreter                                     [python3]
+#   PYTHON       interpreter                   [the repository's .venv/bin/python if there, else python3]
+# The training data is not used for validation: without VALID_DATA (or --split 9,1,0, which holds out
+# a tenth of TRAIN_DATA) the run has no validation set and says so.
 # Without a usable GPU (no nvidia-smi, or torch sees no CUDA device) the same training runs as one
 # CPU process with gloo, in fp32 (or PRECISION=bf16).
 #
@@ -28,7 +30,11 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
-PYTHON="${PYTHON:-python3}"
+# The project's environment when bash setup.sh made one, so that the commands in README.md work as
+# written on a fresh clone, without activating anything first.
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
 
 MODEL="${MODEL:-visualglm-6b}"
 for folder in "$MODEL" "${SAT_HOME:-$HOME/.sat_models}/$MODEL" "$ROOT/pretrained/$MODEL"; do
@@ -48,9 +54,11 @@ for folder in "$MODEL" "${SAT_HOME:-$HOME/.sat_models}/$MODEL" "$ROOT/pretrained
   fi
 done
 TRAIN_DATA="${TRAIN_DATA:-${DATA:-./fewshot-data/dataset.json}}"
-VALID_DATA="${VALID_DATA:-$TRAIN_DATA}"
+# (validating on the training data would report its loss as a "validation loss")
+VALID_DATA="${VALID_DATA:-}"
 SAVE="${SAVE:-./checkpoints}"
-EXPERIMENT="${EXPERIMENT:-finetune-visualglm-6b}"
+# runs are named after the model they fine-tune: finetune-visualglm-tiny-<date> for MODEL=visualglm-tiny
+EXPERIMENT="${EXPERIMENT:-finetune-$(basename "${MODEL%/}")}"
 ADAPTER="${ADAPTER:-lora}"
 LORA_RANK="${LORA_RANK:-10}"
 LAYER_RANGE="${LAYER_RANGE:-0 14}"
@@ -101,7 +109,6 @@ options=(
   --layer_range $LAYER_RANGE
   --pre_seq_len "$PRE_SEQ_LEN"
   --train-data "$TRAIN_DATA"
-  --valid-data "$VALID_DATA"
   --lr-decay-style cosine
   --warmup .02
   --save-interval "$SAVE_INTERVAL"
@@ -119,10 +126,14 @@ options=(
   "${adapter_flags[@]}"
   "${precision_flags[@]}"
 )
+if [[ -n "$VALID_DATA" ]]; then
+  options+=(--valid-data "$VALID_DATA")
+fi
 
 if [[ "$NUM_GPUS" -gt 0 ]]; then
   options+=(--checkpoint-activations --distributed-backend nccl)
-  launcher=(deepspeed --master_port "$MASTER_PORT")
+  # the `deepspeed` command of $PYTHON's environment, which need not be on PATH
+  launcher=("$PYTHON" -m deepspeed.launcher.runner --master_port "$MASTER_PORT")
   if [[ -n "${HOSTFILE:-}" ]]; then
     launcher+=(--hostfile "$HOSTFILE")
   else

@@ -12,5 +12,6 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export ADAPTER=qlora
 export BATCH_SIZE="${BATCH_SIZE:-1}"
 export GRAD_ACCUM="${GRAD_ACCUM:-4}"
-export EXPERIMENT="${EXPERIMENT:-finetune-visualglm-6b-qlora}"
+MODEL="${MODEL:-visualglm-6b}"
+export EXPERIMENT="${EXPERIMENT:-finetune-$(basename "${MODEL%/}")-qlora}"
 exec bash "$HERE/finetune_visualglm.sh" "$@"

@@ -25,7 +25,8 @@ read -r S1 S2 S3 S4 <<< "${STAGES:-1500 1400 1500 1500}"
 BATCH=${BATCH:-512}
 WORKERS=${WORKERS:-15}
 PRECISION=${PRECISION---bf16}
-PY=${PYTHON:-python}
+# the project's environment when bash setup.sh made one (nothing to activate), else whatever python3 is
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 FINETUNE_DEFAULTS=("# LoRA settings for finetune/finetune_visualglm.sh on this model" "LR=3e-3" "LAYER_RANGE=0 1 2 3")
 
 rm -rf "$WORK"

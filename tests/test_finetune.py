@@ -323,7 +323,7 @@ def test_qlora_script_runs_on_a_cpu_only_machine(ckpt_dir, data, tmp_path):
     assert "training on the CPU" in out.stderr
     assert "1 x 4 accumulation" in out.stdout            # QLoRA: micro-batch 1, 4 accumulation steps
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name.startswith("finetune-visualglm-6b-qlora-")
+    assert run_dir.name.startswith(f"finetune-{ckpt_dir.name}-qlora-")    # named after the model it tunes
     assert (run_dir / "latest").read_text().strip() == "2"
     config = json.loads((run_dir / "model_config.json").read_text())
     assert config["use_qlora"] and config["lora_rank"] == 10 and config["layer_range"] == [0, 1]
@@ -347,3 +347,58 @@ def test_script_takes_recommended_defaults_from_the_model_folder(ckpt_dir, data,
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "latest").read_text().strip() == "3"
     assert json.loads((run_dir / "model_config.json").read_text())["layer_range"] == [0, 1]   # the user's value
+
+
+def script_in_a_fake_repo(tmp_path, venv: bool):
+    """finetune/*.sh copied into a folder of their own, where `python` is a stub that prints the
+    command it was given: what the script chooses to run, without training."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "finetune", repo / "finetune")
+    stub = "#!/bin/sh\necho \"RAN $0 $*\"\n"
+    bins = [repo / ".venv" / "bin" / "python"] if venv else []
+    bins.append(tmp_path / "path" / "python3")
+    for path in bins:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(stub)
+        path.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "EXPERIMENT", "VALID_DATA", "MODEL")}
+    env.update(PATH=f"{tmp_path / 'path'}:{os.environ['PATH']}", NUM_GPUS="0")
+    return repo, env
+
+
+@pytest.mark.parametrize("venv", [True, False])
+def test_scripts_use_the_repositorys_environment_and_name_runs_after_the_model(tmp_path, venv):
+    repo, env = script_in_a_fake_repo(tmp_path, venv)
+    python = str(repo / ".venv" / "bin" / "python") if venv else "python3"
+    for script, model, experiment in [("finetune_visualglm.sh", "visualglm-tiny", "finetune-visualglm-tiny"),
+                                      ("finetune_visualglm.sh", None, "finetune-visualglm-6b"),
+                                      ("finetune_visualglm.sh", "./checkpoints/my-model/", "finetune-my-model"),
+                                      ("finetune_visualglm_qlora.sh", "visualglm-tiny", "finetune-visualglm-tiny-qlora")]:
+        done = subprocess.run(["bash", str(repo / "finetune" / script)], capture_output=True, text=True, timeout=60,
+                              cwd=tmp_path, env=dict(env, **({"MODEL": model} if model else {})))
+        assert done.returncode == 0, done.stderr
+        (ran,) = [line for line in done.stdout.splitlines() if line.startswith("RAN ")]
+        words = ran.split()
+        assert words[1].endswith(python) and words[2] == str(repo / "finetune_visualglm.py")
+        assert words[words.index("--experiment-name") + 1] == experiment
+        assert "--valid-data" not in words             # the training data is not passed off as validation data
+
+
+def test_scripts_pass_a_validation_set_only_when_given(tmp_path):
+    repo, env = script_in_a_fake_repo(tmp_path, venv=True)
+    done = subprocess.run(["bash", str(repo / "finetune" / "finetune_visualglm.sh")], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path, env=dict(env, VALID_DATA="data/valid.json"))
+    words = done.stdout.split()
+    assert words[words.index("--valid-data") + 1] == "data/valid.json"
+
+
+def test_the_log_says_when_there_is_no_real_validation_set(ckpt_dir, data, capsys):
+    ft.run(argv(ckpt_dir, data, None, "--use_lora", iters=1))
+    out = capsys.readouterr().out
+    assert "no validation set: no validation loss will be reported" in out and "--split 9,1,0" in out
+    ft.run(argv(ckpt_dir, data, None, "--use_lora", "--valid-data", str(data), iters=1))
+    out = capsys.readouterr().out
+    assert "warning: the validation data is training data" in out and "validation loss at the end" in out
+    ft.run(argv(ckpt_dir, data, None, "--use_lora", "--split", "3,1", iters=1))
+    out = capsys.readouterr().out
+    assert "1 validation" in out and "validation data is training data" not in out and "no validation set" not in out

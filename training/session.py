@@ -73,7 +73,22 @@ def _plan_iterations(args, dist: Dist, train_set, valid_set, test_set) -> int:
         + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
         + f"; {args.train_iters} iterations of {global_batch} samples "
         f"({args.batch_size} x {args.gradient_accumulation_steps} accumulation x {dist.world} processes)")
+    note = _validation_note(args, valid_set)
+    if note:
+        log(note)
     return global_batch
+
+
+def _validation_note(args, valid_set) -> str:
+    """Say plainly when no loss this run reports measures anything but the training data."""
+    if valid_set is None:
+        return ("no validation set: no validation loss will be reported (give --valid-data, or --split 9,1,0 "
+                "to hold out a tenth of --train-data)")
+    trained = {Path(f).resolve() for f in args.train_data or [] if Path(f).is_file()}
+    if args.valid_data and trained & {Path(f).resolve() for f in args.valid_data}:
+        return ("warning: the validation data is training data (a --valid-data file is also in --train-data): "
+                "its loss shows how well the model fits what it trains on, not how it does on new data")
+    return ""
 
 
 def _build_engine(args, source: Source, dist: Dist, dtype: torch.dtype, tokenizer):
