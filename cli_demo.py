@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 
-from model.defaults import DEMO_SAMPLING
+from model.defaults import BACKEND_HELP, BACKENDS, DEMO_SAMPLING
 
 # "zh" / "en": the language of the last question (or --english); "both": before the first question
 MESSAGES = {
@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt_zh", type=str, default="描述这张图片。", help="first question about a new image (Chinese)")
     p.add_argument("--prompt_en", type=str, default="Describe the image.", help="first question about a new image (English)")
     p.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     return p.parse_args(argv)
 
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print()
         return 130
-    TerminalChat(ChatEngine(model, tokenizer), args, model.config["vocab_size"]).run()
+    TerminalChat(ChatEngine(model, tokenizer, backend=args.backend), args, model.config["vocab_size"]).run()
     return 0
 
 

@@ -43,7 +43,7 @@ def serve(args, loader) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     import model.sat  # noqa: F401  (sat compatibility fixes before anything imports sat)
-    return serve(args, sat_engine_loader(args.from_pretrained, args.device, args.quant, args.tokenizer))
+    return serve(args, sat_engine_loader(args.from_pretrained, args.device, args.quant, args.tokenizer, args.backend))
 
 
 if __name__ == "__main__":

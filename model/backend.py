@@ -19,6 +19,8 @@ from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
+from .defaults import BACKENDS
+
 
 @runtime_checkable
 class Backend(Protocol):
@@ -41,7 +43,6 @@ def is_backend(obj) -> bool:
     return all(callable(getattr(obj, name, None)) for name in ("encode_image", "prefill", "decode_step"))
 
 
-BACKENDS = ("auto", "fast", "sat")
 _fast_backends: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # one per loaded model
 
 

@@ -20,3 +20,7 @@ TOKENIZER_FILES = ("ice_text.model", "tokenizer_config.json")
 
 # Encoded images kept per engine (a client re-sends its image with every turn).
 IMAGE_CACHE_SIZE = 16
+
+# Decoding paths (model/backend.py): auto = the fast path on a GPU, sat otherwise; sat = the reference.
+BACKENDS = ("auto", "fast", "sat")
+BACKEND_HELP = "decoding path: auto (fast on a GPU), fast, or sat (the reference path)"

@@ -7,7 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
-from model.defaults import SERVER_MAX_IMAGE_BYTES, SERVER_MAX_IMAGE_PIXELS
+from model.defaults import BACKEND_HELP, BACKENDS, SERVER_MAX_IMAGE_BYTES, SERVER_MAX_IMAGE_PIXELS
 
 log = logging.getLogger("visualglm.serving")
 
@@ -24,6 +24,7 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "visual
     _flag(g, "--quant", type=int, choices=[4, 8], default=None, help="quantize the GLM weights to 8 or 4 bits")
     _flag(g, "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     _flag(g, "--tokenizer", default=None, help="folder with ice_text.model (default: found automatically)")
+    _flag(g, "--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def worker_options(args) -> dict:
     return dict(max_batch=args.max_batch, max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1000.0)
 
 
-def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=None):
+def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=None, backend: str = "auto"):
     """A callable that loads a sat checkpoint and returns a ChatEngine that refuses image paths and URLs
     (servers take images only as data; the API fetches URLs itself when the operator allows it)."""
     def load():
@@ -53,7 +54,7 @@ def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=N
         except CheckpointError as e:   # says what is wrong and where it looked: no traceback needed
             raise ModelLoadError(str(e)) from None
         model.eval()
-        return ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False)
+        return ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False, backend=backend)
     return load
 
 

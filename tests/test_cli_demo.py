@@ -257,3 +257,21 @@ def test_ctrl_c_in_a_real_terminal(ckpt_dir, image_file):
     text = seen.decode(errors="replace")
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, text[-2000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-2000:]
+
+
+def test_backend_flag_reaches_the_engine(monkeypatch, tiny):
+    """--backend sat keeps the reference path (on a GPU the default would be the fast one)."""
+    import sys
+    import cli_demo
+    chat_module = sys.modules["model.chat"]            # `model.chat` the attribute is the chat() function
+    seen = {}
+
+    class Recording(chat_module.ChatEngine):
+        def __init__(self, *a, **kw):
+            seen["backend"] = kw.get("backend")
+            super().__init__(*a, **kw)
+    monkeypatch.setattr(chat_module, "ChatEngine", Recording)
+    monkeypatch.setattr("model.sat.loading.load_model_and_tokenizer", lambda *a, **kw: tiny)
+    monkeypatch.setattr("builtins.input", lambda prompt="": (_ for _ in ()).throw(EOFError()))
+    assert cli_demo.main(["--from_pretrained", "x", "--backend", "sat"]) == 0
+    assert seen["backend"] == "sat"
