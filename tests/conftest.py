@@ -130,3 +130,35 @@ def eps_plugin(monkeypatch):
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", parse)
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
     return calls
+
+
+def serve_until_ready(proc, url: str, log=lambda: "", seconds: float = 120) -> None:
+    """Wait until a server process answers 200 at url; fail (with its log) if it exits or is too slow."""
+    import httpx
+    import time
+    end = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, log()
+        assert time.monotonic() < end, "the server did not come up:\n" + log()
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+
+
+def stop_process(proc) -> None:
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

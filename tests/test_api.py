@@ -36,7 +36,7 @@ from model.sampling import SamplingParams
 from serving import Worker
 from serving.app import create_app
 
-from conftest import fail_rows, temperature_is
+from conftest import fail_rows, free_port, temperature_is
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_BYTES = 300_000          # the test server's image byte limit (413 above)
@@ -650,12 +650,6 @@ def test_health_is_503_while_loading_and_the_api_key_is_checked(engine):
 
 
 # -- the command line --------------------------------------------------------------------------------------------
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_api_py_serves_a_checkpoint_and_exits_on_a_missing_one(ckpt_dir, tmp_path):
     port = free_port()
     log = open(tmp_path / "api.log", "w")

@@ -14,14 +14,13 @@ import importlib.util
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from conftest import free_port, serve_until_ready, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "recipes" / "README.md"]
@@ -162,12 +161,6 @@ def script_of(block: str, spec: dict) -> str:
     return "set -euo pipefail\n" + "\n".join(kept) + "\n"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- the tests ---------------------------------------------------------------------------------------------
 def test_the_list_matches_the_readme():
     found = {tuple(commands(b)) for b in blocks(ROOT / "README.md", "bash")}
@@ -211,22 +204,9 @@ def run_server(script: str, clone: Path):
     proc = subprocess.Popen(["bash", "-c", "\n".join(setup + [f"exec {last} --host 127.0.0.1 --port {port}"])],
                             cwd=clone, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
     try:
-        end = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < end, "the server did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        serve_until_ready(proc, f"http://127.0.0.1:{port}/", log=proc.stdout.read)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     output = proc.stdout.read()
     assert "Traceback" not in output and "Setting accelerator" not in output, output
 

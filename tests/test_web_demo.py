@@ -4,14 +4,14 @@ Clear. Skipped (with the reason) only where Playwright or Chromium is not instal
 browser: the image box never lets Gradio decode an upload; model.image does (raster formats only)."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from conftest import free_port, serve_until_ready, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,12 +30,6 @@ def browser_api():
     return api
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo_url(ckpt_dir, tmp_path_factory):
     browser_api()           # skip before starting a server that no browser would visit
@@ -48,23 +42,10 @@ def demo_url(ckpt_dir, tmp_path_factory):
                             env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
-        end = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < end, "web_demo.py did not come up:\n" + log_path.read_text()
-            try:
-                if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        serve_until_ready(proc, url, log=log_path.read_text)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 
