@@ -240,8 +240,18 @@ def test_ctrl_c_in_a_real_terminal(ckpt_dir, image_file):
         os.write(fd, b"\x03")                                 # Ctrl-C during the answer
         read_until("（已停止）".encode())
         read_until("用户：".encode())
+        time.sleep(0.5)                                       # a person sees the prompt, then presses Ctrl-C
         os.write(fd, b"\x03")                                 # Ctrl-C at the prompt
-        _, status = os.waitpid(pid, 0)
+        status, end = None, time.monotonic() + 30             # never wait forever: a hang fails the test
+        while status is None and time.monotonic() < end:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            status = code if done else None
+            if status is None and select.select([fd], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    pass
+        assert status is not None, "still running 30 s after Ctrl-C at the prompt:\n" + seen.decode(errors="replace")[-2000:]
         try:
             while select.select([fd], [], [], 0.2)[0]:
                 seen += os.read(fd, 4096)
