@@ -32,8 +32,9 @@ MESSAGES["both"] = dict(
     user="用户 / User: ", welcome=MESSAGES["zh"]["welcome"] + "\n" + MESSAGES["en"]["welcome"])
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None, hf: bool = False, description: str = __doc__):
+    """hf: the flags of cli_demo_hf.py (a Hugging Face folder; no --quant or --backend, which are sat's)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DEMO_SAMPLING
     p.add_argument("--max_length", type=int, default=d["max_length"], help="max length of prompt + answer, in tokens")
     p.add_argument("--top_p", type=float, default=d["top_p"], help="top p for nucleus sampling")
@@ -42,13 +43,16 @@ def parse_args(argv=None):
     p.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
     p.add_argument("--english", action="store_true",
                    help="always the English prompt format and messages (default: each question's language)")
-    p.add_argument("--quant", choices=[8, 4], type=int, default=None, help="quantize the GLM weights to 8 or 4 bits")
-    p.add_argument("--from_pretrained", type=str, default="visualglm-6b", help="checkpoint name or folder")
+    if not hf:
+        p.add_argument("--quant", choices=[8, 4], type=int, default=None, help="quantize the GLM weights to 8 or 4 bits")
+    p.add_argument("--from_pretrained", type=str, default="THUDM/visualglm-6b" if hf else "visualglm-6b",
+                   help="Hugging Face model folder" if hf else "checkpoint name or folder")
     p.add_argument("--tokenizer", type=str, default=None, help="folder with ice_text.model (default: found automatically)")
     p.add_argument("--prompt_zh", type=str, default="描述这张图片。", help="first question about a new image (Chinese)")
     p.add_argument("--prompt_en", type=str, default="Describe the image.", help="first question about a new image (English)")
     p.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    if not hf:
+        p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     return p.parse_args(argv)
 

@@ -58,6 +58,31 @@ def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=N
     return load
 
 
+def add_hf_model_args(parser: argparse.ArgumentParser, default_model: str = "THUDM/visualglm-6b") -> None:
+    """The *_hf.py front ends' model flags: a Hugging Face folder, no sat quantization or backend choice."""
+    g = parser.add_argument_group("model")
+    _flag(g, "--from_pretrained", default=default_model,
+          help="Hugging Face model folder (python -m model.convert sat-to-hf writes one) or cached Hub name")
+    _flag(g, "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _flag(g, "--tokenizer", default=None, help="folder with ice_text.model (default: the model folder)")
+
+
+def hf_engine_loader(from_pretrained: str, device=None, tokenizer=None):
+    """Like sat_engine_loader, for a Hugging Face folder (model/hf); sat is not needed."""
+    def load():
+        from model.chat import ChatEngine
+        from model.hf import HFBackend
+        from model.hf.loading import HFLoadError, load_hf_model_and_tokenizer
+
+        from .errors import ModelLoadError
+        try:
+            model, tok = load_hf_model_and_tokenizer(from_pretrained, device=device, tokenizer=tokenizer)
+        except HFLoadError as e:
+            raise ModelLoadError(str(e)) from None
+        return ChatEngine(HFBackend(model), tok, allow_image_paths=False, allow_image_urls=False)
+    return load
+
+
 def model_name_of(from_pretrained: str) -> str:
     return Path(str(from_pretrained).rstrip("/")).name or "visualglm-6b"
 

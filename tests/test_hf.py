@@ -161,3 +161,22 @@ def test_the_converter_refuses_to_overwrite_and_refuses_adapters(ckpt_dir, hf_di
     with pytest.raises(ConvertError, match="python -m model.sat.merge_lora"):
         sat_to_hf(lora, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_gives_the_sat_quantized_logits(hf_dir, ckpt_dir, tiny_config, bits):
+    from model.sat.loading import load_model_and_tokenizer
+    from model.sat.quantization import quantize
+    sat_model, _ = load_model_and_tokenizer(str(ckpt_dir), device="cpu")
+    quantize(sat_model, bits)
+    hf = VisualGLMForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).quantize(bits)
+    qkv = hf.transformer.layers[0].attention.query_key_value
+    assert qkv.weight.dtype == torch.int8 and qkv.weight.shape[1] == tiny_config["hidden_size"] // (8 // bits)
+    x, pos, mask, _ = batch_inputs([prompt(tiny_config, False)], 3, dtype=torch.bool)
+    with torch.no_grad():
+        got = hf(x, position_ids=pos, attention_mask=~mask).logits
+    expected = sat_logits(sat_model, x, pos, mask)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        unquantized = VisualGLMForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)(x).logits
+    assert (unquantized - expected).abs().max() > 1e-3            # the comparison does see quantization

@@ -120,6 +120,11 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         return CausalLMOutputWithPast(logits=logits, cache=presents if use_cache else None)   # .cache (transformers 5)
 
+    def quantize(self, bits: int):
+        """Weight-only int8 / int4 of the GLM block linears, in place (model/hf/quantize.py); returns self."""
+        from .quantize import quantize_glm
+        return quantize_glm(self, bits)
+
     # -- upstream's chat API, on the chat core ---------------------------------------------------------
     def chat_engine(self, tokenizer):
         from ..chat import ChatEngine

@@ -1,0 +1,42 @@
+"""One call for the *_hf.py front ends: a Hugging Face VisualGLM folder -> (model, tokenizer) on a device.
+
+The folder is one written by `python -m model.convert sat-to-hf` (model.safetensors, config.json,
+ice_text.model, tokenizer_config.json) or a Hub name already in the local cache. The tokenizer is our
+ChatGLM tokenizer (model/tokenizer.py); trust_remote_code is never needed.
+"""
+from pathlib import Path
+
+import torch
+
+from ..defaults import TOKENIZER_FILES
+
+CONVERT_HINT = "Convert a sat checkpoint with: python -m model.convert sat-to-hf SAT_DIR HF_DIR"
+
+
+class HFLoadError(RuntimeError):
+    """The Hugging Face folder cannot be found or does not fit together."""
+
+
+def load_hf_model_and_tokenizer(name_or_path, device=None, dtype=None, tokenizer=None):
+    """device: cuda when available; dtype: fp16 on a GPU, fp32 on the CPU."""
+    from transformers import AutoConfig
+    from ..tokenizer import ChatGLMTokenizer
+    from . import VisualGLMForConditionalGeneration
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+        model = VisualGLMForConditionalGeneration.from_pretrained(name_or_path, config=config, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise HFLoadError(f"Cannot load a VisualGLM Hugging Face model from {name_or_path!r}: {e}. {CONVERT_HINT}") from None
+    tok_dir = Path(tokenizer or name_or_path).expanduser()
+    if not all((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise HFLoadError(f"No tokenizer ({' and '.join(TOKENIZER_FILES)}) in {tok_dir}; pass --tokenizer FOLDER.")
+    tok = ChatGLMTokenizer.from_pretrained(tok_dir)
+    if len(tok) > model.config.vocab_size:
+        raise HFLoadError(f"The tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size} rows.")
+    for name in ("bos_token_id", "gmask_token_id", "pad_token_id"):
+        if getattr(tok, name) != getattr(model.config, name):
+            raise HFLoadError(f"Tokenizer {name}={getattr(tok, name)} but config.json says "
+                              f"{getattr(model.config, name)}: wrong tokenizer for this model.")
+    return model.to(device).eval(), tok
