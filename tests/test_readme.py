@@ -35,10 +35,6 @@ README_BLOCKS = {
         stdin="examples/3.png\nWhere is the star?\n图中有几个图形？\nstop\n",
         expect=["VisualGLM：在", "VisualGLM: The star is", "VisualGLM：图中有"]),
     (".venv/bin/python -m pytest -q",): dict(skip={".venv/bin/python -m pytest -q": "this test suite itself"}),
-    (".venv/bin/pip install -r requirements_wo_ds.txt",
-     ".venv/bin/pip install --no-deps SwissArmyTransformer==0.4.12"): dict(
-        skip={".venv/bin/pip install -r requirements_wo_ds.txt": "installs packages from the network",
-              ".venv/bin/pip install --no-deps SwissArmyTransformer==0.4.12": "installs packages from the network"}),
     (".venv/bin/python cli_demo.py --from_pretrained visualglm-tiny --device cpu",
      ".venv/bin/python cli_demo.py --from_pretrained visualglm-6b --quant 4"): dict(
         skip={".venv/bin/python cli_demo.py --from_pretrained visualglm-6b --quant 4": NEEDS_6B},
@@ -63,6 +59,10 @@ README_BLOCKS = {
      ".venv/bin/python web_demo.py --from_pretrained visualglm-tiny --device cpu"): dict(
         skip={".venv/bin/python api.py --from_pretrained visualglm-6b --quant 4": NEEDS_6B},
         server=True),
+    (".venv/bin/python -m model.convert sat-to-hf visualglm-tiny checkpoints/visualglm-tiny-hf",
+     ".venv/bin/python cli_demo_hf.py --from_pretrained checkpoints/visualglm-tiny-hf"): dict(
+        stdin="examples/2.png\nstop\n", expect=["VisualGLM：在粉色背景上"],
+        expect_files=["checkpoints/visualglm-tiny-hf/config.json"]),
     (".venv/bin/python evaluate.py --from_pretrained visualglm-tiny --generate 1000 --seed 2",): dict(
         replace={"--generate 1000": "--generate 3"}, expect=["overall"]),
 }
