@@ -196,7 +196,7 @@ def main(argv=None):
             print(f"greedy agreement {row['image']}: {row['common_prefix']}/{row['tokens']} tokens identical "
                   f"before the first difference")
     results = []
-    for name in args.variants.split(","):
+    for name in [v for v in args.variants.split(",") if v]:          # --variants "": checks only
         done = subprocess.run([sys.executable, __file__, "--one", name, "--new-tokens", str(args.new_tokens)],
                               capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
