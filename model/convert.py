@@ -91,7 +91,7 @@ def sat_state_to_hf(state: dict, config: dict) -> dict:
         else:
             raise ConvertError(f"Unknown key {key!r} in the sat checkpoint: not a VisualGLM weight.")
     if INV_FREQ not in state:
-        from .hf.glm import inverse_frequencies
+        from .positions import inverse_frequencies
         freq = inverse_frequencies(config["hidden_size"] // heads // 2)
         for i in range(layers):
             out[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = freq.clone()

@@ -48,3 +48,8 @@ def next_positions(positions: torch.Tensor) -> torch.Tensor:
     """Position ids [B, 2, 1] of the token after the last one: same mask position, next block id."""
     last = positions[:, :, -1]                       # [B, 2]
     return torch.stack([last[:, 0], last[:, 1] + 1], dim=1)[:, :, None]
+
+
+def inverse_frequencies(dim: int, device=None) -> torch.Tensor:
+    """[dim / 2] rotary frequencies over `dim` channels, base 10000 (spec 3.3), shared by every flavour."""
+    return 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))

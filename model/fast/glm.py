@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..positions import inverse_frequencies
 from .cache import KVCache
 
 
@@ -35,8 +36,7 @@ def linear_of(module) -> Linear:
 
 def rotary_table(positions: int, dim: int, dtype, device):
     """cos, sin [positions, dim] of GPT-NeoX rotary embeddings over `dim` channels (base 10000)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    freqs = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    freqs = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inverse_frequencies(dim, device)[None]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

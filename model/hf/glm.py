@@ -14,12 +14,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..positions import inverse_frequencies
 from .layers import MLP, attend
-
-
-def inverse_frequencies(dim: int, device=None) -> torch.Tensor:
-    """[dim / 2] rotary frequencies over `dim` channels, base 10000 (spec 3.3)."""
-    return 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
 
 
 class RotaryEmbedding(nn.Module):

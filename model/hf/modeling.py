@@ -22,7 +22,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..defaults import DEMO_SAMPLING
 from .configuration import VisualGLMConfig
-from .glm import GLMTransformer, RotaryEmbedding, inverse_frequencies
+from ..positions import inverse_frequencies
+from .glm import GLMTransformer, RotaryEmbedding
 from .vision import ImageEncoder
 
 
