@@ -25,7 +25,7 @@ class Request:
     error: Optional[Exception] = None    # why the row ended early, with generate(isolate_errors=True)
 
 
-def _images(requests: Sequence[Request], pads: List[int], device):
+def images_of(requests: Sequence[Request], pads: List[int], device):
     """The batch's image embeddings [B, L, hidden] and first-slot indices [B] (rows without an image get
     zeros and -1), or (None, None) when no row has an image."""
     if all(r.image_embeds is None for r in requests):
@@ -36,6 +36,40 @@ def _images(requests: Sequence[Request], pads: List[int], device):
     starts = torch.tensor([pad + r.pre_image if r.image_embeds is not None else -1
                            for r, pad in zip(requests, pads)], device=device)
     return embeds, starts
+
+
+class RowProgress:
+    """How far one request has got, and whether (and why) it ended: the rules every decoding loop
+    shares (this one and model/continuous.py)."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.generated = 0
+        self.reason: Optional[str] = "length" if len(request.ids) >= request.params.max_length else None
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def take(self, token: int, nan: bool, empty: bool, eos_ids: Sequence[int], isolate_errors: bool) -> Optional[int]:
+        """Record one sampled token; return it when it belongs to the answer, None when the row ended on
+        it (an eos id; or a NaN / empty sampling step, which raises unless isolate_errors). A returned
+        token may end the row too (max_length, max_new_tokens): see `reason`."""
+        if nan or empty:
+            error = ValueError(NAN_ERROR if nan else EMPTY_ERROR)
+            if not isolate_errors:
+                raise error
+            self.request.error, self.reason = error, "error"     # one row's failure is that row's alone
+            return None
+        if token in eos_ids:
+            self.reason = "stop"
+            return None
+        self.generated += 1
+        p = self.request.params
+        if len(self.request.ids) + self.generated >= p.max_length or (
+                p.max_new_tokens is not None and self.generated >= p.max_new_tokens):
+            self.reason = "length"
+        return token
 
 
 @torch.inference_mode()
@@ -54,47 +88,26 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
         r.error = None
     ids, positions, mask, pads = batch_inputs([r.ids for r in requests], pad_id, device=device,
                                               dtype=torch.bool)  # [B, S], [B, 2, S], [B, 1, S, S]
-    image_embeds, pre_image = _images(requests, pads, device)
+    image_embeds, pre_image = images_of(requests, pads, device)
     capacity = max(r.params.max_length for r in requests)         # lets a static-cache backend size its cache
     logits, cache = backend.prefill(ids, positions, mask, image_embeds, pre_image, capacity=capacity)  # [B, V]
 
     batch = len(requests)
     rows = RowSettings.of([r.params for r in requests], logits.shape[-1], device)
     seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)   # generated tokens per row
-    generated = [0] * batch
-    done = [len(r.ids) >= r.params.max_length for r in requests]
+    progress = [RowProgress(r) for r in requests]
     key_mask = torch.arange(ids.shape[1], device=device)[None] >= torch.tensor(pads, device=device)[:, None]
     positions = positions[:, :, -1:]                                                             # [B, 2, 1]
-    while not all(done):
+    while not all(p.done for p in progress):
         filtered, nan, empty = filter_logits(logits, seen, rows)
         tokens = draw(filtered, rows, [r.generator for r in requests])                          # [B]
         host_tokens, host_nan, host_empty = torch.stack([tokens, nan.long(), empty.long()]).tolist()  # one sync
-        step: List[Optional[int]] = []
-        for b, r in enumerate(requests):
-            if done[b]:
-                step.append(None)
-                continue
-            if host_nan[b] or host_empty[b]:
-                error = ValueError(NAN_ERROR if host_nan[b] else EMPTY_ERROR)
-                if not isolate_errors:
-                    raise error
-                r.error, done[b] = error, True     # one row's failure is that row's alone
-                step.append(None)
-                continue
-            token = host_tokens[b]
-            if token in eos_ids:
-                done[b] = True
-                step.append(None)
-                continue
-            generated[b] += 1
-            step.append(token)
-            limit_new = r.params.max_new_tokens is not None and generated[b] >= r.params.max_new_tokens
-            if len(r.ids) + generated[b] >= r.params.max_length or limit_new:
-                done[b] = True
+        step = [None if p.done else p.take(host_tokens[b], host_nan[b], host_empty[b], eos_ids, isolate_errors)
+                for b, p in enumerate(progress)]
         seen[torch.arange(batch, device=device), tokens] = True   # finished rows' marks are never read
         if any(t is not None for t in step):
             yield step
-        if all(done):
+        if all(p.done for p in progress):
             break
         tokens = torch.tensor([[t if t is not None else pad_id] for t in step], device=device)   # [B, 1]
         positions = next_positions(positions)                                                    # [B, 2, 1]

@@ -1,0 +1,148 @@
+"""Continuous batching: sequences join and leave a running batch between decoding steps.
+
+generate() (model/generation.py) runs a fixed batch to its end. A server wants better: a request that
+arrives while others decode is prefilled and decodes with them from the next step, and one that ends
+frees its place at once. The scheduler here does that over a *slot backend* (model/fast/slots.py):
+
+    slots.slots, slots.length                         how many sequences, of at most how many tokens
+    slots.prefill(rows, ids, positions, mask, image_embeds, pre_image, pads) -> logits [N, V]
+    slots.decode(tokens, positions, index)            -> logits [n, V] for slots 0..n-1
+    slots.release(row)
+
+    batch = ContinuousBatch(slots, pad_id, eos_ids)
+    events = batch.admit(requests)     # prefill into free slots; each gets its first token
+    events = batch.step()              # one token for every running sequence
+    batch.cancel(request)              # leave now
+
+Each event is (request, token or None, reason or None): a token of the answer, and/or the reason the
+request ended ("stop", "length", "error" with request.error set). Sampling and the end-of-row rules are
+generate()'s (model/sampling.py, RowProgress), so a greedy answer is the same either way.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+
+from .generation import Request, RowProgress, images_of
+from .positions import batch_inputs
+from .sampling import RowSettings, draw, filter_logits
+
+
+class Event(NamedTuple):
+    request: Request
+    token: Optional[int]
+    reason: Optional[str]
+
+
+@dataclass
+class _Sequence:
+    progress: RowProgress
+    token: int               # the last sampled token: the next step's input
+    position: int            # its 2-D position ids
+    block: int
+    index: int               # its cache index (the sequence's length - 1)
+    serial: int              # tells sequences apart for the settings cache (ids of dead objects recur)
+
+
+class ContinuousBatch:
+    def __init__(self, slots, pad_id: int, eos_ids: Sequence[int], *, isolate_errors: bool = True):
+        self.slots, self.pad_id, self.eos_ids = slots, pad_id, list(eos_ids)
+        self.isolate_errors = isolate_errors
+        self.running: Dict[int, _Sequence] = {}           # slot -> sequence
+        self._seen: Optional[torch.Tensor] = None          # [slots, V] tokens each slot has generated
+        self._settings: Dict[tuple, RowSettings] = {}      # per set of rows: rebuilt only when it changes
+        self._serial = 0
+
+    @property
+    def free(self) -> int:
+        return self.slots.slots - len(self.running)
+
+    # -- joining --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def admit(self, requests: Sequence[Request]) -> List[Event]:
+        """Prefill up to `free` requests (one batched forward pass) into the lowest free slots and sample
+        their first tokens. Requests whose sequence could exceed a slot end at once with an error."""
+        events, ready = [], []
+        for r in requests:
+            r.error = None
+            if r.params.max_length > self.slots.length:
+                r.error = ValueError(f"max_length {r.params.max_length} is more than the {self.slots.length} "
+                                     f"tokens a sequence may hold here")
+                events.append(Event(r, None, "error"))
+            else:
+                ready.append(r)
+        if not ready:
+            return events
+        if len(ready) > self.free:
+            raise RuntimeError(f"{len(ready)} requests for {self.free} free slots")
+        rows = [s for s in range(self.slots.slots) if s not in self.running][:len(ready)]
+        device = self.slots.device
+        ids, positions, mask, pads = batch_inputs([r.ids for r in ready], self.pad_id, device=device,
+                                                  dtype=torch.bool)       # [N, S], [N, 2, S], [N, 1, S, S]
+        image_embeds, pre_image = images_of(ready, pads, device)
+        logits = self.slots.prefill(rows, ids, positions, mask, image_embeds, pre_image, pads=pads)   # [N, V]
+        if self._seen is None:
+            self._seen = torch.zeros(self.slots.slots, logits.shape[-1], dtype=torch.bool, device=device)
+        self._seen[rows] = False
+        last = positions[:, :, -1].tolist()
+        for b, (row, r) in enumerate(zip(rows, ready)):
+            self._serial += 1
+            self.running[row] = _Sequence(RowProgress(r), self.pad_id, last[b][0], last[b][1],
+                                          ids.shape[1] - pads[b] - 1, self._serial)
+        return events + self._sample(rows, logits)
+
+    # -- decoding -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> List[Event]:
+        """One decoding step for every running sequence."""
+        if not self.running:
+            return []
+        n = max(self.running) + 1
+        tokens, positions, index = [self.pad_id] * n, [(0, 0)] * n, [0] * n
+        for row, s in self.running.items():
+            tokens[row], positions[row], index[row] = s.token, (s.position, s.block), s.index
+        logits = self.slots.decode(tokens, positions, index)                         # [n, V]
+        rows = sorted(self.running)
+        return self._sample(rows, logits[rows])
+
+    def cancel(self, request: Request) -> bool:
+        """Take a request out of the batch (its slot is free for the next admit); False if not running."""
+        for row, s in list(self.running.items()):
+            if s.progress.request is request:
+                self._leave(row)
+                return True
+        return False
+
+    # -- mechanics ------------------------------------------------------------------------------------
+    def _sample(self, rows: List[int], logits: torch.Tensor) -> List[Event]:
+        """Sample a token for each of `rows` from their logits [N, V]; record it; end finished rows."""
+        seqs = [self.running[row] for row in rows]
+        settings = self._settings_for(rows, seqs, logits)
+        rows_t = torch.tensor(rows, device=logits.device)
+        filtered, nan, empty = filter_logits(logits, self._seen[rows_t], settings)
+        tokens = draw(filtered, settings, [s.progress.request.generator for s in seqs])           # [N]
+        self._seen[rows_t, tokens] = True
+        host_tokens, host_nan, host_empty = torch.stack([tokens, nan.long(), empty.long()]).tolist()  # one sync
+        events = []
+        for b, (row, s) in enumerate(zip(rows, seqs)):
+            token = s.progress.take(host_tokens[b], host_nan[b], host_empty[b], self.eos_ids, self.isolate_errors)
+            events.append(Event(s.progress.request, token, s.progress.reason))
+            if s.progress.done:
+                self._leave(row)
+                continue
+            s.token, s.index = token, s.index + 1
+            s.block += 1          # the next token's block position (the mask position stays)
+        return events
+
+    def _settings_for(self, rows, seqs, logits) -> RowSettings:
+        key = tuple(s.serial for s in seqs)
+        if key not in self._settings:
+            if len(self._settings) > 64:
+                self._settings.clear()
+            self._settings[key] = RowSettings.of([s.progress.request.params for s in seqs], logits.shape[-1],
+                                                 logits.device)
+        return self._settings[key]
+
+    def _leave(self, row: int) -> None:
+        del self.running[row]
+        self.slots.release(row)

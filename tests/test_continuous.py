@@ -1,0 +1,136 @@
+"""Continuous batching (model/continuous.py over model/fast/slots.py) against generate() one request at a
+time on the sat backend (the reference path), on a tiny random model, fp32 on the CPU."""
+import dataclasses
+
+import pytest
+import torch
+
+from model.continuous import ContinuousBatch
+from model.fast import FastBackend
+from model.fast.slots import FastSlots
+from model.generation import Request, generate
+from model.sampling import SamplingParams
+from model.sat.backend import SatBackend
+from model.sat.checkpoint import build_model
+from conftest import randomize
+
+
+@pytest.fixture(scope="module")
+def net(tiny_config):
+    return randomize(build_model(tiny_config, device="cpu"), seed=5).eval()
+
+
+@pytest.fixture(scope="module")
+def emb(net):
+    return net.encode_image(torch.randn(2, 3, 224, 224))             # [2, L, hidden]
+
+
+def make_requests(cfg, emb, n=7):
+    """Mixed prompt lengths, with and without images, greedy with different penalties and limits."""
+    L, g, s = cfg["image_length"], cfg["gmask_token_id"], cfg["bos_token_id"]
+    out = []
+    for i in range(n):
+        text = [20 + (i * 7 + j) % 40 for j in range(2 + (i * 3) % 9)]
+        params = SamplingParams(max_length=40 + 5 * i + (L if i % 2 else 0), top_k=1,
+                                repetition_penalty=1.0 + 0.2 * (i % 3),
+                                max_new_tokens=None if i % 3 else 6 + i)
+        if i % 2:
+            out.append(Request(ids=[20, 21] + [3] * L + text + [g, s], params=params, image_embeds=emb[i % 2],
+                               pre_image=2))
+        else:
+            out.append(Request(ids=text + [g, s], params=params))
+    return out
+
+
+def alone(backend, request):
+    """The answer of one request run by itself through generate()."""
+    r = dataclasses.replace(request)
+    return [step[0] for step in generate(backend, [r], 3, [4])]
+
+
+def run(batch, arrivals):
+    """Drive the batch: arrivals[t] are admitted before step t. Returns answers and the order of ends."""
+    answers, ended, t = {}, [], 0
+    arrivals, waiting = list(arrivals), []
+    while arrivals or waiting or batch.running:
+        while arrivals and t >= arrivals[0][0]:
+            waiting += arrivals.pop(0)[1]
+        if waiting and batch.free:
+            take, waiting = waiting[:batch.free], waiting[batch.free:]
+            events = batch.admit(take)
+        else:
+            events = batch.step()
+        for e in events:
+            if e.token is not None:
+                answers.setdefault(id(e.request), []).append(e.token)
+            if e.reason is not None:
+                ended.append(e.request)
+        t += 1
+    return answers, ended
+
+
+def test_greedy_answers_equal_one_at_a_time_with_arrivals_while_decoding(net, tiny_config, emb):
+    reqs = make_requests(tiny_config, emb)
+    ref = [alone(SatBackend(net), r) for r in reqs]
+    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=4, length=128), pad_id=3, eos_ids=[4])
+    # three at once, then newcomers while those decode (more than the 4 slots over the whole run)
+    answers, ended = run(batch, [(0, reqs[:3]), (2, reqs[3:4]), (5, reqs[4:5]), (30, reqs[5:7])])
+    assert [answers.get(id(r), []) for r in reqs] == ref
+    assert sum(map(len, ref)) > 80                                   # the rows really generated
+    assert not batch.running and batch.free == 4
+
+
+def test_a_short_request_sent_after_a_long_one_finishes_first(net, tiny_config):
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    long = Request(ids=[20, 21, g, s], params=SamplingParams(max_length=120, top_k=1, max_new_tokens=100))
+    short = Request(ids=[22, 23, g, s], params=SamplingParams(max_length=120, top_k=1, max_new_tokens=3))
+    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=2, length=128), pad_id=3, eos_ids=[])
+    _, ended = run(batch, [(0, [long]), (5, [short])])
+    assert ended == [short, long]
+
+
+def test_slots_are_freed_on_finish_and_cancel_and_reused(net, tiny_config):
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=3, length=64), pad_id=3, eos_ids=[])
+    for round_ in range(8):
+        reqs = [Request(ids=[20 + round_, 21, g, s], params=SamplingParams(max_length=64, top_k=1,
+                                                                            max_new_tokens=2 + k))
+                for k in range(3)]
+        batch.admit(reqs)
+        assert batch.free == 0
+        assert batch.cancel(reqs[2]) and not batch.cancel(reqs[2])
+        while batch.running:
+            batch.step()
+        assert batch.free == 3
+
+
+def test_a_request_longer_than_a_slot_ends_with_an_error_and_the_others_run(net, tiny_config):
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=2, length=32), pad_id=3, eos_ids=[])
+    big = Request(ids=[20, g, s], params=SamplingParams(max_length=33, top_k=1))
+    ok = Request(ids=[20, g, s], params=SamplingParams(max_length=32, top_k=1))
+    events = batch.admit([big, ok])
+    assert events[0] == (big, None, "error") and "32 tokens" in str(big.error)
+    while batch.running:
+        events = batch.step()
+    assert events[-1].reason == "length" and ok.error is None
+
+
+def test_one_rows_sampling_failure_ends_that_row_alone(net, tiny_config, emb, monkeypatch):
+    from model import continuous
+    reqs = make_requests(tiny_config, emb, n=3)
+    ref = [alone(SatBackend(net), r) for r in reqs]
+    real, calls = continuous.filter_logits, []
+
+    def flaky(logits, seen, rows):        # NaN logits for the second request at its third token
+        filtered, nan, empty = real(logits, seen, rows)
+        calls.append(1)
+        if len(calls) == 3:
+            nan = nan.clone()
+            nan[1] = True
+        return filtered, nan, empty
+    monkeypatch.setattr(continuous, "filter_logits", flaky)
+    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=4, length=128), pad_id=3, eos_ids=[4])
+    answers, _ = run(batch, [(0, reqs)])
+    assert isinstance(reqs[1].error, ValueError)
+    assert answers[id(reqs[0])] == ref[0] and answers[id(reqs[2])] == ref[2]
