@@ -1,6 +1,10 @@
 """FastBackend: the chat core's backend interface (model/backend.py) over FastGLM.
 
-    prefill      eager: the whole prompt batch, keys/values written into cache slots 0..S-1
+    encode_image model/hf's plain-torch image encoder over the model's tensors, one CUDA graph per
+                 batch size on GPUs (vision.py)
+    prefill      the whole prompt batch, keys/values written into cache slots 0..S-1; on CUDA padded
+                 to a length bucket and replayed as one graph per bucket (prefill.py, which also says
+                 why the prompt of an earlier turn is not reused)
     decode_step  one token per row into slot T-1; on CUDA a captured graph replays the whole step
                  (28 layers, SDPA, LM head) with one launch, so no Python runs per layer
 
@@ -8,6 +12,7 @@ The cache is preallocated for the batch and a length bucket (a power of two that
 `capacity` the caller announced), and reused while those stay the same; a new shape allocates a new
 cache and, on CUDA, captures a new graph (only the latest is kept, to bound memory).
 """
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,7 +21,11 @@ import torch
 from ..backend_base import LoadedModelBackend
 from .cache import CacheOverflow, KVCache
 from .glm import FastGLM
+from .prefill import BucketedPrefill, bucket_for, pad_right, prefill_mask
 from .quant import quantize_glm
+from .vision import FastImageEncoder, shared_image_encoder
+
+log = logging.getLogger("visualglm.fast")
 
 MIN_CACHE = 256
 
@@ -38,21 +47,34 @@ class _Graph:
 
 class FastBackend(LoadedModelBackend):
     def __init__(self, model, *, cuda_graph: Optional[bool] = None, compile: Optional[bool] = None,
-                 quant: Optional[int] = None):
-        """model: a loaded VisualGLM model (its image encoder runs as it is; its GLM weights are shared).
+                 quant: Optional[int] = None, device=None, buckets: Optional[bool] = None):
+        """model: a loaded VisualGLM model (its GLM and image encoder weights are shared, not copied).
         quant 8 / 4: the GLM's linear weights and the LM head become int8 / int4 here, and the loaded
         model's float copies of them are released (the loaded model's own GLM is unusable afterwards;
-        its image encoder keeps working). compile (default: on CUDA): the decode step goes through
-        torch.compile first, which fuses each layer's small element-wise kernels before the graph is captured."""
+        its image encoder keeps working). device: where to run, when the model is elsewhere (a model
+        loaded on the CPU): the quantized weights are made on it one matrix at a time, then the rest
+        of the model (embeddings, LayerNorms, biases, image encoder) moves there, so the device never
+        holds the float GLM. compile (default: on CUDA): the decode step goes through torch.compile
+        first, which fuses each layer's small element-wise kernels before the graph is captured.
+        buckets (default: on CUDA): prefill padded to length buckets, each captured as a graph on CUDA."""
         self.model = model
         self.glm = FastGLM(model).eval()
         if quant:
-            quantize_glm(self.glm, quant, release=_release)
+            quantize_glm(self.glm, quant, release=_release, device=device)
+        if device is not None:
+            model.to(device)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.compiled = self.cuda_graph if compile is None else compile
+        self.buckets = self.cuda_graph if buckets is None else buckets
         self._decode = torch.compile(self._step, dynamic=False) if self.compiled else self._step
         self._cache: Optional[KVCache] = None
         self._graph: Optional[_Graph] = None
+        self._prefill: Optional[BucketedPrefill] = None
+        try:
+            self.vision = FastImageEncoder(shared_image_encoder(model), capture=self.cuda_graph)
+        except (ValueError, KeyError, AttributeError) as e:  # an encoder model/hf does not know: sat's runs
+            log.warning("image encoder: sat's eager one (%s)", e)
+            self.vision = None
 
     # -- sizes --------------------------------------------------------------------------------------
     @property
@@ -63,17 +85,26 @@ class FastBackend(LoadedModelBackend):
     def dtype(self) -> torch.dtype:
         return self.glm.embed.dtype
 
-    # -- the interface (sizes and encode_image: LoadedModelBackend) --------------------------------
+    # -- the interface (sizes: LoadedModelBackend) ----------------------------------------------------
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.vision is None:
+            return super().encode_image(pixels)
+        return self.vision(pixels.to(self.device))                            # [B, L, hidden]
+
     @torch.inference_mode()
     def prefill(self, ids, positions, mask, image_embeds=None, pre_image=None, capacity: Optional[int] = None):
         B, S = ids.shape
         cache = self._cache_for(B, self._bucket(max(capacity or self.max_sequence_length, S)))
-        full = torch.zeros(B, 1, S, cache.length, dtype=torch.bool, device=self.device)
-        full[..., :S] = mask.to(self.device)
-        full[:, 0].diagonal(dim1=-2, dim2=-1).fill_(True)   # pad rows see themselves: no all-masked rows, no NaN
-        x = self.glm.embed_tokens(ids.to(self.device), image_embeds, pre_image)
-        slots = torch.arange(S, device=self.device)
-        return self.glm(x, positions.to(self.device), cache, slots, full), cache
+        x = self.glm.embed_tokens(ids.to(self.device), image_embeds, pre_image)       # [B, S, H]
+        positions, mask = positions.to(self.device), mask.to(self.device)
+        padded = bucket_for(S, cache.length) if self.buckets else None
+        if padded is None:
+            full = prefill_mask(mask, S, cache.length)                                 # [B, 1, S, T]
+            return self.glm(x, positions, cache, torch.arange(S, device=self.device), full), cache
+        full = prefill_mask(mask, padded, cache.length)                                # [B, 1, Sb, T]
+        x, positions = pad_right(x, 1, padded), pad_right(positions, 2, padded)
+        return self._prefill(x, positions, full, S, padded), cache
 
     @torch.inference_mode()
     def decode_step(self, tokens, positions, key_mask, cache: KVCache):
@@ -111,13 +142,14 @@ class FastBackend(LoadedModelBackend):
         c = self._cache
         if c is not None and c.batch == batch and c.length == length:
             return c
-        self._cache = self._graph = None                     # free the old one before allocating
+        self._cache = self._graph = self._prefill = None     # free the old one before allocating
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         g = self.glm
         self._cache = KVCache(g.layers_n, batch, g.heads, length, g.head_dim, self.dtype, self.device)
         if self.cuda_graph:
             self._graph = self._capture(self._cache)
+        self._prefill = BucketedPrefill(g, self._cache, capture=self.cuda_graph)
         return self._cache
 
     def _capture(self, cache: KVCache) -> _Graph:

@@ -111,6 +111,11 @@ class FastGLM(nn.Module):
     def forward(self, x, positions, cache: KVCache, slots, mask) -> torch.Tensor:
         """x [B, S, H] embeddings, positions [B, 2, S] (GLM 2-D ids), slots [S] cache slots to write,
         mask [B, 1, S, T] bool over the cache -> logits of the last position [B, V] (fp32)."""
+        return self.logits(self.hidden(x, positions, cache, slots, mask)[:, -1])
+
+    def hidden(self, x, positions, cache: KVCache, slots, mask) -> torch.Tensor:
+        """The blocks alone, same arguments as forward -> hidden states of every position [B, S, H]
+        (a prompt padded to a fixed length takes its logits at its own last position, see prefill.py)."""
         cos, sin, perm, sign = self.rope_tables(x.dtype, x.device)
         # first half of each head: position ids; second half: block position ids
         cos = torch.cat([cos[positions[:, 0]], cos[positions[:, 1]]], dim=-1)[:, :, None, None]   # [B, S, 1, 1, hd]
@@ -118,4 +123,8 @@ class FastGLM(nn.Module):
         rope = (cos, sin, perm)
         for index, block in enumerate(self.blocks):
             x = block(x, rope, cache, index, slots, mask)
-        return self.lm_head(self.final_ln(x[:, -1])).float()
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, H] hidden states -> logits [B, V] (fp32): final LayerNorm and LM head."""
+        return self.lm_head(self.final_ln(h)).float()

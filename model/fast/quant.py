@@ -143,17 +143,22 @@ class Int4Linear(nn.Module):
 LAYERS = {8: Int8Linear, 4: Int4Linear}
 
 
-def quantize_glm(glm, bits: int, release=None) -> None:
+def quantize_glm(glm, bits: int, release=None, device=None) -> None:
     """Replace the linears of every GLM block and the LM head of `glm` (a FastGLM) by `bits`-bit layers.
     release(weight) is called for each float weight once it is quantized, so a caller can free it
-    (the float tensors belong to the loaded model, which may still need them)."""
+    (the float tensors belong to the loaded model, which may still need them).
+    device: quantize onto this device: one float weight at a time is copied there, quantized, and the
+    copy dropped before the next, so the device never holds more than one float matrix (a model loaded
+    on the CPU reaches the GPU quantized). Biases stay where they are (the caller moves the model)."""
     if bits not in LAYERS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     make = LAYERS[bits]
 
     def swap(owner, name):
         old = getattr(owner, name)
-        setattr(owner, name, make(old.weight, old.bias))
+        weight = old.weight if device is None else old.weight.to(device)     # [N, K] float, one at a time
+        setattr(owner, name, make(weight, old.bias))
+        del weight
         if release is not None:
             release(old.weight)
     for block in glm.blocks:

@@ -1,0 +1,79 @@
+"""The image encoder of the fast path: model/hf's plain-torch EVA ViT + Q-Former over the loaded model's
+own tensors (nothing copied), captured in a CUDA graph per batch size on GPUs.
+
+Why not sat's encoder as it is: its attention asks the host whether the mask is full in every layer
+(`(mask > 0).all()` in a Python `if`), which waits for the GPU in each of the 51 layers and cannot be
+captured.
+model/hf/vision.py computes the same function (spec 4) with no host round trip, and its parameter names
+are sat's after `mixins.eva.model.`, so its modules can be pointed at the sat tensors one by one.
+
+    pixels [N, 3, 224, 224] -> padded to a batch of 1, 2, 4 or 8 -> graph replay -> [N, 32, 4096]
+"""
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Dict
+
+import torch
+
+BATCHES = (1, 2, 4, 8)          # captured batch sizes; more images at once run eagerly
+
+
+def shared_image_encoder(model):
+    """model/hf's ImageEncoder whose parameters are the loaded sat model's own (same objects: moving or
+    quantizing the model is seen here too). Raises ValueError when the two do not name the same tensors."""
+    from ..hf.vision import ImageEncoder
+    blip = model.get_mixin("eva").model
+    c = model.config
+    config = SimpleNamespace(eva_config=c["eva_args"], qformer_config=c["qformer_args"],
+                             image_length=model.image_length, hidden_size=c["hidden_size"])
+    with torch.device("meta"):                               # shapes only: the tensors come from the model
+        encoder = ImageEncoder(config)
+    theirs = dict(blip.named_parameters())
+    ours = [name for name, _ in encoder.named_parameters()]
+    if set(ours) != set(theirs) or any(True for _ in encoder.buffers()):
+        raise ValueError(f"the plain-torch image encoder does not match this model's: only in ours "
+                         f"{sorted(set(ours) - set(theirs))[:3]}, only in the model's {sorted(set(theirs) - set(ours))[:3]}")
+    for name in ours:
+        owner, _, attr = name.rpartition(".")
+        setattr(encoder.get_submodule(owner), attr, theirs[name])
+    return encoder.eval()
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    pixels: torch.Tensor       # [b, 3, H, W]      static input
+    out: torch.Tensor          # [b, L, hidden]    static output
+
+
+class FastImageEncoder:
+    """pixels [N, 3, H, W] on the model's device -> [N, L, hidden]; capture: one CUDA graph per batch size
+    of BATCHES (recorded on first use), else eager."""
+
+    def __init__(self, encoder, capture: bool):
+        self.encoder, self.capture = encoder, capture
+        self.graphs: Dict[int, _Graph] = {}
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        n = pixels.shape[0]
+        batch = next((b for b in BATCHES if n <= b), None)
+        if not self.capture or batch is None:
+            return self.encoder(pixels)
+        g = self.graphs.get(batch) or self._record(batch, pixels)
+        g.pixels[:n].copy_(pixels)
+        g.pixels[n:].zero_()                                  # rows are independent: pads change nothing
+        g.graph.replay()
+        return g.out[:n].clone()
+
+    def _record(self, batch: int, like: torch.Tensor) -> _Graph:
+        pixels = torch.zeros(batch, *like.shape[1:], dtype=like.dtype, device=like.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.encoder(pixels)                              # warm-up: kernels chosen, workspaces allocated
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.encoder(pixels)
+        g = self.graphs[batch] = _Graph(graph, pixels, out)
+        return g
