@@ -41,19 +41,41 @@ def load_tokenizer(ckpt_dir, tokenizer_type=None, explicit=None):
     return ChatGLMTokenizer.from_pretrained(find_tokenizer_dir(ckpt_dir, tokenizer_type, explicit))
 
 
-def load_model_and_tokenizer(name_or_path, device=None, quant=None, dtype=None, tokenizer=None, **kw):
+def load_model_and_tokenizer(name_or_path, device=None, quant=None, dtype=None, tokenizer=None, device_map=None,
+                             backend=None, **kw):
     """Load a sat checkpoint for inference. quant: None, 8 or 4 (weight-only, GLM layers).
-    Quantization happens on the CPU before moving to the GPU, so a small GPU never holds fp16 weights."""
+    Quantization happens on the CPU before moving to the GPU, so a small GPU never holds fp16 weights.
+    backend: the --backend the caller will run; with quant on a GPU and backend "auto" / "fast", the fast
+    path quantizes each GLM matrix onto the GPU and the model gets its FastBackend (model/fast/load.py).
+    device_map: e.g. "vision=cuda:0,glm=cuda:1" puts the parts on several devices (model/sat/device_map.py);
+    it replaces `device`."""
+    if device_map:
+        from .device_map import parse_device_map
+        device_map = parse_device_map(device_map)
+        device = next((d for d in device_map.devices if d.startswith("cuda")), device_map.devices[0])
     device = pick_device(device)
     if dtype is None:
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    load_device = "cpu" if quant else device
+    load_device = "cpu" if quant or device_map else device
     model = load_model(name_or_path, device=load_device, dtype=dtype, **kw)
     if quant:
-        from .quantization import quantize
-        quantize(model, int(quant))
+        from ..fast.load import fast_quantizes, quantize_onto
+        if not device_map and fast_quantizes(device, backend, quant, getattr(model, "mixins", {})):
+            quantize_onto(model, int(quant), device)
+        else:
+            from .quantization import quantize
+            quantize(model, int(quant))
+    if device_map:
+        from .device_map import apply_device_map
+        apply_device_map(model, device_map)
+    elif quant:
         model = model.to(device)
-    tok = load_tokenizer(model.checkpoint_dir, model.config.get("tokenizer_type"), tokenizer)
+    return model, tokenizer_for(model, tokenizer)
+
+
+def tokenizer_for(model, explicit=None):
+    """The tokenizer of a loaded model's checkpoint, checked against the model's config."""
+    tok = load_tokenizer(model.checkpoint_dir, model.config.get("tokenizer_type"), explicit)
     vocab = model.config["vocab_size"]
     if len(tok) > vocab:
         raise CheckpointError(f"The tokenizer has {len(tok)} tokens but the model only {vocab} rows: "
@@ -62,4 +84,4 @@ def load_model_and_tokenizer(name_or_path, device=None, quant=None, dtype=None, 
         if name in model.config and getattr(tok, name) != model.config[name]:
             raise CheckpointError(f"Tokenizer {name}={getattr(tok, name)} but the model config says "
                                   f"{model.config[name]}: wrong tokenizer for this checkpoint.")
-    return model, tok
+    return tok
