@@ -13,6 +13,7 @@ filesystem, or the same copies everywhere); the driver passes absolute paths and
 folder as PYTHONPATH. Ray itself is optional: it is imported only here.
 """
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -56,17 +57,20 @@ def run_on_ray(address: str, options: dict, records: List[Record], on_done: OnDo
         gpus = 1.0 if str(options.get("device") or "").startswith("cuda") else 0.0
     window = options["batch_size"] * options["window_batches"]
     env = {"PYTHONPATH": REPO, **{k: os.environ[k] for k in ("SAT_HOME", "HF_HOME") if k in os.environ}}
-    try:
+    local = dict(num_cpus=max(os.cpu_count() or 1, math.ceil(workers * cpus))) if address == "local" else {}
+    try:   # (a local instance gets at least the CPUs the actors reserve, so that they all start)
         ray.init(address=None if address == "local" else address, runtime_env={"env_vars": env},
-                 log_to_driver=False, include_dashboard=False, configure_logging=False)
+                 log_to_driver=False, include_dashboard=False, logging_level=logging.WARNING, **local)
     except Exception as e:  # noqa: BLE001 - no cluster at that address, a version mismatch...
         raise RayError(f"could not start or join Ray at {address!r}: {type(e).__name__}: {e}") from None
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False    # infer.py shows its own
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         blocks = max(1, math.ceil(len(records) / window))
         ds = ray.data.from_items([{"record": r.to_json()} for r in records], override_num_blocks=blocks)
         ds = ds.map_batches(Predictor, fn_constructor_kwargs={"options": options}, batch_size=window,
-                            batch_format="numpy", concurrency=workers, num_cpus=cpus, num_gpus=gpus)
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+                            num_cpus=cpus, num_gpus=gpus)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             on_done([json.loads(line) for line in batch["line"]])
     except ray.exceptions.RayError as e:
