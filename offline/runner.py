@@ -230,15 +230,18 @@ def build_runner(options: dict) -> Runner:
     and the Settings fields (infer.py's flags, as a plain dict that can travel to a Ray actor)."""
     from model.chat import ChatEngine
     from model.sat.checkpoint import CheckpointError
+    from model.sat.device_map import DeviceMapError, backend_for
     from model.sat.loading import load_model_and_tokenizer
 
     o = options
     try:
         model, tokenizer = load_model_and_tokenizer(o["from_pretrained"], device=o.get("device"), quant=o.get("quant"),
-                                                    tokenizer=o.get("tokenizer"))
-    except CheckpointError as e:
+                                                    tokenizer=o.get("tokenizer"), device_map=o.get("device_map"),
+                                                    backend=o.get("backend", "auto"))
+        backend = backend_for(o.get("device_map"), o.get("backend", "auto"))
+    except (CheckpointError, DeviceMapError) as e:
         raise ModelError(str(e)) from None
     model.eval()
-    engine = ChatEngine(model, tokenizer, backend=o.get("backend", "auto"))
+    engine = ChatEngine(model, tokenizer, backend=backend)
     settings = Settings(**{k: o[k] for k in Settings.__dataclass_fields__ if k in o})
     return Runner(engine, settings, o.get("batch_size", 8), o.get("window_batches", 4), o.get("workers", 4))
