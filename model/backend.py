@@ -65,6 +65,17 @@ def as_backend(model, kind: str = "auto") -> Backend:
     return SatBackend(model)
 
 
+def open_slots(backend, max_batch: int, memory_fraction: float = 0.9):
+    """Key/value slots for continuous batching (model/continuous.py) over `backend`: up to max_batch
+    sequences of the model's full length, fewer if that would take the process past memory_fraction of
+    the GPU's memory. None for backends that cannot batch continuously (sat, Hugging Face)."""
+    from .fast import FastBackend
+    if not isinstance(backend, FastBackend):
+        return None
+    from .fast.slots import FastSlots
+    return FastSlots.sized(backend, max_batch, memory_fraction)
+
+
 # The fast path reproduces these mixins (spec 3) and ignores sat's cached-autoregressive one, which only
 # matters to sat's own generation; P-tuning prefixes or LoRA layers would be lost, so such models stay on sat.
 FAST_MIXINS = {"chatglm-final", "chatglm-attn", "chatglm-layer", "eva", "auto-regressive"}

@@ -22,6 +22,7 @@ from model.defaults import SERVER_MAX_IMAGE_BYTES, SERVER_MAX_IMAGE_PIXELS
 
 from .http_errors import register_error_handling
 from .images import ImageLimits
+from .metrics import ResponseCounter, ServingMetrics
 from .routes_health import router as health_router
 from .routes_openai import router as openai_router
 from .routes_original import router as original_router
@@ -56,11 +57,12 @@ def create_app(target, *, model_name: str = "visualglm-6b", allow_remote_images:
                allow_private_image_hosts: bool = False, max_image_bytes: int = SERVER_MAX_IMAGE_BYTES,
                max_image_pixels: int = SERVER_MAX_IMAGE_PIXELS, max_body_bytes: Optional[int] = None,
                api_key: Optional[str] = None, cors_origins: Sequence[str] = (), image_decoders: int = 4,
-               **worker_options) -> FastAPI:
+               metrics_public: bool = False, **worker_options) -> FastAPI:
     """target: a Worker, a ChatEngine, or a loader callable returning one (loaded in the background
     after the server starts; /health answers 503 until then). worker_options (max_batch, max_queue,
     batch_wait, ...) apply when the app creates the Worker. The app starts the worker if it is not
-    running yet and stops it on shutdown if it started it."""
+    running yet and stops it on shutdown if it started it. GET /metrics (Prometheus) needs the API key
+    when there is one, unless metrics_public."""
     worker = as_worker(target, **worker_options)
     limits = ImageLimits(max_bytes=max_image_bytes, max_pixels=max_image_pixels, allow_remote=allow_remote_images,
                          allow_private_hosts=allow_private_image_hosts)
@@ -76,8 +78,11 @@ def create_app(target, *, model_name: str = "visualglm-6b", allow_remote_images:
     app.state.service = service          # the routes find it here
     app.state.worker = worker
     app.state.limits = limits
+    app.state.metrics = worker.metrics = ServingMetrics(worker)
+    app.state.metrics_public = metrics_public
 
     register_error_handling(app)         # first: the CORS middleware added next wraps its answers
+    app.add_middleware(ResponseCounter, metrics=app.state.metrics)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],

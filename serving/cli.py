@@ -34,13 +34,22 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
           help="most requests waiting while a batch runs; beyond that new ones are refused (API: 503)")
     _flag(g, "--batch-wait-ms", type=float, default=10.0,
           help="how long the worker waits for more requests before starting a batch")
+    _flag(g, "--batching", choices=["auto", "continuous", "static"], default="auto",
+          help="continuous: requests join and leave the running batch at every step (fast backend only); "
+               "static: a batch runs to its longest answer; auto: continuous when the backend can")
+    _flag(g, "--gpu-memory-fraction", type=float, default=0.9,
+          help="share of the GPU's memory for weights plus the key/value slots of continuous batching "
+               "(fewer than --max-batch slots when that is too little)")
 
 
 def worker_options(args) -> dict:
-    return dict(max_batch=args.max_batch, max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1000.0)
+    continuous = {"auto": None, "continuous": True, "static": False}[args.batching]
+    return dict(max_batch=args.max_batch, max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1000.0,
+                continuous=continuous, gpu_memory_fraction=args.gpu_memory_fraction)
 
 
-def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=None, backend: str = "auto"):
+def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=None, backend: str = "auto",
+                      device_map=None):
     """A callable that loads a sat checkpoint and returns a ChatEngine that refuses image paths and URLs
     (servers take images only as data; the API fetches URLs itself when the operator allows it)."""
     def load():
@@ -102,6 +111,7 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--api-key", default=os.environ.get("VISUALGLM_API_KEY"),
           help="require 'Authorization: Bearer KEY' on POST endpoints (default: $VISUALGLM_API_KEY, unset: open)")
     _flag(g, "--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)")
+    _flag(g, "--metrics-public", action="store_true", help="serve GET /metrics without the API key")
     _flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -118,7 +128,7 @@ def run_api(args, loader) -> int:
                      allow_remote_images=args.allow_remote_images,
                      allow_private_image_hosts=args.allow_private_image_hosts,
                      max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                     api_key=args.api_key, cors_origins=args.cors_origin)
+                     api_key=args.api_key, cors_origins=args.cors_origin, metrics_public=args.metrics_public)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=5))
     failed = threading.Event()

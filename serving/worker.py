@@ -7,13 +7,19 @@ Front ends (the HTTP API, the Gradio demo) never touch the model from their even
     async for ids in stream: ...                                    # new token ids as they come
     stream.cancel()                                                 # client gone: stop this row
 
-Requests that wait together are run as one batch: the thread takes up to `max_batch` waiting jobs
-(after waiting `batch_wait` seconds for more to arrive), encodes their images in one call, and runs
-them through one `generate()` call, whose rows each keep their own sampling settings and fail on
-their own: a row whose sampling raises ends with a GenerationError while the others go on (only a
-failing forward pass fails the whole batch). A batch runs until its last row is done; requests
-arriving meanwhile wait for the next batch (static batching).
-At most `max_queue` requests may wait while a batch runs; `submit` raises QueueFullError beyond that.
+Two ways to batch, chosen by what the engine's backend can do:
+
+- continuous (the fast backend, model/continuous.py): up to `max_batch` sequences decode together, one
+  token each per step, in slots of preallocated key/value memory. Between steps, waiting requests are
+  prefilled into free slots (their images encoded in one call) and decode with the others from the next
+  step; a finished or cancelled request leaves its slot at once. Nobody waits for someone else's answer.
+- static (the sat and Hugging Face backends): the thread takes up to `max_batch` waiting jobs (after
+  waiting `batch_wait` seconds for more to arrive), encodes their images in one call, and runs them
+  through one `generate()` call until its last row is done; requests arriving meanwhile wait for the
+  next batch.
+Either way each row keeps its own sampling settings and fails on its own: a row whose sampling raises
+ends with a GenerationError while the others go on (only a failing forward pass fails the whole batch).
+At most `max_queue` requests may wait beyond the free places; `submit` raises QueueFullError beyond that.
 
 Tokens go back to each consumer's asyncio.Queue through loop.call_soon_threadsafe. A cancelled job
 that is still waiting leaves the queue at once; a running one is dropped from the batch at the next
@@ -31,7 +37,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -63,6 +69,8 @@ class Job:
         self.error: Optional[Exception] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.queue: Optional[asyncio.Queue] = None
+        self.submitted_at: Optional[float] = None      # time.monotonic() of submit, of the first token
+        self.first_token_at: Optional[float] = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -116,9 +124,13 @@ class Stream:
 
 class Worker:
     def __init__(self, engine=None, *, loader: Optional[Callable] = None, max_batch: int = 8,
-                 max_queue: int = 32, batch_wait: float = 0.01, generate_fn: Optional[Callable] = None):
+                 max_queue: int = 32, batch_wait: float = 0.01, generate_fn: Optional[Callable] = None,
+                 continuous: Optional[bool] = None, gpu_memory_fraction: float = 0.9):
         """engine: a ready ChatEngine; or loader: a callable returning one, run on the worker thread
-        when it starts (the server answers /health with 503 meanwhile)."""
+        when it starts (the server answers /health with 503 meanwhile). continuous: None batches
+        continuously when the backend can (the fast one), True requires it, False never does;
+        gpu_memory_fraction: how much of the GPU's memory the process may fill with weights and the
+        continuous batch's key/value slots (fewer than max_batch slots when that is too little)."""
         if (engine is None) == (loader is None):
             raise ValueError("pass either an engine or a loader")
         if max_batch < 1 or max_queue < 1:
@@ -129,6 +141,10 @@ class Worker:
         self.max_queue = max_queue
         self.batch_wait = batch_wait
         self._generate_fn = generate_fn
+        self.continuous = continuous
+        self.gpu_memory_fraction = gpu_memory_fraction
+        self.slots = None                        # the continuous batch's slot backend, once serving
+        self.metrics = None                      # serving.metrics.ServingMetrics, if the app attached one
         self.state = "ready" if engine is not None else "loading"   # loading, ready, failed, stopped
         self.error: Optional[str] = None
         self._cond = threading.Condition()
@@ -140,12 +156,16 @@ class Worker:
         if engine is not None:
             self._settled.set()
         self._stats = dict(requests=0, rejected=0, cancelled=0, batches=0, generate_calls=0, max_batch_seen=0,
-                           tokens=0, errors=0)
+                           tokens=0, errors=0, steps=0)
+        self._free = max_batch                   # places a new request can start in without waiting
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> "Worker":
+        """Start the worker thread (a given engine's key/value slots are allocated first, here)."""
         with self._cond:
             if self._thread is None:
+                if self.engine is not None and self.slots is None:
+                    self.slots = self._open_slots(self.engine)
                 self._thread = threading.Thread(target=self._run, name="visualglm-worker", daemon=True)
                 self._thread.start()
         return self
@@ -181,6 +201,11 @@ class Worker:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    @property
+    def slots_total(self) -> int:
+        """Sequences that can run at once (continuous: key/value slots; static: max_batch)."""
+        return self.slots.slots if self.slots is not None else self.max_batch
 
     @property
     def max_context(self) -> int:
@@ -224,12 +249,14 @@ class Worker:
         job.queue = asyncio.Queue()
         with self._cond:
             self.require_ready()
-            limit = self.max_queue + (0 if self._running else self.max_batch)
+            limit = self.max_queue + self._free
             if len(self._pending) >= limit:
                 self._stats["rejected"] += 1
+                self._observe("rejected")
                 raise QueueFullError(f"The server is busy: {len(self._pending)} requests are already waiting. "
                                      f"Try again shortly.")
             job.state = "queued"
+            job.submitted_at = time.monotonic()
             self._pending.append(job)
             self._stats["requests"] += 1
             self._cond.notify_all()
@@ -252,6 +279,7 @@ class Worker:
         if self._loader is not None and self.engine is None:
             try:
                 engine = self._loader()
+                slots = self._open_slots(engine)
             except ModelLoadError as e:   # explained by its message, which the front end prints
                 error = str(e)
             except BaseException as e:  # noqa: BLE001 - report any failure through /health
@@ -266,11 +294,27 @@ class Worker:
                 self._settled.set()
                 return
             with self._cond:
-                self.engine = engine
+                self.engine, self.slots = engine, slots
                 if self.state == "loading":
                     self.state = "ready"
             self._settled.set()
             log.info("model loaded; serving")
+        if self.slots is not None:
+            log.info("continuous batching: %d slots of %d tokens", self.slots.slots, self.slots.length)
+            self._serve_continuous(self.slots)
+        else:
+            self._serve_static()
+
+    def _open_slots(self, engine):
+        if self.continuous is False or self._generate_fn is not None:
+            return None
+        from model.backend import open_slots
+        slots = open_slots(engine.backend, self.max_batch, self.gpu_memory_fraction)
+        if slots is None and self.continuous:
+            raise ValueError("continuous batching needs the fast backend (--backend fast)")
+        return slots
+
+    def _serve_static(self):
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
@@ -289,20 +333,101 @@ class Worker:
                 for job in batch:
                     job.state = "running"
                 self._running = batch
+                self._free = 0
             try:
                 self._run_batch(batch)
             except Exception as e:  # noqa: BLE001 - the worker must survive anything a batch does
-                log.exception("generation failed")
-                self._stats["errors"] += 1
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                error = GenerationError(f"Generation failed: {type(e).__name__}: {e}")
-                for job in batch:
-                    if job.state != "done":
-                        self._finish(job, "error", error)
+                self._fail_jobs(batch, e)
             finally:
                 with self._cond:
                     self._running = []
+                    self._free = self.max_batch
+
+    # -- continuous batching -------------------------------------------------------------------------
+    def _serve_continuous(self, slots):
+        from model.continuous import ContinuousBatch
+        engine = self.engine
+        batch = ContinuousBatch(slots, engine.tokenizer.pad_token_id, engine.eos_ids(), isolate_errors=True)
+        live: Dict[int, Job] = {}                    # id(request) -> job
+        with self._cond:
+            self._free = slots.slots
+        while True:
+            with self._cond:
+                while not self._pending and not live and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    for job in live.values():
+                        self._finish(job, "error", NotReadyError("The server is shutting down."))
+                    return
+                if not live:                         # idle: let requests sent together arrive together
+                    deadline = time.monotonic() + self.batch_wait
+                    while len(self._pending) < batch.free and not self._stopping:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                newcomers = [self._pending.popleft() for _ in range(min(batch.free, len(self._pending)))]
+                for job in newcomers:
+                    job.state = "running"
+                self._running = list(live.values()) + newcomers
+            for key, job in list(live.items()):
+                if job.cancelled.is_set():
+                    batch.cancel(job.request)
+                    del live[key]
+                    self._stats["cancelled"] += 1
+                    self._finish(job, "cancelled")
+            events = []
+            try:
+                newcomers = self._attach_images(newcomers)
+                if newcomers:
+                    events += batch.admit([job.request for job in newcomers])
+                    live.update((id(job.request), job) for job in newcomers)
+            except Exception as e:  # noqa: BLE001 - a failing prefill fails its newcomers only
+                self._fail_jobs(newcomers, e)
+                for job in newcomers:
+                    batch.cancel(job.request)
+                    live.pop(id(job.request), None)
+            self._stats["max_batch_seen"] = max(self._stats["max_batch_seen"], len(batch.running))
+            try:
+                if batch.running:
+                    self._stats["steps"] += 1
+                    events += batch.step()
+            except Exception as e:  # noqa: BLE001 - a failing step fails every running row, not the worker
+                self._fail_jobs(list(live.values()), e)
+                for job in live.values():
+                    batch.cancel(job.request)
+                live.clear()
+            for event in events:
+                job = live.get(id(event.request))
+                if job is None:
+                    continue
+                if event.token is not None:
+                    self._token(job, event.token)
+                if event.reason is not None:
+                    del live[id(event.request)]
+                    self._end(job)
+            with self._cond:
+                self._running = list(live.values())
+                self._free = batch.free
+
+    def _fail_jobs(self, jobs: List[Job], e: Exception) -> None:
+        log.exception("generation failed", exc_info=e)
+        self._stats["errors"] += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        error = GenerationError(f"Generation failed: {type(e).__name__}: {e}")
+        for job in jobs:
+            if job.state != "done":
+                self._finish(job, "error", error)
+
+    def _token(self, job: Job, token: int) -> None:
+        job.generated += 1
+        self._stats["tokens"] += 1
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.token()
+        self._push(job, [token])
 
     def _run_batch(self, batch: List[Job]):
         batch = self._attach_images(batch)
@@ -326,9 +451,7 @@ class Worker:
                         del live[b]
                         self._end(job)
                         continue
-                    job.generated += 1
-                    self._stats["tokens"] += 1
-                    self._push(job, [token])
+                    self._token(job, token)
                     if self._reason(job) == "length":
                         del live[b]
                         self._finish(job, "length")
@@ -398,8 +521,13 @@ class Worker:
         job.state = "done"
         job.finish_reason = reason
         job.error = error
+        self._observe(reason, job)
         if job.loop is not None:
             self._push(job, Finished(reason, error))
+
+    def _observe(self, outcome: str, job: Optional[Job] = None) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(outcome, job)
 
     def _fail_pending(self, error: Exception) -> None:
         with self._cond:

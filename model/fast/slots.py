@@ -14,7 +14,8 @@ import torch
 
 from .pool import SlotPool
 
-MIN_SPAN = 128          # smallest attended length bucket
+MIN_SPAN = 128                  # smallest attended length bucket
+RESERVE_BYTES = 2 * 2**30       # GPU memory left for activations, logits and captured graphs
 
 
 def _buckets(limit: int, start: int) -> List[int]:
@@ -53,10 +54,23 @@ class FastSlots:
     def device(self) -> torch.device:
         return self.backend.device
 
-    @staticmethod
-    def bytes_per_slot(backend, length: int) -> int:
-        g = backend.glm
-        return length * SlotPool.bytes_per_token(g.layers_n, g.heads, g.head_dim, backend.dtype)
+    @classmethod
+    def sized(cls, backend, max_batch: int, memory_fraction: float = 0.9, length: Optional[int] = None):
+        """Up to max_batch slots of `length` tokens (default: the model's longest sequence). On a GPU, no
+        more than fit in memory_fraction of its memory beside what is in use already (the weights) and a
+        reserve for activations and graphs."""
+        length = length or backend.max_sequence_length
+        slots = max_batch
+        if backend.device.type == "cuda":
+            g = backend.glm
+            per_slot = length * SlotPool.bytes_per_token(g.layers_n, g.heads, g.head_dim, backend.dtype)
+            free, total = torch.cuda.mem_get_info(backend.device)
+            budget = memory_fraction * total - (total - free) - RESERVE_BYTES
+            slots = min(max_batch, int(budget // per_slot))
+            if slots < 1:
+                raise MemoryError(f"no GPU memory for even one sequence of {length} tokens "
+                                  f"({per_slot / 2**30:.2f} GiB) within --gpu-memory-fraction {memory_fraction}")
+        return cls(backend, slots, length)
 
     # -- the slot interface -------------------------------------------------------------------------
     @torch.inference_mode()
