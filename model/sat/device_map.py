@@ -115,10 +115,14 @@ class RotaryPerDevice(torch.nn.Module):
 
     def __init__(self, rotary, devices):
         super().__init__()
-        self.copies = torch.nn.ModuleDict({d.replace(":", "_"): copy.deepcopy(rotary).to(d) for d in devices})
+        self.copies = torch.nn.ModuleDict({self.key(d): copy.deepcopy(rotary).to(d) for d in devices})
+
+    @staticmethod
+    def key(device) -> str:
+        return "on_" + str(device).replace(":", "_")        # "on_cuda_1": a valid, non-clashing module name
 
     def forward(self, x, *args, **kwargs):
-        return self.copies[str(x.device).replace(":", "_")](x, *args, **kwargs)
+        return self.copies[self.key(x.device)](x, *args, **kwargs)
 
 
 def apply_device_map(model, device_map: DeviceMap):

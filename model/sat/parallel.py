@@ -32,8 +32,6 @@ def init_from_launcher(device: Optional[str] = None) -> str:
     """In a process started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set): the process
     group (NCCL on GPUs, gloo on the CPU) and sat's model parallelism over all of it (one model across
     the ranks, no data parallelism). Returns this rank's device."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError("not started by a launcher: run `torchrun --nproc-per-node N ...`")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
