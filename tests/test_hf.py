@@ -80,7 +80,7 @@ def test_cached_decoding_equals_a_full_pass(hf_model, tiny_config):
     with torch.no_grad():
         full = hf_model(torch.tensor([ids]), pixel_values=pixels, pre_image_length=2).logits
         out = hf_model(x, pixel_values=pixels, pre_image_length=2)
-        cache, pos = out.cache, out.logits
+        cache = out.cache
         c = len(ids) - 4                                      # index of <sop>
         for n, token in enumerate(ids[-3:]):
             step = hf_model(torch.tensor([[token]]), position_ids=torch.tensor([[[c - 1], [n + 2]]]), cache=cache)

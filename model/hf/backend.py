@@ -1,11 +1,13 @@
 """HFBackend: the chat core's backend interface (model/backend.py) over VisualGLMForConditionalGeneration.
 
 The core's mask is True = may attend; the model takes upstream's True = masked, so it is inverted
-here. The cache is the model's own tuple of per-layer (k, v), grown by concatenation.
+here. The cache is the model's transformers DynamicCache, grown in place.
 """
 from typing import Optional
 
 import torch
+
+from .modeling import CACHE_FIELD
 
 
 class HFBackend:
@@ -35,7 +37,7 @@ class HFBackend:
     @torch.inference_mode()
     def _forward(self, **kw):
         out = self.model(use_cache=True, **kw)
-        return out.logits[:, -1].float(), out.cache                  # [B, V], cache
+        return out.logits[:, -1].float(), out[CACHE_FIELD]                  # [B, V], cache
 
     def prefill(self, ids, positions, mask, image_embeds: Optional[torch.Tensor] = None,
                 pre_image: Optional[torch.Tensor] = None, capacity: Optional[int] = None):

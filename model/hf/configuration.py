@@ -12,6 +12,7 @@ from ..configs import VISUALGLM_6B
 
 class VisualGLMConfig(PretrainedConfig):
     model_type = "visualglm"
+    attribute_map = {"num_hidden_layers": "num_layers"}       # the name transformers' caches read
 
     def __init__(self, vocab_size=130528, hidden_size=4096, num_layers=28, num_attention_heads=32,
                  inner_hidden_size=None, layernorm_epsilon=1e-5, max_sequence_length=2048,
@@ -33,3 +34,19 @@ class VisualGLMConfig(PretrainedConfig):
         self.position_encoding_2d = position_encoding_2d
         self.use_cache = use_cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+
+class ReleasedVisualGLMConfig(VisualGLMConfig):
+    """Reads the config.json of the released THUDM/visualglm-6b folder (model_type "chatglm", an auto_map
+    pointing at remote code that is not needed) as a VisualGLMConfig, so AutoModel / AutoTokenizer then
+    pick this package's classes. The text-only ChatGLM-6B shares that model_type: a config without
+    `eva_config` is refused instead of getting a random vision tower."""
+    model_type = "chatglm"
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        if "eva_config" not in config_dict or "qformer_config" not in config_dict:
+            raise ValueError("this model_type 'chatglm' config has no eva_config / qformer_config: it is not a "
+                             "VisualGLM-6B folder (a text-only ChatGLM-6B?), which model/hf does not load")
+        config_dict = {k: v for k, v in config_dict.items() if k not in ("auto_map", "model_type")}
+        return VisualGLMConfig.from_dict(config_dict, **kwargs)

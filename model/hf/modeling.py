@@ -3,11 +3,16 @@
 State-dict keys are those of THUDM/visualglm-6b (spec 2.3): transformer.* (GLM, HF per-head qkv rows,
 a rotary inv_freq buffer per layer), lm_head.weight (untied), image_encoder.{vit,qformer,glm_proj}.*.
 
-forward(input_ids [B, S], position_ids [B, 2, S], attention_mask [B, 1, S, T] bool with True = masked
-(upstream's convention), pixel_values [B, 3, h, w] or image_embeds [B, L, hidden], pre_image_length
-(int or [B]: index of the first image slot; negative = that row has no image), past_key_values)
--> logits [B, S, V] and `.cache` (a tuple over layers of (k, v) [B, nh, T, hd]). Without position_ids
-and attention_mask (and without a cache) both are built from the ids as in spec 3.4 / 3.5.
+forward(input_ids [B, S], position_ids [B, 2, S], attention_mask, pixel_values [B, 3, h, w] or
+image_embeds [B, L, hidden], pre_image_length (int or [B]: index of the first image slot, counted from the
+first non-pad token; negative = that row has no image), cache) -> logits [B, S, V] and the cache (a
+transformers DynamicCache, keys after rotary). attention_mask is either [B, 1, S, T] bool with True =
+masked (upstream ChatGLM's convention) or the usual 2-D [B, T] 1/0 left-padding mask; without a 4-D mask
+and position_ids, both are built from the ids (model/hf/inputs.py, spec 3.4 / 3.5). The image is read
+only while the cache is empty (the prefill), as upstream did.
+
+generate() is transformers' own (GenerationMixin): prepare_inputs_for_generation feeds it the 2-D GLM
+positions and the prefix mask at every step, the pixels at the first one only.
 
 chat() / stream_chat() keep upstream's signatures and run on the chat core (model/chat.py ChatEngine)
 through HFBackend: the prompt format, sampling and decoding loop are the same as in the sat flavour.
@@ -17,31 +22,19 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..defaults import DEMO_SAMPLING
 from .configuration import VisualGLMConfig
 from ..positions import inverse_frequencies
 from .glm import GLMTransformer, RotaryEmbedding
+from .inputs import glm_inputs, image_starts, leading_pads
 from .vision import ImageEncoder
 
-
-def glm_inputs(input_ids: torch.Tensor, config) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Position ids [B, 2, S] and the mask [B, 1, S, S] (True = masked) of unpadded rows laid out as
-    [context ... [gMASK] | <sop> answer ...] (spec 3.4 / 3.5); the context ends at the first <sop>."""
-    B, S = input_ids.shape
-    idx = torch.arange(S, device=input_ids.device)
-    positions = torch.zeros(B, 2, S, dtype=torch.long, device=input_ids.device)
-    masked = torch.zeros(B, 1, S, S, dtype=torch.bool, device=input_ids.device)
-    for b, row in enumerate(input_ids.tolist()):
-        c = row.index(config.bos_token_id) if config.bos_token_id in row else S
-        mark = config.gmask_token_id if config.gmask_token_id in row else config.mask_token_id
-        mpos = row.index(mark) if mark in row else max(c - 1, 0)
-        positions[b, 0] = torch.where(idx < c, idx, torch.full_like(idx, mpos))
-        positions[b, 1] = torch.clamp(idx - c + 1, min=0)
-        masked[b, 0] = ~((idx[None, :] < c) | (idx[None, :] <= idx[:, None]))
-    return positions, masked
+# The output's cache field: `cache` in recent transformers, `past_key_values` in earlier 5.x releases.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class VisualGLMPreTrainedModel(PreTrainedModel):
@@ -63,7 +56,7 @@ class VisualGLMPreTrainedModel(PreTrainedModel):
             module.bias.zero_()
 
 
-class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel):
+class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: VisualGLMConfig):
         super().__init__(config)
         self.transformer = GLMTransformer(config)
@@ -85,41 +78,79 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel):
         """[B, 3, h, w] normalised pixels -> [B, image_length, hidden] in the GLM's dtype."""
         return self.image_encoder(pixel_values).to(self.transformer.word_embeddings.weight.dtype)
 
-    def embed(self, input_ids, image_embeds=None, pre_image_length=None):
-        """[B, S] -> [B, S, H], image_embeds [B, L, H] written over the L slots from pre_image_length."""
+    def embed(self, input_ids, image_embeds=None, pre_image_length=None, pads=None):
+        """[B, S] -> [B, S, H], image_embeds [B, L, H] written over the L slots from pads + pre_image_length."""
         x = self.transformer.word_embeddings(input_ids)
-        if image_embeds is None or input_ids.shape[1] < image_embeds.shape[1]:
+        if image_embeds is None:
             return x
-        starts = torch.as_tensor(pre_image_length if pre_image_length is not None else 0).expand(x.shape[0])
+        if pre_image_length is None:
+            raise ValueError("an image needs pre_image_length: the index of its first placeholder slot in the "
+                             "prompt (model.build_inputs_with_image returns it)")
+        starts = image_starts(pre_image_length, pads, x.shape[0], x.device)                      # [B]
         x = x.clone()
+        L = image_embeds.shape[1]
         for b, start in enumerate(starts.tolist()):
             if start >= 0:
-                x[b, start:start + image_embeds.shape[1]] = image_embeds[b].to(x.dtype)
+                if start + L > x.shape[1]:
+                    raise ValueError(f"the {L} image slots from index {start} do not fit in {x.shape[1]} tokens")
+                x[b, start:start + L] = image_embeds[b].to(x.dtype)
         return x
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                image_embeds: Optional[torch.Tensor] = None, pre_image_length=None,
-                past_key_values: Optional[tuple] = None, use_cache: Optional[bool] = None,
-                return_dict: Optional[bool] = None, cache: Optional[tuple] = None, **kwargs):
-        past_key_values = cache if past_key_values is None else past_key_values
-        if past_key_values is None and (position_ids is None or attention_mask is None):
-            positions, masked = glm_inputs(input_ids, self.config)
-            position_ids = positions if position_ids is None else position_ids
-            attention_mask = masked if attention_mask is None else attention_mask
-        elif position_ids is None:
-            raise ValueError("position_ids [B, 2, S] are needed with past_key_values (GLM 2-D positions)")
-        if attention_mask is not None and attention_mask.dim() != 4:
-            raise ValueError("attention_mask must be [B, 1, S, T] bool, True = masked (upstream ChatGLM's convention)")
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask < 0.5        # a float mask of 1 = keep
-        if image_embeds is None and pixel_values is not None and past_key_values is None:
-            image_embeds = self.encode_image(pixel_values)
-        x = self.embed(input_ids, image_embeds if past_key_values is None else None, pre_image_length)
-        hidden, presents = self.transformer(x, position_ids.to(x.device), attention_mask, past_key_values)
-        logits = self.lm_head(hidden)                                                  # [B, S, V]
+                image_embeds: Optional[torch.Tensor] = None, pre_image_length=None, cache: Optional[Cache] = None,
+                past_key_values: Optional[Cache] = None, use_cache: Optional[bool] = None,
+                return_dict: Optional[bool] = None, images: Optional[torch.Tensor] = None, **kwargs):
+        cache = past_key_values if cache is None else cache
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError("cache must be a transformers Cache (e.g. DynamicCache), not a tuple of tensors")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        return CausalLMOutputWithPast(logits=logits, cache=presents if use_cache else None)   # .cache (transformers 5)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        pads = None
+        if attention_mask is not None and attention_mask.dim() == 2:        # 1 = token, 0 = left padding
+            pads = leading_pads(attention_mask, input_ids)                     # [B]
+        if attention_mask is None or attention_mask.dim() == 2:
+            if position_ids is None and past:
+                raise ValueError("position_ids [B, 2, S] are needed with a filled cache (GLM 2-D positions)")
+            if past:
+                attention_mask = None if pads is None else (torch.arange(past + input_ids.shape[1], device=pads.device)
+                                                            < pads[:, None])[:, None, None, :]    # [B, 1, 1, T]
+            else:
+                built, attention_mask = glm_inputs(input_ids, self.config, attention_mask)
+                position_ids = built if position_ids is None else position_ids
+        elif attention_mask.dim() != 4:
+            raise ValueError("attention_mask must be [B, T] (1 = token) or [B, 1, S, T] bool (True = masked)")
+        elif position_ids is None:
+            raise ValueError("position_ids [B, 2, S] must come with a 4-D attention_mask")
+        elif attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask < 0.5                                # a float 4-D mask of 1 = keep
+        pixel_values = images if pixel_values is None else pixel_values          # upstream's name
+        if not past and image_embeds is None and pixel_values is not None:
+            image_embeds = self.encode_image(pixel_values)
+        x = self.embed(input_ids, None if past else image_embeds, pre_image_length, pads)          # [B, S, H]
+        hidden = self.transformer(x, position_ids.to(x.device), attention_mask, cache if use_cache else None)
+        logits = self.lm_head(hidden)                                                                # [B, S, V]
+        return CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: cache if use_cache else None})
+
+    # -- transformers' generate() ------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, cache=None, past_key_values=None,
+                                      pixel_values=None, images=None, image_embeds=None, pre_image_length=None,
+                                      use_cache=None, **kwargs):
+        """One step of generate(): the ids not in the cache yet, their GLM positions and mask rows (built
+        from the whole sequence so far), and the image only while the cache is empty."""
+        cache = past_key_values if cache is None else cache
+        past = cache.get_seq_length() if cache is not None else 0
+        positions, masked = glm_inputs(input_ids, self.config, attention_mask, start=past)
+        first = past == 0
+        if first and pre_image_length is not None:          # the 4-D mask below no longer says where pads are
+            pre_image_length = image_starts(pre_image_length, leading_pads(attention_mask, input_ids),
+                                            input_ids.shape[0], input_ids.device)
+        return dict(input_ids=input_ids[:, past:], position_ids=positions, attention_mask=masked, cache=cache,
+                    use_cache=use_cache, pixel_values=pixel_values if first else None,
+                    images=images if first else None, image_embeds=image_embeds if first else None,
+                    pre_image_length=pre_image_length if first else None)
 
     def quantize(self, bits: int):
         """Weight-only int8 / int4 of the GLM block linears, in place (model/hf/quantize.py); returns self."""
@@ -128,11 +159,26 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel):
 
     # -- upstream's chat API, on the chat core ---------------------------------------------------------
     def chat_engine(self, tokenizer):
+        """The chat core over this model; tokenizer: model/tokenizer.py's or the AutoTokenizer one (its core)."""
         from ..chat import ChatEngine
         from .backend import HFBackend
         if getattr(self, "_hf_backend", None) is None:
             self.__dict__["_hf_backend"] = HFBackend(self)
-        return ChatEngine(self.__dict__["_hf_backend"], tokenizer)
+        return ChatEngine(self.__dict__["_hf_backend"], getattr(tokenizer, "core", tokenizer))
+
+    def build_inputs_with_image(self, tokenizer, image_path: str, query: str,
+                                history: Optional[List[Tuple[str, str]]] = None) -> dict:
+        """generate() inputs of one chat turn, as upstream's method: input_ids [1, S] of the chat prompt and,
+        when image_path is not empty, pixel_values [1, 3, h, w] and pre_image_length."""
+        from ..sampling import SamplingParams
+        engine = self.chat_engine(tokenizer)
+        image = bool(image_path and str(image_path).strip())
+        request = engine.make_request(query, history, has_image=image,
+                                      params=SamplingParams(max_length=self.config.max_sequence_length))
+        inputs = {"input_ids": torch.tensor([request.ids], device=self.device)}
+        if image:
+            inputs.update(pixel_values=engine.pixels(image_path).to(self.device), pre_image_length=request.pre_image)
+        return inputs
 
     def stream_chat(self, tokenizer, image_path: str, query: str, history: Optional[List[Tuple[str, str]]] = None,
                     max_length: int = DEMO_SAMPLING["max_length"], min_length: Optional[int] = None,
