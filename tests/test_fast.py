@@ -76,6 +76,18 @@ def test_the_static_cache_refuses_to_overflow(net, tiny_config):
         fast.decode_step(torch.tensor([[5]]), pos[:, :, -1:], torch.ones(1, 257, dtype=torch.bool), cache)
 
 
+def test_a_short_row_batched_with_a_long_one_can_use_all_of_its_max_length(net, tiny_config, monkeypatch):
+    """Rows share cache slots after left padding: the cache must hold the long prompt plus everything
+    the short row may still generate, not just the longest max_length."""
+    from model.fast import backend as fast_backend
+    monkeypatch.setattr(fast_backend, "MIN_CACHE", 16)                   # small buckets: a short test
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    short = Request(ids=[20, 21, g, s], params=SamplingParams(max_length=30, top_k=1))
+    long = Request(ids=list(range(20, 38)) + [g, s], params=SamplingParams(max_length=21, top_k=1))
+    steps = list(generate(FastBackend(net), [short, long], 3, []))       # no eos ids: rows run to max_length
+    assert len(steps) == 30 - 4                                           # 20 + 26 slots, past 30's bucket (32)
+
+
 def test_a_newer_prefill_invalidates_the_older_cache(net, tiny_config):
     fast = FastBackend(net)
     g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]

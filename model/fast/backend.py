@@ -95,9 +95,12 @@ class FastBackend(LoadedModelBackend):
     @torch.inference_mode()
     def prefill(self, ids, positions, mask, image_embeds=None, pre_image=None, capacity: Optional[int] = None):
         B, S = ids.shape
-        cache = self._cache_for(B, self._bucket(max(capacity or self.max_sequence_length, S)))
-        x = self.glm.embed_tokens(ids.to(self.device), image_embeds, pre_image)       # [B, S, H]
         positions, mask = positions.to(self.device), mask.to(self.device)
+        # capacity counts a row's own tokens; rows share cache slots after the batch's left padding, so
+        # the shortest row, which may generate the most, reaches S + capacity - its length
+        shortest = int(mask[:, 0, -1].sum(-1).min()) if capacity else S
+        cache = self._cache_for(B, self._bucket(max((capacity or self.max_sequence_length) + S - shortest, S)))
+        x = self.glm.embed_tokens(ids.to(self.device), image_embeds, pre_image)       # [B, S, H]
         padded = bucket_for(S, cache.length) if self.buckets else None
         if padded is None:
             full = prefill_mask(mask, S, cache.length)                                 # [B, 1, S, T]
