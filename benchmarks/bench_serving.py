@@ -1,0 +1,251 @@
+"""Load benchmark: N concurrent streaming conversations against a live API server.
+
+    python benchmarks/bench_serving.py --model random-7b                  # GPU: starts its own server
+    python benchmarks/bench_serving.py --model tiny --levels 1,8 --new-tokens 32    # CPU smoke run
+    python benchmarks/bench_serving.py --url http://127.0.0.1:8080 --levels 1,8,64  # any running api.py
+
+Every conversation sends one 224x224 image (as a data URL) and a question to /v1/chat/completions with
+stream=true and `--new-tokens` max_tokens, and measures time to first token (TTFT), the gaps between
+streamed chunks (inter-token latency, ITL) and the completion tokens from the usage record. Per level N,
+all N start together; the table gives aggregate tokens/s (all completion tokens / wall time), TTFT and
+ITL p50/p99.
+
+With --model the script starts the server itself (a child process running serving.app on a free port):
+`random-7b` is the released architecture with random fp16 weights built on the GPU (as
+bench_inference.py builds it) behind the fast backend with continuous batching; `tiny` is the bundled
+model. The tokenizer is the bundled model's (the real one is not in the repository); ids it does not
+know are decoded modulo its size, which changes nothing in what is measured.
+--baseline-levels also runs those levels against the reference path (sat backend, static batching) in
+the same run, and the table shows each level's throughput ratio to it. --greedy-check K sends K greedy
+conversations one at a time and then all at once, and reports how many answers are identical.
+"""
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+QUESTIONS = ["Describe this picture in detail.", "详细描述这张图片。", "What colours do you see?",
+             "图中有几个图形？"]
+
+
+# -- the server (child process) ----------------------------------------------------------------------
+class ModuloDecoding:
+    """The bundled tokenizer for a model whose vocabulary is larger: unknown ids decode modulo its size."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def decode(self, ids):
+        return self._tok.decode([i % self._tok.vocab_size for i in ids])
+
+
+def build_engine(model_kind: str, backend: str):
+    import torch
+    from model.chat import ChatEngine
+    from model.sat.loading import load_model_and_tokenizer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiny, tok = load_model_and_tokenizer("visualglm-tiny", device=device)
+    if model_kind == "tiny":
+        return ChatEngine(tiny.eval(), tok, allow_image_paths=False, allow_image_urls=False, backend=backend)
+    from bench_inference import random_model
+    model = random_model(torch.float16)
+    return ChatEngine(model, ModuloDecoding(tok), allow_image_paths=False, allow_image_urls=False, backend=backend)
+
+
+def serve(args) -> None:
+    import uvicorn
+    from serving.app import create_app
+    from serving.worker import Worker
+    backend, continuous = ("sat", False) if args.reference else ("fast", True)
+    worker = Worker(build_engine(args.model, backend), max_batch=args.max_batch, max_queue=1024,
+                    batch_wait=0.005, continuous=continuous)
+    app = create_app(worker, model_name=args.model, metrics_public=True)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def start_server(args, reference: bool):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, __file__, "--serve", "--model", args.model, "--port", str(port),
+           "--max-batch", str(args.max_batch)] + (["--reference"] if reference else [])
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise SystemExit("the server did not become ready in 15 minutes")
+
+
+# -- the client ---------------------------------------------------------------------------------------
+def image_url(seed: int) -> str:
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (224, 224), ((seed * 70) % 256, 200, 120))
+    ImageDraw.Draw(img).ellipse([40 + seed % 30, 40, 180, 170], fill=(200, (seed * 40) % 256, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+async def conversation(client, url: str, i: int, new_tokens: int, greedy: bool = False) -> dict:
+    body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": new_tokens,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
+                {"type": "image_url", "image_url": {"url": image_url(i)}}]}]}
+    if greedy:
+        body["temperature"] = 0
+    start = time.perf_counter()
+    first, last, gaps, text, tokens = None, None, [], [], 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            content = (chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None)
+            if content:
+                now = time.perf_counter()
+                if first is None:
+                    first = now - start
+                else:
+                    gaps.append(now - last)
+                last = now
+                text.append(content)
+    return dict(ttft=first, gaps=gaps, tokens=tokens, text="".join(text))
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+async def run_level(url: str, n: int, new_tokens: int) -> dict:
+    import httpx
+    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
+    async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(conversation(client, url, i, new_tokens) for i in range(n)))
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
+    gaps = [g for r in results for g in r["gaps"]]
+    return dict(n=n, tokens=tokens, seconds=wall, tok_s=tokens / wall, ttft_p50=pct(ttft, 0.5) * 1e3,
+                ttft_p99=pct(ttft, 0.99) * 1e3, itl_p50=pct(gaps, 0.5) * 1e3, itl_p99=pct(gaps, 0.99) * 1e3)
+
+
+async def greedy_check(url: str, k: int, new_tokens: int) -> tuple:
+    import httpx
+    async with httpx.AsyncClient(timeout=None, trust_env=False) as client:
+        alone = [(await conversation(client, url, i, new_tokens, greedy=True))["text"] for i in range(k)]
+        together = await asyncio.gather(*(conversation(client, url, i, new_tokens, greedy=True) for i in range(k)))
+    same = sum(a == b["text"] for a, b in zip(alone, together))
+    return same, k
+
+
+def table(rows, baseline) -> str:
+    lines = ["| N | tokens | seconds | tokens/s | vs reference | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = baseline.get(r["n"])
+        ratio = f"{r['tok_s'] / ref['tok_s']:.1f}x" if ref else "-"
+        lines.append(f"| {r['n']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} | {ratio} | "
+                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} |")
+    for n, r in sorted(baseline.items()):
+        lines.append(f"| {n} (reference: sat, static batching) | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} "
+                     f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=None, help="a running server (default: start one with --model)")
+    p.add_argument("--model", choices=["random-7b", "tiny"], default="random-7b")
+    p.add_argument("--levels", default="1,8,32,64,128", help="concurrent conversations per level")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--max-batch", type=int, default=128, help="the server's --max-batch (slots)")
+    p.add_argument("--baseline-levels", default="", help="levels to run on the reference path too, e.g. 64")
+    p.add_argument("--greedy-check", type=int, default=0, metavar="K")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        return serve(args)
+    levels = [int(x) for x in args.levels.split(",") if x]
+    procs, results = [], {"levels": [], "baseline": {}, "greedy": None}
+    try:
+        url = args.url
+        if url is None:
+            proc, url = start_server(args, reference=False)
+            procs.append(proc)
+        # warm-up: compiles nothing, but captures the decode graphs of the buckets the levels will use
+        asyncio.run(run_level(url, max(levels), 8))
+        for n in levels:
+            r = asyncio.run(run_level(url, n, args.new_tokens))
+            print(json.dumps(r), flush=True)
+            results["levels"].append(r)
+        if args.greedy_check:
+            same, k = asyncio.run(greedy_check(url, args.greedy_check, args.new_tokens))
+            results["greedy"] = dict(identical=same, of=k)
+        base_levels = [int(x) for x in args.baseline_levels.split(",") if x]
+        if base_levels:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(60)
+            procs = []
+            proc, ref_url = start_server(args, reference=True)
+            procs.append(proc)
+            for n in base_levels:
+                r = asyncio.run(run_level(ref_url, n, args.new_tokens))
+                print("reference", json.dumps(r), flush=True)
+                results["baseline"][n] = r
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print()
+    print(f"{args.model}, {args.new_tokens} new tokens per conversation, one 224x224 image each")
+    print(table(results["levels"], results["baseline"]))
+    if results["greedy"]:
+        g = results["greedy"]
+        print(f"greedy answers identical alone and under load: {g['identical']}/{g['of']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
