@@ -13,7 +13,13 @@
 #   LORA_RANK [10]  LAYER_RANGE ["0 14"]  PRE_SEQ_LEN [4]
 #   TRAIN_ITERS [300]  BATCH_SIZE [4]  GRAD_ACCUM [1]  LR [0.0001]  SAVE_INTERVAL [300]
 #   NUM_GPUS     GPUs on this machine to use                     [all visible; 0 = CPU]
+#                (several: data parallel, one process per GPU through the DeepSpeed launcher;
+#                 the global batch is BATCH_SIZE x GRAD_ACCUM x GPUs / MP_SIZE)
+#   MP_SIZE      model-parallel size (GPUs sharing one copy)     [1; see docs/multi-gpu.md]
 #   HOSTFILE     DeepSpeed hostfile for several nodes            [none: this machine only]
+#                one line per node, "node1 slots=8" (slots = GPUs used there); every node needs
+#                passwordless ssh from this one, the same paths and the same environment; this
+#                machine must be able to reach MASTER_PORT on the first node of the file
 #   MASTER_PORT  [16666]   PRECISION fp16 | bf16 | fp32          [fp16 on GPUs, fp32 on the CPU]
 #   PYTHON       interpreter                   [the repository's .venv/bin/python if there, else python3]
 # The training data is not used for validation: without VALID_DATA (or --split 9,1,0, which holds out
@@ -69,6 +75,7 @@ GRAD_ACCUM="${GRAD_ACCUM:-1}"
 LR="${LR:-0.0001}"
 SAVE_INTERVAL="${SAVE_INTERVAL:-300}"
 MASTER_PORT="${MASTER_PORT:-16666}"
+MP_SIZE="${MP_SIZE:-1}"
 
 case "$ADAPTER" in
   lora)    adapter_flags=(--use_lora) ;;
@@ -83,6 +90,12 @@ if [[ -z "${NUM_GPUS:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     NUM_GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null || echo 0)"
   fi
+fi
+if ! [[ "$MP_SIZE" =~ ^[1-9][0-9]*$ ]]; then
+  echo "MP_SIZE must be a positive number, not '$MP_SIZE'" >&2; exit 2
+fi
+if [[ "$MP_SIZE" -gt 1 && -z "${HOSTFILE:-}" ]] && (( NUM_GPUS % MP_SIZE != 0 )); then
+  echo "MP_SIZE=$MP_SIZE needs a number of GPUs it divides (NUM_GPUS=$NUM_GPUS)" >&2; exit 2
 fi
 if [[ "$NUM_GPUS" -gt 0 ]]; then
   PRECISION="${PRECISION:-fp16}"
@@ -99,7 +112,7 @@ esac
 # shellcheck disable=SC2206  # LAYER_RANGE is a list of layer numbers
 options=(
   --experiment-name "$EXPERIMENT"
-  --model-parallel-size 1
+  --model-parallel-size "$MP_SIZE"
   --mode finetune
   --train-iters "$TRAIN_ITERS"
   --resume-dataloader
