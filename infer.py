@@ -102,23 +102,28 @@ def main(argv=None) -> int:
                        gpus=args.ray_gpus)
         else:
             runner = build_runner(options)
-            summary.start = __import__("time").perf_counter()   # the rate counts answering, not loading
+            summary.restart()                 # the rate counts answering, not loading the model
             progress = bar(total=total, desc="Answering", unit="image")
             runner.process(records, on_done)
     except KeyboardInterrupt:
-        if progress is not None:
-            progress.close()
+        _close(progress)
         say("interrupted: the answers written so far are kept; run the same command again to go on")
         print(summary.text())
         return 130
     except RunError as e:
+        _close(progress)
         say(f"error: {e}")
         return 1
     finally:
         output.close()
-    progress.close()
+    _close(progress)
     print(summary.text())
     return 0
+
+
+def _close(progress) -> None:
+    if progress is not None:
+        progress.close()
 
 
 if __name__ == "__main__":

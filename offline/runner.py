@@ -185,6 +185,9 @@ class Summary:
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
 
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+
     def add(self, records: List[dict]) -> None:
         for r in records:
             if "error" in r:
