@@ -1,10 +1,12 @@
 """The VisualGLM-6B HTTP API on a Hugging Face model folder (model/hf, no sat, no remote code): the same
 server as api.py (original `POST /` contract + OpenAI-compatible chat completions), port 8080.
 
-    python -m model.convert sat-to-hf visualglm-tiny ./visualglm-tiny-hf
-    python api_hf.py --from_pretrained ./visualglm-tiny-hf --port 8080
+    python api_hf.py --from_pretrained visualglm-tiny-hf --port 8080
 
 See docs/serving.md for the endpoints, examples, limits and flags.
+
+visualglm-tiny-hf is the bundled tiny model converted by setup.sh (pretrained/visualglm-tiny-hf); any other
+sat checkpoint converts with: python -m model.convert sat-to-hf SAT_DIR HF_DIR
 """
 import argparse
 import sys

@@ -1,8 +1,10 @@
 """Chat with VisualGLM in the terminal, on a Hugging Face model folder (model/hf: no sat, no remote code).
 The same terminal chat as cli_demo.py (see its help for the keys and commands).
 
-    python -m model.convert sat-to-hf visualglm-tiny ./visualglm-tiny-hf
-    python cli_demo_hf.py --from_pretrained ./visualglm-tiny-hf
+    python cli_demo_hf.py --from_pretrained visualglm-tiny-hf
+
+visualglm-tiny-hf is the bundled tiny model converted by setup.sh (pretrained/visualglm-tiny-hf); any other
+sat checkpoint converts with: python -m model.convert sat-to-hf SAT_DIR HF_DIR
 """
 import sys
 

@@ -14,3 +14,6 @@ else
   pip install -r requirements.txt
 fi
 python -c "import model.sat, sat; print('VisualGLM environment ready: torch', __import__('torch').__version__)"
+# The bundled tiny model in Hugging Face format as well (cli_demo_hf.py / api_hf.py / web_demo_hf.py
+# --from_pretrained visualglm-tiny-hf); an existing folder is kept as it is.
+[ -e pretrained/visualglm-tiny-hf ] || python -m model.convert sat-to-hf visualglm-tiny pretrained/visualglm-tiny-hf

@@ -1,8 +1,10 @@
 """The VisualGLM-6B web demo (Gradio) on a Hugging Face model folder (model/hf, no sat, no remote code):
-the same UI as web_demo.py, port 7860.
+the same UI as web_demo.py, on port 8080 as upstream's web_demo_hf.py (web_demo.py: 7860).
 
-    python -m model.convert sat-to-hf visualglm-tiny ./visualglm-tiny-hf
-    python web_demo_hf.py --from_pretrained ./visualglm-tiny-hf
+    python web_demo_hf.py --from_pretrained visualglm-tiny-hf
+
+visualglm-tiny-hf is the bundled tiny model converted by setup.sh (pretrained/visualglm-tiny-hf); any other
+sat checkpoint converts with: python -m model.convert sat-to-hf SAT_DIR HF_DIR
 """
 import argparse
 import sys
@@ -15,7 +17,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_hf_model_args(p)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=8080, help="8080, as upstream's web_demo_hf.py")
     p.add_argument("--share", action="store_true", help="also publish a temporary public link through Gradio")
     add_worker_args(p)
     return p.parse_args(argv)

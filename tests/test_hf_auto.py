@@ -108,3 +108,21 @@ def test_a_text_only_chatglm_folder_is_refused_clearly(hf_dir, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not a VisualGLM-6B folder"):
         AutoConfig.from_pretrained(folder)
+
+
+def test_save_pretrained_writes_safetensors_and_a_plain_config(hf_dir, tmp_path):
+    model = AutoModel.from_pretrained(hf_dir, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "saved")
+    AutoTokenizer.from_pretrained(hf_dir).save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+    assert not list((tmp_path / "saved").glob("*.bin")) and not list((tmp_path / "saved").glob("*.py"))
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["model_type"] == "visualglm" and "auto_map" not in config
+    assert config["eva_config"] == model.config.eva_config and config["num_layers"] == model.config.num_layers
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    assert set(saved) == set(model.state_dict()) and all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
+    assert not torch.equal(saved["lm_head.weight"], saved["transformer.word_embeddings.weight"])    # not tied
+    again = AutoModel.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    ids = torch.tensor([[20, 21, 22, model.config.gmask_token_id, model.config.bos_token_id]])
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

@@ -91,3 +91,14 @@ def tiny_bundled_answer():
     from model.sat.loading import load_model_and_tokenizer
     model, tok = load_model_and_tokenizer(str(BUNDLED), device="cpu")
     return ChatEngine(model, tok, backend="sat").chat(IMAGE.read_bytes(), "描述这张图片。", **dict(DEMO_SAMPLING, top_k=1))[0]
+
+
+def test_visualglm_tiny_hf_names_the_bundled_model_converted_at_set_up(hf_tiny, tmp_path, monkeypatch, capsys):
+    from model.hf import loading
+    monkeypatch.setattr(loading, "BUNDLED_DIR", tmp_path)
+    (tmp_path / "visualglm-tiny").symlink_to(BUNDLED)
+    with pytest.raises(loading.HFLoadError, match="bash setup.sh .*python -m model.convert sat-to-hf visualglm-tiny"):
+        loading.load_hf_model_and_tokenizer("visualglm-tiny-hf", device="cpu")          # before set-up: how to make it
+    (tmp_path / "visualglm-tiny-hf").symlink_to(hf_tiny)
+    model, tok = loading.load_hf_model_and_tokenizer("visualglm-tiny-hf", device="cpu")
+    assert model.name_or_path == str(tmp_path / "visualglm-tiny-hf") and tok.gmask_token_id == model.config.gmask_token_id

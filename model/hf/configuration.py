@@ -33,6 +33,7 @@ class VisualGLMConfig(PretrainedConfig):
         self.gmask_token_id = gmask_token_id
         self.position_encoding_2d = position_encoding_2d
         self.use_cache = use_cache
+        kwargs.setdefault("tie_word_embeddings", False)     # lm_head is its own matrix (spec 1.4)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
 

@@ -1,8 +1,10 @@
 """One call for the *_hf.py front ends: a Hugging Face VisualGLM folder -> (model, tokenizer) on a device.
 
 The folder is one written by `python -m model.convert sat-to-hf` (model.safetensors, config.json,
-ice_text.model, tokenizer_config.json) or a Hub name already in the local cache. The tokenizer is our
-ChatGLM tokenizer (model/tokenizer.py); trust_remote_code is never needed.
+ice_text.model, tokenizer_config.json), the released THUDM/visualglm-6b layout, a bundled model converted
+at set-up (`visualglm-tiny-hf` = pretrained/visualglm-tiny-hf, written by setup.sh) or a Hub name already
+in the local cache. The tokenizer is our ChatGLM tokenizer (model/tokenizer.py); trust_remote_code is
+never needed.
 """
 from pathlib import Path
 
@@ -11,6 +13,26 @@ import torch
 from ..defaults import TOKENIZER_FILES
 
 CONVERT_HINT = "Convert a sat checkpoint with: python -m model.convert sat-to-hf SAT_DIR HF_DIR"
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "pretrained"     # the repository's pretrained/ (as in model/sat)
+
+
+def resolve_hf_dir(name_or_path) -> str:
+    """An existing folder as given, else pretrained/<name> when it holds a config.json, else the name
+    unchanged (a Hub name, looked up in the local cache by transformers)."""
+    name = str(name_or_path)
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    bundled = BUNDLED_DIR / name
+    return str(bundled) if (bundled / "config.json").is_file() else name
+
+
+def _missing_bundled_hint(name: str) -> str:
+    """visualglm-tiny-hf asked for before setup.sh converted it: say how to make it."""
+    sat_name = name.removesuffix("-hf")
+    if name == sat_name or not (BUNDLED_DIR / sat_name / "model_config.json").is_file():
+        return ""
+    return (f" {name} is the bundled {sat_name} in Hugging Face format, which bash setup.sh writes; or run: "
+            f"python -m model.convert sat-to-hf {sat_name} pretrained/{name}")
 
 
 class HFLoadError(RuntimeError):
@@ -24,11 +46,15 @@ def load_hf_model_and_tokenizer(name_or_path, device=None, dtype=None, tokenizer
     from . import VisualGLMForConditionalGeneration
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    name, name_or_path = str(name_or_path), resolve_hf_dir(name_or_path)
+    if name_or_path == name and _missing_bundled_hint(name) and not Path(name).expanduser().is_dir():
+        raise HFLoadError(f"No Hugging Face model folder {name!r}.{_missing_bundled_hint(name)}")   # not a Hub name
     try:
         config = AutoConfig.from_pretrained(name_or_path)
         model = VisualGLMForConditionalGeneration.from_pretrained(name_or_path, config=config, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise HFLoadError(f"Cannot load a VisualGLM Hugging Face model from {name_or_path!r}: {e}. {CONVERT_HINT}") from None
+        hint = _missing_bundled_hint(name) or f" {CONVERT_HINT}"
+        raise HFLoadError(f"Cannot load a VisualGLM Hugging Face model from {name!r}: {e}.{hint}") from None
     tok_dir = Path(tokenizer or name_or_path).expanduser()
     if not all((tok_dir / f).is_file() for f in TOKENIZER_FILES):
         raise HFLoadError(f"No tokenizer ({' and '.join(TOKENIZER_FILES)}) in {tok_dir}; pass --tokenizer FOLDER.")
