@@ -134,3 +134,20 @@ def test_one_rows_sampling_failure_ends_that_row_alone(net, tiny_config, emb, mo
     answers, _ = run(batch, [(0, reqs)])
     assert isinstance(reqs[1].error, ValueError)
     assert answers[id(reqs[0])] == ref[0] and answers[id(reqs[2])] == ref[2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs of the slot decode step need a GPU")
+def test_graph_captured_decoding_equals_eager_on_the_gpu(net, tiny_config):
+    gpu = build_model(tiny_config, device="cuda")
+    gpu.load_state_dict(net.state_dict())
+    gpu.eval()
+    emb = gpu.encode_image(torch.randn(2, 3, 224, 224, device="cuda"))
+    answers = []
+    for graph in (False, True):
+        batch = ContinuousBatch(FastSlots(FastBackend(gpu, cuda_graph=False), slots=4, length=256, cuda_graph=graph),
+                                pad_id=3, eos_ids=[4])
+        reqs = make_requests(tiny_config, emb)
+        got, _ = run(batch, [(0, reqs[:3]), (2, reqs[3:4]), (5, reqs[4:5]), (30, reqs[5:7])])
+        answers.append([got.get(id(r), []) for r in reqs])
+        assert graph == bool(batch.slots._graphs)
+    assert answers[0] == answers[1] and sum(map(len, answers[0])) > 80
