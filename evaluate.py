@@ -3,14 +3,16 @@
 
     python evaluate.py --from_pretrained <ckpt> --split <dir with dataset.json>
     python evaluate.py --from_pretrained <ckpt> --generate 200 --seed 2 [--types colour count ...]
-                       [--include_background] [--json out.json]
+                       [--include_background] [--wording templates|trained|rewordings] [--json out.json]
 
 Answers are generated greedily (top_k=1, no repetition penalty unless --repetition_penalty) through
 the project's chat engine (model.chat.chat on model.sat.loading.load_model_and_tokenizer). The scoring itself is
 `evaluate(items, answer_fn)`, where `answer_fn(image_path, prompt, history, english) -> str`;
 multi-turn items are asked turn by turn with the model's own earlier answers as history, and are
 reported in the row `multi_turn` (one count per turn). `--oracle` answers with the reference
-labels instead of a model (a check of the data and the grader: it must score 100%).
+labels instead of a model (a check of the data and the grader: it must score 100%). `--wording`
+picks the questions of --generate (synthetic.qa.WORDINGS): the original templates (default), the
+continued training's mix, or the held-out rewordings that no training has seen.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from synthetic.dataset import EVAL_SEED, DEFAULT_MULTI_TURN_FRACTION, generate_split, load_split
 from synthetic.grading import grade
-from synthetic.qa import LANGS, QUESTION_TYPES
+from synthetic.qa import LANGS, QUESTION_TYPES, WORDINGS
 
 AnswerFn = Callable[[str, str, List[Tuple[str, str]], bool], str]
 MULTI_TURN = "multi_turn"
@@ -188,6 +190,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help="also ask the held-out background question (--generate)")
     parser.add_argument("--multi_turn_fraction", type=float, default=DEFAULT_MULTI_TURN_FRACTION)
     parser.add_argument("--lang", choices=list(LANGS), help="only this language (--generate)")
+    parser.add_argument("--wording", choices=list(WORDINGS), default="templates",
+                        help="which questions --generate asks: the original templates (default), the continued "
+                             "training's mix (adds absent-shape questions), or held-out rewordings never trained on")
     parser.add_argument("--out_dir", help="where --generate writes images (default: a temporary folder)")
     parser.add_argument("--limit", type=int, help="ask at most this many items")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -233,7 +238,7 @@ def _run(args) -> dict:
         with bar(total=args.generate, desc="Generating images", unit="image") as shown:
             generate_split(out_dir, args.generate, args.seed, include_background=include_background,
                            multi_turn_fraction=fraction, types=types, lang=args.lang,
-                           on_image=lambda: shown.update(1))
+                           on_image=lambda: shown.update(1), wording=args.wording)
         items = _read_split(out_dir)
         if args.types and MULTI_TURN in args.types and len(args.types) == 1:
             items = [it for it in items if it["type"] == MULTI_TURN]

@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
-from .qa import LANGS, PRETRAIN_TYPES, QUESTION_TYPES, QA, make_conversation, sample_qa
+from .qa import LANGS, NEW_TYPES, PRETRAIN_TYPES, QUESTION_TYPES, QA, WORDINGS, make_conversation, sample_qa
 from .scenes import save_png, sample_scene
 
 TRAIN_SEED = 1
@@ -33,9 +33,15 @@ FEWSHOT_SEED = 20230517
 DEFAULT_MULTI_TURN_FRACTION = 0.2
 
 
-def _resolve_types(types: Optional[Sequence[str]], include_background: bool) -> List[str]:
+def _resolve_types(types: Optional[Sequence[str]], include_background: bool,
+                   wording: str = "templates") -> List[str]:
+    """The types asked by default: those of the first training, plus the absent-shape questions in
+    the wordings that have them (see synthetic.qa.WORDINGS)."""
+    if wording not in WORDINGS:
+        raise ValueError(f"unknown wording {wording!r}; known: {WORDINGS}")
     if types is None:
-        types = list(PRETRAIN_TYPES) + (["background"] if include_background else [])
+        types = list(PRETRAIN_TYPES) + (list(NEW_TYPES) if wording != "templates" else [])
+        types += ["background"] if include_background else []
     types = list(types)
     for t in types:
         if t not in QUESTION_TYPES:
@@ -60,32 +66,34 @@ def _multi_item(img: str, turns: List[QA]) -> dict:
 def generate_items(n_images: int, seed: int, include_background: bool = False,
                    multi_turn_fraction: float = DEFAULT_MULTI_TURN_FRACTION,
                    types: Optional[Sequence[str]] = None, questions_per_image: int = 1,
-                   lang: Optional[str] = None, img_prefix: str = "", render: bool = True):
+                   lang: Optional[str] = None, img_prefix: str = "", render: bool = True,
+                   wording: str = "templates"):
     """Yield (scene, image or None, items) for each image, deterministically from `seed`.
 
     Each image gets `questions_per_image` items; each item is a multi-turn conversation with
     probability `multi_turn_fraction` (when at least two types are allowed), else one question.
     `lang` pins the language (default: 50/50 per item)."""
-    types = _resolve_types(types, include_background)
+    types = _resolve_types(types, include_background, wording)
     if lang is not None and lang not in LANGS:
         raise ValueError(f"unknown language {lang!r}")
     rng = random.Random(seed)
     for index in range(n_images):
         scene = sample_scene(rng)
         items = scene_items(scene, rng, f"{img_prefix}{index:06d}.png", types, multi_turn_fraction,
-                            questions_per_image, lang)
+                            questions_per_image, lang, wording)
         yield scene, (scene.render() if render else None), items
 
 
 def scene_items(scene, rng: random.Random, img, types: Sequence[str], multi_turn_fraction: float,
-                questions_per_image: int = 1, lang: Optional[str] = None) -> List[dict]:
+                questions_per_image: int = 1, lang: Optional[str] = None,
+                wording: str = "templates") -> List[dict]:
     """`questions_per_image` items about one scene (see generate_items), drawn from `rng`."""
     items = []
     for _ in range(questions_per_image):
         if len(types) >= 2 and rng.random() < multi_turn_fraction:
-            items.append(_multi_item(img, make_conversation(scene, rng, lang=lang, types=types)))
+            items.append(_multi_item(img, make_conversation(scene, rng, lang=lang, types=types, wording=wording)))
         else:
-            items.append(_single_item(img, sample_qa(scene, rng, lang=lang, types=types)))
+            items.append(_single_item(img, sample_qa(scene, rng, lang=lang, types=types, wording=wording)))
     return items
 
 
@@ -97,7 +105,8 @@ def write_dataset_json(items: List[dict], path: Union[str, Path]) -> None:
 def generate_split(out_dir: Union[str, Path], n_images: int, seed: int, include_background: bool = False,
                    multi_turn_fraction: float = DEFAULT_MULTI_TURN_FRACTION,
                    types: Optional[Sequence[str]] = None, questions_per_image: int = 1,
-                   lang: Optional[str] = None, on_image: Optional[Callable[[], None]] = None) -> List[dict]:
+                   lang: Optional[str] = None, on_image: Optional[Callable[[], None]] = None,
+                   wording: str = "templates") -> List[dict]:
     """Write `n_images` PNGs and `dataset.json` into `out_dir`; return the items written.
 
     `img` paths are `<basename of out_dir>/<index>.png` (relative to out_dir's parent). `on_image` is
@@ -108,7 +117,7 @@ def generate_split(out_dir: Union[str, Path], n_images: int, seed: int, include_
     all_items: List[dict] = []
     for index, (scene, image, items) in enumerate(generate_items(
             n_images, seed, include_background=include_background, multi_turn_fraction=multi_turn_fraction,
-            types=types, questions_per_image=questions_per_image, lang=lang, img_prefix=prefix)):
+            types=types, questions_per_image=questions_per_image, lang=lang, img_prefix=prefix, wording=wording)):
         save_png(image, out_dir / f"{index:06d}.png")
         all_items.extend(items)
         if on_image is not None:

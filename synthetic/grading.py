@@ -6,7 +6,10 @@ and without overlaps, so "light blue" / "浅蓝色" are never read as "blue" / "
 no number. Naming anything else of the graded kind makes the answer wrong: "The circle is red and
 blue." is wrong for a red circle, and so is naming the background colour in a shape-colour answer.
 For 'count' the first number named is graded. For 'describe' every (colour, kind) pair of the
-scene must be named, each colour next to its shape (in one clause), and no other pair.
+scene must be named, each colour next to its shape (in one clause), and no other pair. An 'exists'
+answer that lists `colours` (questions that name no colour: "Is there a star?") must also name exactly
+those colours ("Yes, there is a green star."; none after a no). An 'absent' answer must say no, name
+the missing kind and nothing else of it: no colour and no place.
 """
 from __future__ import annotations
 
@@ -229,7 +232,12 @@ def grade(item_or_question_type: Union[dict, str], expected_answer_struct: Optio
         numbers = find_numbers(text)
         return bool(numbers) and numbers[0][2] == int(expected["count"])
     if qtype == "exists":
+        if "colours" in expected and _values(find_colours(text)) != set(expected["colours"]):
+            return False
         return find_yes_no(text) is bool(expected["exists"])
+    if qtype == "absent":
+        return (find_yes_no(text) is False and _values(find_shapes(text)) == {expected["absent"]}
+                and not find_colours(text) and not find_positions(text))
     if qtype == "describe":
         wanted = {(s["colour"], s["kind"]) for s in expected["shapes"]}
         return set(find_coloured_shapes(text)) == wanted

@@ -10,6 +10,17 @@ short full sentence in the question's language plus a structured answer used for
     position    {"position": "top-left"}
     exists      {"exists": true}
     background  {"background": "light blue"}      (held out of pretraining: the few-shot task)
+    absent      {"absent": "circle"}     a colour or position question about a kind that is not there
+                                         ("Where is the circle?"), answered "There is no circle ..."
+
+Three wordings (WORDINGS) say which question templates are drawn:
+    templates   TEMPLATES, the questions the shipped model was first trained on (the default: the
+                same seed gives the same items as before the other wordings existed)
+    trained     TEMPLATES + MORE_TEMPLATES: more paraphrases, yes/no questions that name no colour
+                ("Is there a star?", answered with the colours of the stars that are there) and
+                absent-shape questions; what recipes/continue_visualglm_tiny.sh trains on
+    rewordings  REWORDINGS, a fixed held-out list that is never trained on (tests check that no
+                rewording is a training template): how well the model copes with new phrasings
 
 Referring to a shape: by its kind alone ("the circle") only when that kind is unique in the
 scene; otherwise by colour + kind ("the red circle"), or, for colour questions, where naming the
@@ -24,10 +35,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .scenes import CELLS, SHAPE_COLOURS, SHAPE_KINDS, Scene, Shape
 
-QUESTION_TYPES: Tuple[str, ...] = ("describe", "colour", "shape", "count", "position", "exists", "background")
+QUESTION_TYPES: Tuple[str, ...] = ("describe", "colour", "shape", "count", "position", "exists", "background",
+                                   "absent")
 HELD_OUT_TYPES: Tuple[str, ...] = ("background",)
-PRETRAIN_TYPES: Tuple[str, ...] = tuple(t for t in QUESTION_TYPES if t not in HELD_OUT_TYPES)
+# The types of the first training (the default everywhere), and those added when continuing it.
+PRETRAIN_TYPES: Tuple[str, ...] = ("describe", "colour", "shape", "count", "position", "exists")
+NEW_TYPES: Tuple[str, ...] = ("absent",)
 LANGS: Tuple[str, ...] = ("zh", "en")
+WORDINGS: Tuple[str, ...] = ("templates", "trained", "rewordings")
 
 COLOUR_ZH: Dict[str, str] = {
     "red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色",
@@ -90,6 +105,106 @@ TEMPLATES: Dict[str, Dict[str, List[str]]] = {
     },
 }
 
+# More paraphrases for the `trained` wording. Fields as above, plus {kind} / {a_kind} / {kinds}: the
+# exists questions that name no colour ("Is there a star?"). Chinese wording keeps to characters that
+# the bundled tokenizer has pieces for (no byte fallback; a test checks): e.g. no 不, 和, 种 or 呢, and
+# English without apostrophes or the letters x and z.
+MORE_TEMPLATES: Dict[str, Dict[str, List[str]]] = {
+    "describe": {
+        "en": ["What does this image show?", "Describe what you see.", "Tell me about this picture.",
+               "What can you see in this image?", "Describe the picture for me, please.", "Tell me what this image shows."],
+        "zh": ["这张图片里有些什么？", "请描述图中的内容。", "说一说这张图片。", "图片上有什么东西？", "这张图上有些什么？"],
+    },
+    "colour": {
+        "en": ["Which color is {ref}?", "What colour does {ref} have?", "Tell me what colour {ref} is.",
+               "Can you tell me the colour of {ref}?", "Do you know the colour of {ref}?", "Tell me what color {ref} is, please."],
+        "zh": ["{ref}是哪个颜色？", "这张图片里{ref}是什么颜色的？", "请说出{ref}的颜色。", "告诉我{ref}是什么颜色。",
+               "请说一下{ref}是什么颜色。"],
+    },
+    "shape": {
+        "en": ["Which shape is {ref}?", "What shape does {ref} have?", "Can you tell me the shape of {ref}?",
+               "What kind of shape is {ref} in this picture?", "Would you tell me the shape of {ref}?",
+               "Tell me what shape {ref} has, please."],
+        "zh": ["{ref}是哪个形状？", "这张图片里{ref}是什么形状？", "告诉我{ref}的形状。", "{ref}的形状是什么？",
+               "这张图上的{ref}是什么形状？"],
+    },
+    "count": {
+        "en": ["How many objects are there?", "How many shapes do you see?", "How many shapes are there?",
+               "Count the objects in this picture.", "What is the number of objects in the image?",
+               "How many things can you see?", "Count the objects for me, please."],
+        "zh": ["这张图片里有几个图形？", "图片里有多少个物体？", "图中一共有多少个形状？", "请数一数这张图片里有几个东西。",
+               "图上有几个形状？", "请说一下这张图上有几个图形。"],
+    },
+    "position": {
+        "en": ["Where is {ref} in the picture?", "Which part of the image is {ref} in?", "Where do you see {ref}?",
+               "Tell me where {ref} is.", "Where would you say {ref} is?", "Can you give me the position of {ref}?"],
+        "zh": ["{ref}在图中的什么位置？", "这张图片里{ref}在哪里？", "请告诉我{ref}在哪儿。", "{ref}位于哪里？",
+               "这张图上的{ref}在哪里？"],
+    },
+    "exists": {
+        "en": ["Is there {a_kind}?", "Is there {a_kind} in the picture?", "Can you see {a_kind}?",
+               "Does the image contain {a_kind}?", "Is there any {kind} in this image?", "Are there any {kinds}?",
+               "Would I see {a_kind} in this picture?", "Do you know if there is {a_kind}?",
+               "Is there {a_obj}?", "Do you see {a_obj}?"],
+        "zh": ["图里有{kind}吗？", "这张图片里有{kind}吗？", "图中有没有{kind}？", "图片里能看到{kind}吗？",
+               "图中是否有{kind}？", "这张图上有{kind}吗？", "图片里有没有{obj}？", "这张图里有{obj}吗？"],
+    },
+}
+
+# Held out: never trained on (a test checks that none of these is a training template). The absent
+# type draws from the colour and position lists, as it does in the other wordings.
+REWORDINGS: Dict[str, Dict[str, List[str]]] = {
+    "describe": {
+        "en": ["What is shown in the picture?", "Can you describe this image for me?",
+               "Can you give me a description of the picture?", "What do you see here?"],
+        "zh": ["图里有什么？", "请简单描述一下这张图。", "能描述一下图片的内容吗？", "告诉我这张图片里有哪些东西。"],
+    },
+    "colour": {
+        "en": ["What colour would you say {ref} is?", "Do you know what color {ref} is?",
+               "I want to know the colour of {ref}.", "What color is {ref} in this image?"],
+        "zh": ["图片中{ref}的颜色是什么？", "请问{ref}是什么颜色的？", "能说一下{ref}的颜色吗？", "图里的{ref}是哪个颜色？"],
+    },
+    "shape": {
+        "en": ["What shape would you say {ref} is?", "What sort of shape is {ref}?", "Describe the shape of {ref}.",
+               "Do you know what shape {ref} is?"],
+        "zh": ["请问图中{ref}是什么形状的？", "能说一下{ref}的形状吗？", "{ref}是个什么形状？", "图片里的{ref}是哪个形状的？"],
+    },
+    "count": {
+        "en": ["How many things are in the picture?", "Can you count the shapes for me?",
+               "How many shapes can you find in this image?", "Tell me how many objects there are."],
+        "zh": ["这张图里一共有几个形状？", "图片上有多少个东西？", "能告诉我图中有几个物体吗？", "请问图片里一共有多少个图形？"],
+    },
+    "position": {
+        "en": ["Where would I find {ref}?", "Can you tell me where {ref} is located?",
+               "In what part of the image can I find {ref}?", "What is the position of {ref}?"],
+        "zh": ["图片里的{ref}在什么位置？", "请问{ref}在哪个位置？", "能告诉我{ref}在哪里吗？", "{ref}在这张图的哪个位置？"],
+    },
+    "exists": {
+        "en": ["Do you see {a_kind} anywhere?", "Are there any {kinds} in the picture?",
+               "Can I find {a_kind} in this image?", "Is {a_obj} visible in the picture?",
+               "Is there {a_obj} anywhere in the image?"],
+        "zh": ["图片上有{kind}吗？", "请问图中有{kind}吗？", "这张图里能看到{kind}吗？", "能看到{obj}吗？",
+               "请问图片里有没有{obj}？"],
+    },
+}
+
+# How a Chinese question may name a kind (answers always use SHAPE_ZH): people say 星星 and 圆 too.
+KIND_ZH_ALIASES: Dict[str, List[str]] = {"circle": ["圆形", "圆"], "square": ["正方形", "方形"],
+                                         "triangle": ["三角形"], "star": ["星形", "星星"]}
+
+
+def templates_for(qtype: str, lang: str, wording: str = "templates") -> List[str]:
+    """The question templates of one type and language in a wording (see the module docstring). The
+    absent type asks colour and position questions; the background question has only TEMPLATES."""
+    if wording not in WORDINGS:
+        raise ValueError(f"unknown wording {wording!r}; known: {WORDINGS}")
+    if qtype == "absent":
+        return templates_for("colour", lang, wording) + templates_for("position", lang, wording)
+    if wording == "rewordings":
+        return list((REWORDINGS if qtype in REWORDINGS else TEMPLATES)[qtype][lang])
+    more = MORE_TEMPLATES.get(qtype, {}).get(lang, []) if wording == "trained" else []
+    return list(TEMPLATES[qtype][lang]) + list(more)
+
 
 @dataclass(frozen=True)
 class QA:
@@ -98,7 +213,7 @@ class QA:
     prompt: str
     label: str
     answer: dict
-    template: int = 0     # index of the paraphrase in TEMPLATES[type][lang]
+    template: int = 0     # index of the paraphrase in templates_for(type, lang, wording)
 
     def to_turn(self) -> dict:
         """The JSON form of one conversation turn."""
@@ -168,8 +283,8 @@ def _ref_by_colour(scene: Scene, shape: Shape, lang: str) -> str:
 
 # ----------------------------------------------------------------------------- one question
 
-def _pick_template(qtype: str, lang: str, rng: random.Random) -> Tuple[int, str]:
-    options = TEMPLATES[qtype][lang]
+def _pick_template(qtype: str, lang: str, rng: random.Random, wording: str) -> Tuple[int, str]:
+    options = templates_for(qtype, lang, wording)
     index = rng.randrange(len(options))
     return index, options[index]
 
@@ -214,14 +329,47 @@ def _absent_pair(scene: Scene, rng: random.Random) -> Tuple[str, str]:
     return rng.choice(candidates)
 
 
-def make_qa(scene: Scene, qtype: str, lang: str, rng: random.Random) -> QA:
-    """One question of type `qtype` in language `lang` about `scene`, with its answer."""
+def _kind_fields(kind: str, lang: str, rng: random.Random) -> dict:
+    """Template fields naming a kind without a colour: {kind}, {a_kind}, {kinds}."""
+    if lang == "zh":
+        name = rng.choice(KIND_ZH_ALIASES[kind])
+        return {"kind": name, "a_kind": name, "kinds": name}
+    return {"kind": kind, "a_kind": f"{_article(kind)} {kind}", "kinds": kind + "s"}
+
+
+def _exists_kind_qa(scene: Scene, template: str, lang: str, rng: random.Random) -> Tuple[str, str, dict]:
+    """A yes/no question naming a kind only ("Is there a star?"): half of them about a kind that is
+    there, answered with the colours of all its shapes ("Yes, there is a green star.")."""
+    present = sorted({s.kind for s in scene.shapes}, key=SHAPE_KINDS.index)
+    absent = [k for k in SHAPE_KINDS if k not in present]     # never empty: at most 3 shapes, 4 kinds
+    kind = rng.choice(present) if rng.random() < 0.5 else rng.choice(absent)
+    prompt = template.format(**_kind_fields(kind, lang, rng))
+    colours = [s.colour for s in scene.ordered_shapes if s.kind == kind]
+    zh = lang == "zh"
+    if not colours:
+        label = f"没有，图中没有{SHAPE_ZH[kind]}。" if zh else f"No, there is no {kind}."
+    elif len(colours) == 1:
+        obj = coloured_shape(colours[0], kind, lang)
+        label = f"是的，图中有{obj}。" if zh else f"Yes, there is {_article(obj)} {obj}."
+    else:
+        objs = [coloured_shape(c, kind, lang) for c in colours]
+        if zh:
+            label = f"是的，图中有{NUMBER_ZH[len(objs)]}个{SHAPE_ZH[kind]}：" + "，".join(objs) + "。"
+        else:
+            listed = ", ".join(f"{_article(o)} {o}" for o in objs[:-1]) + f" and {_article(objs[-1])} {objs[-1]}"
+            label = f"Yes, there are {NUMBER_EN[len(objs)]} {kind}s: {listed}."
+    return prompt, label, {"exists": bool(colours), "colours": colours}
+
+
+def make_qa(scene: Scene, qtype: str, lang: str, rng: random.Random, wording: str = "templates") -> QA:
+    """One question of type `qtype` in language `lang` about `scene`, with its answer; its template is
+    drawn from `wording` (see WORDINGS)."""
     if qtype not in QUESTION_TYPES:
         raise ValueError(f"unknown question type {qtype!r}")
     if lang not in LANGS:
         raise ValueError(f"unknown language {lang!r}")
     zh = lang == "zh"
-    index, template = _pick_template(qtype, lang, rng)
+    index, template = _pick_template(qtype, lang, rng, wording)
 
     if qtype == "describe":
         prompt = template
@@ -253,6 +401,8 @@ def make_qa(scene: Scene, qtype: str, lang: str, rng: random.Random) -> QA:
         label = (f"{ref}在{POSITION_ZH[shape.cell]}。" if zh
                  else f"{_capitalise(ref)} is {POSITION_EN[shape.cell]}.")
         answer = {"position": shape.cell}
+    elif qtype == "exists" and ("{kind" in template or "{a_kind" in template):   # no colour named
+        prompt, label, answer = _exists_kind_qa(scene, template, lang, rng)
     elif qtype == "exists":
         if rng.random() < 0.5:
             s = rng.choice(scene.ordered_shapes)
@@ -267,6 +417,12 @@ def make_qa(scene: Scene, qtype: str, lang: str, rng: random.Random) -> QA:
         else:
             label = f"Yes, there is {a_obj}." if present else f"No, there is no {obj}."
         answer = {"exists": present}
+    elif qtype == "absent":   # a colour or position question about a kind that is not in the scene
+        kind = rng.choice([k for k in SHAPE_KINDS if not scene.kind_count(k)])
+        ref = _kind_fields(kind, "zh", rng)["kind"] if zh else f"the {kind}"
+        prompt = template.format(ref=ref)
+        label = f"图中没有{SHAPE_ZH[kind]}。" if zh else f"There is no {kind} in the picture."
+        answer = {"absent": kind}
     else:  # background
         prompt = template
         label = _scene_opening(scene, lang) + ("。" if zh else ".")
@@ -275,16 +431,17 @@ def make_qa(scene: Scene, qtype: str, lang: str, rng: random.Random) -> QA:
 
 
 def sample_qa(scene: Scene, rng: random.Random, lang: Optional[str] = None,
-              types: Sequence[str] = PRETRAIN_TYPES) -> QA:
+              types: Sequence[str] = PRETRAIN_TYPES, wording: str = "templates") -> QA:
     """A random question (type drawn uniformly from `types`; language 50/50 unless given)."""
     qtype = rng.choice(list(types))
     if lang is None:
         lang = rng.choice(LANGS)
-    return make_qa(scene, qtype, lang, rng)
+    return make_qa(scene, qtype, lang, rng, wording)
 
 
 def make_conversation(scene: Scene, rng: random.Random, lang: Optional[str] = None,
-                      n_turns: Optional[int] = None, types: Sequence[str] = PRETRAIN_TYPES) -> List[QA]:
+                      n_turns: Optional[int] = None, types: Sequence[str] = PRETRAIN_TYPES,
+                      wording: str = "templates") -> List[QA]:
     """2 or 3 turns (distinct question types) about one scene, all in one language."""
     if lang is None:
         lang = rng.choice(LANGS)
@@ -292,4 +449,4 @@ def make_conversation(scene: Scene, rng: random.Random, lang: Optional[str] = No
     if n_turns is None:
         n_turns = rng.randint(2, 3)
     n_turns = min(n_turns, len(types))
-    return [make_qa(scene, t, lang, rng) for t in rng.sample(types, n_turns)]
+    return [make_qa(scene, t, lang, rng, wording) for t in rng.sample(types, n_turns)]

@@ -17,8 +17,8 @@ from synthetic import grading
 from synthetic.dataset import build_corpus, generate_split, load_split
 from synthetic.fewshot import FEWSHOT_DIRNAME, build_fewshot_files, write_fewshot_zip
 from synthetic.grading import grade
-from synthetic.qa import (LANGS, PRETRAIN_TYPES, QUESTION_TYPES, TEMPLATES, make_conversation, make_qa,
-                          sample_qa)
+from synthetic.qa import (LANGS, MORE_TEMPLATES, NEW_TYPES, PRETRAIN_TYPES, QUESTION_TYPES, REWORDINGS, TEMPLATES,
+                          WORDINGS, make_conversation, make_qa, sample_qa, templates_for)
 from synthetic.scenes import (BACKGROUND_COLOURS, CELLS, IMAGE_SIZE, SHAPE_COLOURS, SHAPE_KINDS, Scene, Shape,
                               cell_box, sample_scene)
 
@@ -95,7 +95,8 @@ def test_scene_rejects_invalid_layouts():
 
 # ----------------------------------------------------------------------------- questions
 
-def test_every_type_in_both_languages_with_paraphrases():
+@pytest.mark.parametrize("wording", WORDINGS)
+def test_every_type_in_both_languages_with_paraphrases(wording):
     rng = random.Random(5)
     templates = defaultdict(set)
     prompts = defaultdict(set)
@@ -103,7 +104,7 @@ def test_every_type_in_both_languages_with_paraphrases():
         scene = sample_scene(rng)
         for qtype in QUESTION_TYPES:
             for lang in LANGS:
-                qa = make_qa(scene, qtype, lang, rng)
+                qa = make_qa(scene, qtype, lang, rng, wording)
                 templates[(qtype, lang)].add(qa.template)
                 prompts[(qtype, lang)].add(qa.prompt)
                 assert grade(qa.type, qa.answer, qa.label, lang), qa
@@ -115,7 +116,7 @@ def test_every_type_in_both_languages_with_paraphrases():
                     assert qa.prompt.isascii() and qa.label.isascii() and qa.label.endswith(".")
     for qtype in QUESTION_TYPES:
         for lang in LANGS:
-            assert len(TEMPLATES[qtype][lang]) >= 3
+            assert len(templates_for(qtype, lang, wording)) >= 3
             assert len(templates[(qtype, lang)]) >= 3, (qtype, lang)
             assert len(prompts[(qtype, lang)]) >= 3
 
@@ -183,6 +184,139 @@ def test_conversations():
         assert "background" not in {t.type for t in turns}
 
 
+# ----------------------------------------------------------------------------- wordings (issue 12, item 7)
+
+def _fills(template: str, prompt: str) -> bool:
+    """Whether `prompt` is `template` with its fields filled in."""
+    return bool(re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)), prompt))
+
+
+def _surface(template: str) -> str:
+    """A template as a reader sees it: case, punctuation, spaces and color/colour do not make it new."""
+    text = template.lower().replace("color", "colour")
+    return re.sub(r"[\s?？。.!！,，]", "", text)
+
+
+def test_rewordings_never_appear_in_training():
+    """The held-out list must stay held out: no rewording is (up to case, punctuation and spelling) any
+    template of any type that the trained mix asks."""
+    trained = {_surface(t) for qtype in QUESTION_TYPES for lang in LANGS for t in templates_for(qtype, lang, "trained")}
+    held_out = [t for by_lang in REWORDINGS.values() for ts in by_lang.values() for t in ts]
+    assert len(held_out) >= 4 * 6 * 2
+    assert not {_surface(t) for t in held_out} & trained, sorted({_surface(t) for t in held_out} & trained)
+    for qtype in PRETRAIN_TYPES:
+        for lang in LANGS:
+            assert len(REWORDINGS[qtype][lang]) >= 4 and len(MORE_TEMPLATES[qtype][lang]) >= 4, (qtype, lang)
+    # the trained mix keeps every original template (so they stay answered) and the issue's examples
+    for qtype, by_lang in TEMPLATES.items():
+        for lang, ts in by_lang.items():
+            assert set(ts) <= set(templates_for(qtype, lang, "trained"))
+    assert "这张图片里有几个图形？" in MORE_TEMPLATES["count"]["zh"]
+    assert {"Is there {a_kind}?", "Can you see {a_kind}?"} <= set(MORE_TEMPLATES["exists"]["en"])
+    assert "图里有{kind}吗？" in MORE_TEMPLATES["exists"]["zh"]
+
+
+def test_every_template_has_tokens_in_the_bundled_vocabulary():
+    """The continued model keeps its tokenizer: no question falls back to byte pieces (the tokenizer's
+    'unknown' characters), so every wording is made of pieces the model has embeddings for."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(REPO / "pretrained" / "visualglm-tiny" / "ice_text.model"))
+    rng = random.Random(4)
+    texts = []
+    for wording in WORDINGS:
+        for _ in range(150):
+            scene = sample_scene(rng)
+            for qtype in QUESTION_TYPES:
+                qa = make_qa(scene, qtype, rng.choice(LANGS), rng, wording)
+                texts += [qa.prompt, qa.label]
+    bad = [t for t in texts if any(p.startswith("<0x") for p in sp.encode(t, out_type=str))]
+    assert not bad, bad[:5]
+
+
+def test_colourless_yes_no_questions_answer_with_the_true_colours():
+    rng = random.Random(12)
+    seen = Counter()
+    for _ in range(1500):
+        scene = sample_scene(rng)
+        lang = rng.choice(LANGS)
+        qa = make_qa(scene, "exists", lang, rng, "trained")
+        if "colours" not in qa.answer:
+            continue
+        kinds = sorted({v for _, _, v in grading.find_shapes(qa.prompt)})
+        assert len(kinds) == 1, qa.prompt
+        assert not grading.find_colours(qa.prompt), qa.prompt          # the question names no colour
+        truth = [s.colour for s in scene.ordered_shapes if s.kind == kinds[0]]
+        assert qa.answer == {"exists": bool(truth), "colours": truth}
+        assert {c for _, _, c in grading.find_colours(qa.label)} == set(truth)
+        assert grade(qa.type, qa.answer, qa.label, lang)
+        seen[(lang, bool(truth), len(truth) > 1)] += 1
+    # both languages, yes and no about equally often, and answers listing two or three shapes
+    assert all(seen[(lang, present, False)] > 50 for lang in LANGS for present in (True, False)), seen
+    assert seen[("en", True, True)] and seen[("zh", True, True)]
+
+
+def test_absent_questions_are_about_a_kind_that_is_not_there():
+    rng = random.Random(13)
+    for wording in WORDINGS:
+        for _ in range(300):
+            scene = sample_scene(rng)
+            lang = rng.choice(LANGS)
+            qa = make_qa(scene, "absent", lang, rng, wording)
+            kind = qa.answer["absent"]
+            assert scene.kind_count(kind) == 0
+            assert {v for _, _, v in grading.find_shapes(qa.prompt)} == {kind}
+            assert qa.label in (f"There is no {kind} in the picture.", f"图中没有{grading._SHAPES_ZH[kind][0]}。")
+            assert grade(qa.type, qa.answer, qa.label, lang)
+
+
+def test_wordings_differ_but_the_default_stays_the_original_templates():
+    rng = random.Random(6)
+    scene = sample_scene(rng)
+    for qtype in PRETRAIN_TYPES:
+        for lang in LANGS:
+            assert templates_for(qtype, lang) == TEMPLATES[qtype][lang]
+            assert set(templates_for(qtype, lang, "rewordings")) == set(REWORDINGS[qtype][lang])
+    # the same seed gives the same items as before the wordings existed (the few-shot zip test checks the
+    # bytes); the other wordings ask other questions, about the same scenes
+    a = generate_split_items(seed=7)
+    assert a == generate_split_items(seed=7, wording="templates")
+    assert {it["type"] for it in a} <= set(PRETRAIN_TYPES) | {"multi_turn"}
+    b = generate_split_items(seed=7, wording="trained")
+    assert {it["type"] for it in b} >= set(NEW_TYPES) and a != b
+    with pytest.raises(ValueError, match="unknown wording"):
+        make_qa(scene, "count", "en", rng, "slang")
+
+
+def generate_split_items(seed, **options):
+    from synthetic.dataset import generate_items
+    return [it for _, _, items in generate_items(200, seed, render=False, **options) for it in items]
+
+
+def test_trained_stream_mixes_old_and_new_questions():
+    """`synthetic:<n>:<seed>:trained` (the continued training): new forms and enough of the original
+    templates that those stay answered; the background question stays held out."""
+    import pickle
+    from synthetic.stream import generated_entry, parse_spec
+    size, seed = parse_spec("synthetic:1000:9:trained")
+    assert (size, seed, seed.wording) == (1000, 9, "trained")
+    assert pickle.loads(pickle.dumps(seed)).wording == "trained"       # loader workers get the wording
+    assert parse_spec("synthetic:1000:9")[1].wording == "templates"
+    with pytest.raises(ValueError, match="wording"):
+        parse_spec("synthetic:1000:9:slang")
+    types, original, new = Counter(), 0, 0
+    for i in range(400):
+        entry, _ = generated_entry(i, seed)
+        for turn in entry.get("conversations", [entry]):
+            types[turn["type"]] += 1
+            known = turn["type"] != "absent" and any(_fills(t, turn["prompt"])
+                                                     for t in TEMPLATES[turn["type"]][entry["lang"]])
+            original += known
+            new += not known
+            assert grade(turn, None, turn["label"], entry["lang"])
+    assert set(types) == set(PRETRAIN_TYPES) | set(NEW_TYPES)
+    assert 0.3 < original / (original + new) < 0.6, (original, new)
+
+
 # ----------------------------------------------------------------------------- splits
 
 def test_generate_split_deterministic(tmp_path):
@@ -228,7 +362,7 @@ def test_background_held_out(tmp_path):
     assert "background" not in types and set(types) == set(PRETRAIN_TYPES)
     items = generate_split(tmp_path / "all", 150, seed=3, multi_turn_fraction=0.4, include_background=True)
     types = Counter(t["type"] for it in items for t in it.get("conversations", [it]))
-    assert set(types) == set(QUESTION_TYPES)
+    assert set(types) == set(PRETRAIN_TYPES) | {"background"}
     with pytest.raises(ValueError):
         generate_split(tmp_path / "bad", 2, seed=3, types=["background"])
     only = generate_split(tmp_path / "bg", 10, seed=3, types=["background"], include_background=True)
@@ -285,6 +419,16 @@ def test_corpus():
     ("exists", {"exists": False}, "没有，图中没有红色的圆形。"),
     ("exists", {"exists": False}, "There isn't one."),
     ("exists", {"exists": False}, "不，没有。"),
+    # a question naming no colour ("Is there a star?"): the answer names the colours that are there
+    ("exists", {"exists": True, "colours": ["green"]}, "Yes, there is a green star."),
+    ("exists", {"exists": True, "colours": ["green", "red"]}, "Yes, there are two stars: a green star and a red star."),
+    ("exists", {"exists": True, "colours": ["green", "red"]}, "是的，图中有两个星形：绿色的星形，红色的星形。"),
+    ("exists", {"exists": False, "colours": []}, "No, there is no star."),
+    ("exists", {"exists": False, "colours": []}, "没有，图中没有星形。"),
+    ("absent", {"absent": "circle"}, "There is no circle in the picture."),
+    ("absent", {"absent": "circle"}, "图中没有圆形。"),
+    ("absent", {"absent": "star"}, "There are no stars."),
+    ("absent", {"absent": "star"}, "图里没有星星。"),
     ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"},
                              {"colour": "blue", "kind": "star", "position": "centre"}]},
      "There are two shapes: a red circle in the top-left corner and a blue star in the centre."),
@@ -335,6 +479,18 @@ def test_grade_accepts(qtype, answer, response):
     ("exists", {"exists": False}, "I don't know."),
     ("exists", {"exists": True}, "I'm not sure."),
     ("exists", {"exists": False}, ""),
+    ("exists", {"exists": True, "colours": ["green"]}, "No, there is no white star."),   # issue 12's answer
+    ("exists", {"exists": True, "colours": ["green"]}, "Yes, there is a white star."),   # wrong colour
+    ("exists", {"exists": True, "colours": ["green", "red"]}, "Yes, there is a green star."),   # one missing
+    ("exists", {"exists": False, "colours": []}, "No, there is no white star."),   # invents a colour
+    ("exists", {"exists": False, "colours": []}, "Yes, there is a star."),
+    ("absent", {"absent": "circle"}, "The circle is red."),            # believes the premise
+    ("absent", {"absent": "circle"}, "The circle is in the top-left corner."),
+    ("absent", {"absent": "circle"}, "圆形在左上角。"),
+    ("absent", {"absent": "circle"}, "There is no red circle."),       # names a colour
+    ("absent", {"absent": "circle"}, "There is no star in the picture."),   # the wrong kind
+    ("absent", {"absent": "circle"}, "Yes, there is a circle."),
+    ("absent", {"absent": "circle"}, ""),
     ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"},
                              {"colour": "blue", "kind": "star", "position": "centre"}]},
      "A blue circle and a red star."),                                  # colours swapped
@@ -382,6 +538,8 @@ def _wrong_answer(qtype, answer):
         return "No." if answer["exists"] else "Yes."
     if qtype == "describe":
         return " and ".join(f"a {_OTHER_COLOUR[s['colour']]} {s['kind']}" for s in answer["shapes"])
+    if qtype == "absent":
+        return f"The {answer['absent']} is red."
     raise AssertionError(qtype)
 
 
@@ -395,7 +553,7 @@ def _truth_table(items):
 
 def test_evaluate_with_fake_answer_fns(tmp_path):
     ev = _load_evaluate_module()
-    generate_split(tmp_path / "ev", 80, seed=2, multi_turn_fraction=0.3, include_background=True)
+    generate_split(tmp_path / "ev", 80, seed=2, multi_turn_fraction=0.3, include_background=True, wording="trained")
     items = load_split(tmp_path / "ev")
     truth = _truth_table(items)
     n_turns = sum(len(it.get("conversations", [it])) for it in items)
@@ -449,6 +607,16 @@ def test_evaluate_cli_oracle(tmp_path):
     assert saved["overall"]["all"]["accuracy"] == 1.0
     res = ev.main(["--oracle", "--split", str(tmp_path / "gen"), "--types", "count"])
     assert set(res["rows"]) == {"count"}
+
+
+def test_evaluate_cli_asks_the_held_out_rewordings(tmp_path):
+    ev = _load_evaluate_module()
+    res = ev.main(["--oracle", "--generate", "40", "--seed", "8", "--wording", "rewordings",
+                   "--out_dir", str(tmp_path / "gen")])
+    assert res["overall"]["all"]["accuracy"] == 1.0 and "absent" in res["rows"]
+    held_out = {t for by_lang in REWORDINGS.values() for ts in by_lang.values() for t in ts}
+    for record in res["records"]:       # every question is a filled-in rewording
+        assert any(_fills(t, record["prompt"]) for t in held_out), record
 
 
 def run_evaluate(*args):
