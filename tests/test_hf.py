@@ -180,3 +180,50 @@ def test_quantize_gives_the_sat_quantized_logits(hf_dir, ckpt_dir, tiny_config, 
     with torch.no_grad():
         unquantized = VisualGLMForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)(x).logits
     assert (unquantized - expected).abs().max() > 1e-3            # the comparison does see quantization
+
+
+def test_an_old_generation_sat_file_converts_to_the_same_weights(ckpt_dir, hf_dir, tmp_path, tiny_config):
+    """Files from before July 2023 keep the GLM qkv rows head-first and lack pad_token_id (spec 1.3)."""
+    from model.sat.checkpoint import qkv_blocks_to_head_first
+    old = tmp_path / "old"
+    shutil.copytree(ckpt_dir, old)
+    config = json.loads((old / "model_config.json").read_text())
+    del config["pad_token_id"]
+    (old / "model_config.json").write_text(json.dumps(config))
+    state = read_state_dict(checkpoint_file(ckpt_dir))           # (memory-mapped: not the file rewritten below)
+    heads = tiny_config["num_attention_heads"]
+    torch.save({"module": {k: qkv_blocks_to_head_first(v, heads) if k.startswith("transformer.layers.")
+                           and ".query_key_value." in k else v for k, v in state.items()}}, checkpoint_file(old))
+    from safetensors.torch import load_file
+    new, converted = load_file(hf_dir / "model.safetensors"), load_file(sat_to_hf(old, tmp_path / "hf") / "model.safetensors")
+    assert set(new) == set(converted) and all(torch.equal(new[k], converted[k]) for k in new)
+
+
+def test_a_merged_lora_fine_tune_converts_and_keeps_its_logits(ckpt_dir, tiny_config, tmp_path):
+    from model.sat.checkpoint import load_model, save_checkpoint
+    from model.sat.finetune import is_adapter_key
+    from model.sat.merge_lora import merge_lora
+    lora = load_model(str(ckpt_dir), overwrite_config={"model_class": "FineTuneVisualGLMModel", "use_lora": True,
+                                                       "lora_rank": 4}, allow_missing=is_adapter_key)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "matrix_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    run = save_checkpoint(lora, tmp_path / "run", config=dict(lora.config))
+    for f in ("ice_text.model", "tokenizer_config.json"):
+        shutil.copy(ckpt_dir / f, run / f)
+    with pytest.raises(ConvertError, match="python -m model.sat.merge_lora"):
+        sat_to_hf(run, tmp_path / "refused")
+    hf = VisualGLMForConditionalGeneration.from_pretrained(sat_to_hf(merge_lora(run, tmp_path / "merged"), tmp_path / "hf"),
+                                                           dtype=torch.float32)
+    x, pos, mask, _ = batch_inputs([prompt(tiny_config, False)], 3, dtype=torch.bool)
+    with torch.no_grad():
+        got = hf(x, position_ids=pos, attention_mask=~mask).logits
+    assert torch.allclose(got, sat_logits(lora, x, pos, mask), atol=1e-4, rtol=0)     # the fine-tune, not the base
+    assert not torch.allclose(got, hf_logits_of(ckpt_dir, tmp_path / "base", x, pos, mask), atol=1e-3)
+
+
+def hf_logits_of(sat_dir, out, x, pos, mask):
+    model = VisualGLMForConditionalGeneration.from_pretrained(sat_to_hf(sat_dir, out), dtype=torch.float32)
+    with torch.no_grad():
+        return model(x, position_ids=pos, attention_mask=~mask).logits
