@@ -2,14 +2,18 @@
 
     python benchmarks/bench_inference.py                          # every variant, a table at the end
     python benchmarks/bench_inference.py --variants sat-fp16,fast-fp16 --new-tokens 256
+    python benchmarks/bench_inference.py --variants load-int4,load-int8  # --quant's loading path
 
 Each variant runs in its own process (so peak memory is its own): it builds the model from the released
 config (model/configs.py) with random weights directly on the GPU (no download), then answers one
 224x224 image + a short question with `--new-tokens` forced new tokens (eos ignored), sampling with
 top_p 0.4 / top_k 100 / temperature 0.8, batch 1, through the chat core's generate(). Reported:
-time to first token (image encoding + prefill + first sample), decode tokens/s after the first token,
-peak GPU memory, achieved GB/s (GLM + LM-head weight bytes read per step x tokens/s) and the fraction of
+time to first token (image encoding + prefill + first sample) and its two parts, decode tokens/s after
+the first token, peak GPU memory, achieved GB/s (GLM + LM-head weight bytes read per step x tokens/s) and the fraction of
 the copy bandwidth measured in the same run, and the ratio to the reference (sat-fp16).
+load-int8 / load-int4 take the loader's --quant path (model/fast/load.py): the random model is moved to
+the CPU first, as a checkpoint is read there, then each GLM matrix is quantized onto the GPU; "load GiB"
+is the peak GPU memory of that loading.
 """
 import argparse
 import json
@@ -23,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 VARIANTS = ("sat-fp16", "fast-fp16", "fast-bf16", "fast-int8", "fast-int4")
+LOAD_VARIANTS = ("load-int8", "load-int4")                # not in the default run: each moves 15 GB to the CPU
 
 
 def copy_bandwidth() -> float:
@@ -77,9 +82,19 @@ def run_variant(name: str, new_tokens: int) -> dict:
     path, kind = name.split("-")
     dtype = torch.bfloat16 if kind in ("bf16", "int4") else torch.float16
     model = random_model(dtype)
+    load_gib = None
     if path == "sat":
         from model.sat.backend import SatBackend
         backend, glm = SatBackend(model), None
+    elif path == "load":
+        from model.fast.load import quantize_onto
+        model.to("cpu")
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        backend = quantize_onto(model, int(kind[-1]), "cuda")
+        load_gib = torch.cuda.max_memory_allocated() / 2 ** 30
+        glm = backend.glm
     else:
         from model.fast import FastBackend
         backend = FastBackend(model, quant=int(kind[-1]) if kind in ("int8", "int4") else None)
@@ -96,18 +111,21 @@ def run_variant(name: str, new_tokens: int) -> dict:
         torch.cuda.synchronize()
         start = time.perf_counter()
         emb = backend.encode_image(pixels)[0]
+        torch.cuda.synchronize()
+        encoded = time.perf_counter()
         stamps = []
         for _ in generate(backend, [Request(ids=ids, params=params, image_embeds=emb, pre_image=2)], 3, []):
             stamps.append(time.perf_counter())
-        return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
+        return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps), encoded - start
 
     answer()                                                         # warm-up: graphs, kernels, caches
     torch.cuda.reset_peak_memory_stats()
-    runs = [answer() for _ in range(3)]
-    ttft = sorted(r[0] for r in runs)[1]
+    runs = sorted(answer() for _ in range(3))
+    ttft, _, tokens, image = runs[1]                                 # the median time to first token
     tps = sorted(r[1] for r in runs)[1]
-    out = dict(variant=name, ttft_ms=ttft * 1e3, tokens_per_s=tps, tokens=runs[0][2],
-               peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    out = dict(variant=name, ttft_ms=ttft * 1e3, image_ms=image * 1e3, prefill_ms=(ttft - image) * 1e3,
+               tokens_per_s=tps, tokens=tokens, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+               load_gib=load_gib)
     graph = getattr(backend, "_graph", None)
     if graph is not None:                       # the captured step alone, without sampling and Python
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -175,7 +193,8 @@ def greedy_agreement(new_tokens: int) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, of {', '.join(VARIANTS + LOAD_VARIANTS)} (default: all but load-*)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--one", help=argparse.SUPPRESS)                  # run one variant (child process)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -209,8 +228,8 @@ def main(argv=None):
     ref = next((r for r in results if r["variant"] == "sat-fp16" and "error" not in r), None)
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bandwidth:.0f} GB/s  "
           f"new tokens {args.new_tokens}")
-    print(f"{'variant':<10} {'TTFT ms':>8} {'tok/s':>8} {'x ref':>6} {'peak GiB':>9} {'weights GB':>10} "
-          f"{'GB/s':>7} {'of limit':>8} {'graph ms':>8}")
+    print(f"{'variant':<10} {'TTFT ms':>8} {'image ms':>8} {'prefill ms':>10} {'tok/s':>8} {'x ref':>6} {'peak GiB':>9} "
+          f"{'load GiB':>8} {'weights GB':>10} {'GB/s':>7} {'of limit':>8} {'graph ms':>8}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<10} failed: {r['error']}")
@@ -218,7 +237,9 @@ def main(argv=None):
         gbs = r["weight_gb"] * r["tokens_per_s"]
         ratio = r["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
         r.update(gb_per_s=gbs, fraction_of_copy=gbs / bandwidth, ratio_to_ref=ratio)
-        print(f"{r['variant']:<10} {r['ttft_ms']:>8.1f} {r['tokens_per_s']:>8.1f} {ratio:>6.1f} {r['peak_gib']:>9.2f} "
+        load = r.get("load_gib") or float("nan")
+        print(f"{r['variant']:<10} {r['ttft_ms']:>8.1f} {r['image_ms']:>8.1f} {r['prefill_ms']:>10.1f} "
+              f"{r['tokens_per_s']:>8.1f} {ratio:>6.1f} {r['peak_gib']:>9.2f} {load:>8.2f} "
               f"{r['weight_gb']:>10.2f} {gbs:>7.0f} {gbs / bandwidth:>8.2f} {r.get('graph_step_ms', float('nan')):>8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(bandwidth_gb_s=bandwidth, gpu=torch.cuda.get_device_name(),

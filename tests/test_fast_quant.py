@@ -79,3 +79,37 @@ def test_a_quantized_fast_backend_computes_its_dequantized_model(tiny_config, bi
     params = SamplingParams(top_k=1, max_length=30)
     tokens = [st[0] for st in generate(fast, [Request(ids=ids, params=params)], 3, [])]
     assert len(tokens) == 30 - len(ids)
+
+
+def check_every_gemv_tile(device: str) -> None:
+    from model.fast import quant
+    run = quant._int8_gemv_kernel()
+    torch.manual_seed(3)
+    for M, N, K in ((1, 40, 300), (3, 33, 1100)):                     # edges not multiples of any tile
+        layer = Int8Linear(torch.randn(N, K, device=device), torch.randn(N, device=device))
+        x = torch.randn(M, K, device=device)
+        exact = x @ (layer.qweight.float() * layer.scale[:, None]).T
+        for config in quant.GEMV_CONFIGS:
+            assert torch.allclose(run(x, layer.qweight, layer.scale, None, config=config), exact, atol=1e-3), config
+            assert torch.allclose(run(x, layer.qweight, layer.scale, layer.bias, config=config),
+                                  exact + layer.bias, atol=1e-3), config
+
+
+def test_every_int8_gemv_tile_computes_the_dequantized_product():
+    """The Triton GEMV under each tile it may be tuned to (GEMV_CONFIGS). On a GPU it runs there; without
+    one, in Triton's interpreter (a fresh process: the interpreter must be chosen before Triton loads)."""
+    pytest.importorskip("triton", reason="Triton is not installed (the int8 GEMV runs on CUDA machines)")
+    if torch.cuda.is_available():
+        check_every_gemv_tile("cuda")
+        return
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = Path(__file__).resolve().parent
+    code = "import test_fast_quant as t; t.check_every_gemv_tile('cpu')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TRITON_INTERPRET="1",
+                                   PYTHONPATH=os.pathsep.join(filter(None, [str(tests.parent), str(tests),
+                                                                            os.environ.get("PYTHONPATH")]))))
+    assert done.returncode == 0, done.stderr[-3000:]

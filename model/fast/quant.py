@@ -20,11 +20,17 @@ SMALL_M = 8            # int8: rows of input that still take the GEMV kernel
 
 
 # -- int8 ------------------------------------------------------------------------------------------
+# Tiles of the GEMV, (BLOCK_N output features, BLOCK_K input columns, warps): Triton times each on the
+# first call for a weight shape and row count and keeps the fastest (block sizes that suit a 4096-wide
+# layer do not suit the 130528-row LM head).
+GEMV_CONFIGS = ((4, 512, 2), (8, 256, 2), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 4),
+                (16, 1024, 8), (32, 128, 4), (32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 128, 8))
 _gemv = None
 
 
 def _int8_gemv_kernel():
-    """The Triton kernel, compiled on first use (Triton is only imported on CUDA machines)."""
+    """The Triton kernel, compiled on first use (Triton is only imported on CUDA machines). Returns
+    run(x, w, scale, bias, config=None): config (one of GEMV_CONFIGS) skips the tuning."""
     global _gemv
     if _gemv is not None:
         return _gemv
@@ -32,29 +38,35 @@ def _int8_gemv_kernel():
     import triton.language as tl
 
     @triton.jit
-    def gemv(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
+    def gemv(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         row = tl.program_id(1)                                       # row of x
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)     # output features of this program
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)          # summed over K once, after the loop
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + row * K + ks, mask=ks < K, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
-                        other=0).to(tl.float32)
-            acc += tl.sum(w * x[None, :], axis=1)
-        y = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+                        other=0, eviction_policy="evict_first").to(tl.float32)   # each weight is read once
+            acc += w * x[None, :]
+        y = tl.sum(acc, axis=1) * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=cols < N)
 
-    def run(x, w, scale, bias, block_n=16, block_k=512):
+    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in GEMV_CONFIGS]
+    tuned = triton.autotune(configs=configs, key=["M", "N", "K"])(gemv)
+
+    def run(x, w, scale, bias, config=None):
         M, K = x.shape
         N = w.shape[0]
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(N, block_n), M)
-        gemv[grid](x, w, scale, bias if bias is not None else scale, y, N, K, HAS_BIAS=bias is not None,
-                   BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        args = (x, w, scale, bias if bias is not None else scale, y, M, N, K)
+        if config is None:
+            tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, HAS_BIAS=bias is not None)
+        else:
+            n, k, warps = config
+            gemv[(triton.cdiv(N, n), M)](*args, HAS_BIAS=bias is not None, BLOCK_N=n, BLOCK_K=k, num_warps=warps)
         return y
 
     _gemv = run
