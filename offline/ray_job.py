@@ -16,11 +16,12 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Dict, List
 
 from .inputs import Record
-from .runner import OnDone, RunError, build_runner
+from .runner import ModelError, OnDone, RunError, build_runner
 
 REPO = str(Path(__file__).resolve().parent.parent)
 INSTALL_HINT = "pip install -r requirements_ray.txt"
@@ -80,9 +81,15 @@ def run_on_ray(address: str, options: dict, records: List[Record], on_done: OnDo
 
 
 def _portable(options: dict) -> dict:
-    """Paths the actors must open, made absolute (an actor's working folder is not the driver's)."""
+    """Paths the actors must open, made absolute (an actor's working folder is not the driver's). A
+    checkpoint that cannot be found fails here, before any actor starts."""
+    from model.sat.checkpoint import CheckpointError, resolve_checkpoint_dir
     out = dict(options)
-    for key in ("from_pretrained", "tokenizer"):
+    try:
+        out["from_pretrained"] = str(resolve_checkpoint_dir(out["from_pretrained"], download=False).resolve())
+    except CheckpointError as e:
+        raise ModelError(str(e)) from None
+    for key in ("tokenizer",):
         value = out.get(key)
         if value and Path(value).expanduser().exists():
             out[key] = str(Path(value).expanduser().resolve())
@@ -90,9 +97,12 @@ def _portable(options: dict) -> dict:
 
 
 def _root_message(e: BaseException) -> str:
-    """The innermost error of a Ray failure (the model could not load, ...), without Ray's wrapping."""
-    cause = getattr(e, "cause", None) or e.__cause__
-    while cause is not None and (getattr(cause, "cause", None) or cause.__cause__) is not None:
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    root = cause or e
-    return str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__
+    """The last line of the innermost error that has a message: for an actor that failed to start,
+    Ray's message ends with the exception the actor raised ("ModelError: ...")."""
+    text, seen = "", set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+        text = lines[-1] if lines else text or type(e).__name__
+        e = getattr(e, "cause", None) or e.__cause__
+    return text
