@@ -99,3 +99,13 @@ def test_generate_in_half_precision_follows_the_chat_core(model, tokenizer, imag
     # the half-precision forward is the fp32 one up to rounding: bf16 keeps 8 bits of mantissa, so over a
     # few layers of random weights the logits move by a few percent of their range, not more
     assert (first - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+@pytest.mark.parametrize("device,bits", [("cpu", 8), ("cpu", 4), ("cuda", 8), ("cuda", 4)], ids=str)
+def test_generate_on_a_quantized_model_follows_the_chat_core(model, tokenizer, image_file, device, bits):
+    m = on(model, device, torch.float16 if device == "cuda" else torch.float32).quantize(bits)
+    req = request(m, tokenizer, image_file, "描述这张图片。", True)
+    inputs = m.build_inputs_with_image(tokenizer, str(image_file), "描述这张图片。")
+    with torch.no_grad():
+        out = m.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    assert answer(out[0].cpu(), len(req.ids), tokenizer.eos_token_id) == core_tokens(m, tokenizer, [req])[0]
