@@ -33,13 +33,13 @@ PROMPT = [20, 21] + [3] * IMAGE_LENGTH + list(range(100, 120)) + [VISUALGLM_6B["
                                                                    VISUALGLM_6B["bos_token_id"]]
 
 
-def fill_random(model, rank: int = 0, size: int = 1) -> None:
+def fill_random(m, rank: int = 0, size: int = 1) -> None:
     """The same random model for any model-parallel size: tensor i is drawn whole from generator(i)
     (std 0.02; layer norms 1 / 0), and this rank keeps its piece."""
     from model.sat.mp_split import partition_plan, shard
-    plan = partition_plan(model)
+    plan = partition_plan(m)
     with torch.no_grad():
-        for i, (name, p) in enumerate(sorted(model.named_parameters())):
+        for i, (name, p) in enumerate(sorted(m.named_parameters())):
             if "layernorm" in name or "ln_vision" in name or name.endswith("norm.weight") or name.endswith("norm.bias"):
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
                 continue
@@ -53,9 +53,8 @@ def fill_random(model, rank: int = 0, size: int = 1) -> None:
 
 
 def build(device, rank=0, size=1):
-    from model.sat.checkpoint import build_model
-    from model.sat.mp_split import with_parallel_size
-    m = build_model(with_parallel_size(VISUALGLM_6B, size), device=device, dtype=torch.float16)
+    from model.sat.mp_split import build_parallel
+    m = build_parallel(VISUALGLM_6B, size, device=device, dtype=torch.float16)
     for p in m.parameters():
         p.data = p.data.half()            # the ViT's conv is built in fp32; the loader stores fp16
     fill_random(m, rank, size)

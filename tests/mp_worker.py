@@ -42,13 +42,13 @@ def main(image, out, *checkpoints) -> None:
 
 
 def run(ckpt, image) -> dict:
-    model = load_model_parallel(ckpt, "cpu")
-    engine = ChatEngine(model, tokenizer_for(model), backend="sat")
+    part = load_model_parallel(ckpt, "cpu")
+    engine = ChatEngine(part, tokenizer_for(part), backend="sat")
     embeds = engine.encode_image(image)[0]                                   # [L, hidden]
     greedy = engine.chat(None, PROMPT, image=embeds[None], english=True, top_k=1, max_length=120)[0]
     sampled = engine.chat(None, PROMPT, image=embeds[None], english=True, top_k=50, temperature=0.9,
                           max_length=120, generator=torch.Generator().manual_seed(7))[0]
-    qkv = tuple(model.transformer.layers[0].attention.query_key_value.weight.shape)
+    qkv = tuple(part.transformer.layers[0].attention.query_key_value.weight.shape)
     return dict(logits=prompt_logits(engine, embeds), greedy=greedy, sampled=sampled, qkv=qkv)
 
 

@@ -96,12 +96,25 @@ def with_parallel_size(config: dict, size: int) -> dict:
     return config
 
 
+def build_parallel(config: dict, size: int, **kw):
+    """The model of `config` built for `size` ranks (sat's groups must be of that size), or a clear error
+    when its heads or sizes do not divide."""
+    try:
+        return build_model(with_parallel_size(config, size), **kw)
+    except AssertionError as e:         # sat's mpu.divide: "5 is not divisible by 2"
+        raise CheckpointError(f"this model cannot be split across {size} ranks ({e}): every head count "
+                              f"(GLM {config.get('num_attention_heads')}, EVA "
+                              f"{config.get('eva_args', {}).get('num_attention_heads')}, Q-Former "
+                              f"{config.get('qformer_args', {}).get('num_attention_heads')}) and the "
+                              f"vocabulary ({config.get('vocab_size')}) must divide by it") from None
+
+
 def _plan_for(config: dict) -> Plan:
     if config.get("model_class") != "VisualGLMModel":
         raise CheckpointError(f"only plain VisualGLMModel checkpoints can be split or merged, this one is a "
                               f"{config.get('model_class')} (with adapters); merge LoRA into it first "
                               f"(python -m model.sat.merge_lora).")
-    return partition_plan(build_model(with_parallel_size(config, 1), device="meta"))
+    return partition_plan(build_parallel(config, 1, device="meta"))
 
 
 def _write_folder(dst: Path, states: List[dict], config: dict, iteration: str, tokenizer_from: Path) -> None:

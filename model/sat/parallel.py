@@ -49,10 +49,9 @@ def load_model_parallel(name_or_path, device: str, dtype: Optional[torch.dtype] 
     the rank's own file when the folder is split for N (mp_rank_XX), or cut at load time from a single
     file (every rank reads the file, memory-mapped, and keeps its part). quant: 8 / 4 quantizes this
     rank's part (on the CPU, before it moves to the device)."""
-    from .checkpoint import (CheckpointError, _recompute_buffers, build_model, check_state_dict, checkpoint_file,
-                             convert_glm_qkv, default_dtype, detect_qkv_layout, read_config, read_state_dict,
-                             resolve_checkpoint_dir)
-    from .mp_split import partition_plan, shard_state_dict, with_parallel_size
+    from .checkpoint import (CheckpointError, _recompute_buffers, check_state_dict, checkpoint_file, convert_glm_qkv,
+                             default_dtype, detect_qkv_layout, read_config, read_state_dict, resolve_checkpoint_dir)
+    from .mp_split import build_parallel, partition_plan, shard_state_dict
     size, rank = mpu.get_model_parallel_world_size(), mpu.get_model_parallel_rank()
     dtype = dtype or default_dtype(device)
     ckpt_dir = resolve_checkpoint_dir(name_or_path)
@@ -63,7 +62,7 @@ def load_model_parallel(name_or_path, device: str, dtype: Optional[torch.dtype] 
                               f"{stored}, or merge it (python -m model.sat.mp_split merge) and start any number.")
     state = read_state_dict(checkpoint_file(ckpt_dir, rank if stored == size else 0))
     state = convert_glm_qkv(state, config["num_attention_heads"], detect_qkv_layout(config))
-    model = build_model(with_parallel_size(config, size), device="meta", dtype=dtype)
+    model = build_parallel(config, size, device="meta", dtype=dtype)
     if stored == 1 and size > 1:
         state = shard_state_dict(state, partition_plan(model), rank, size)
     check_state_dict(model, state)
