@@ -8,8 +8,8 @@ Each variant runs in its own process (so peak memory is its own): it builds the 
 config (model/configs.py) with random weights directly on the GPU (no download), then answers one
 224x224 image + a short question with `--new-tokens` forced new tokens (eos ignored), sampling with
 top_p 0.4 / top_k 100 / temperature 0.8, batch 1, through the chat core's generate(). Reported:
-time to first token (image encoding + prefill + first sample) and its two parts, decode tokens/s after
-the first token, peak GPU memory, achieved GB/s (GLM + LM-head weight bytes read per step x tokens/s) and the fraction of
+time to first token and its two parts ("image ms": encoding the image; "prefill ms": prefill and the
+first sample), decode tokens/s after the first token, peak GPU memory, achieved GB/s (GLM + LM-head weight bytes read per step x tokens/s) and the fraction of
 the copy bandwidth measured in the same run, and the ratio to the reference (sat-fp16).
 load-int8 / load-int4 take the loader's --quant path (model/fast/load.py): the random model is moved to
 the CPU first, as a checkpoint is read there, then each GLM matrix is quantized onto the GPU; "load GiB"

@@ -72,7 +72,7 @@ class FastBackend(LoadedModelBackend):
         self._prefill: Optional[BucketedPrefill] = None
         try:
             self.vision = FastImageEncoder(shared_image_encoder(model), capture=self.cuda_graph)
-        except (ValueError, KeyError, AttributeError) as e:  # an encoder model/hf does not know: sat's runs
+        except (ImportError, ValueError, KeyError, AttributeError) as e:  # model/hf can't run it: sat's does
             log.warning("image encoder: sat's eager one (%s)", e)
             self.vision = None
 
