@@ -16,6 +16,7 @@ import sys
 
 def parse_args(argv=None):
     from model.defaults import DEMO_SAMPLING
+    from offline.runner import BATCHING
     from serving.cli import add_model_args, add_sampling_args
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +39,12 @@ def parse_args(argv=None):
     b.add_argument("--window_batches", type=int, default=4,
                    help="read this many batches ahead and group their prompts by length")
     b.add_argument("--workers", type=int, default=4, help="threads decoding images while the model runs")
+    b.add_argument("--batching", choices=BATCHING, default="auto",
+                   help="continuous: answers leave the batch as they end and the next lines take their place "
+                        "(fast backend only); static: a batch runs to its longest answer; auto: continuous "
+                        "when the backend can")
+    b.add_argument("--gpu_memory_fraction", type=float, default=0.9,
+                   help="share of the GPU's memory for the weights plus the key/value slots of continuous batching")
     r = p.add_argument_group("Ray cluster (pip install -r requirements_ray.txt)")
     r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Ray: --ray alone starts a local Ray instance; --ray auto joins the cluster "

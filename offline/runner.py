@@ -2,14 +2,17 @@
 
     loader threads:  Record -> Prepared (image decoded and preprocessed, prompt tokenized: engine.pixels,
                      engine.make_request(has_image=True)), up to two windows ahead of the model
-    model thread:    a window of `batch_size * window_batches` prepared records, sorted by prompt length,
-                     cut into batches (similar lengths together: little padding); per batch one
-                     engine.encode_images call and one engine.generate(isolate_errors=True) call
+    model thread:    static batching (any backend): a window of `batch_size * window_batches` prepared
+                     records, sorted by prompt length, cut into batches (similar lengths together: little
+                     padding); per batch one engine.encode_images call and one engine.generate call.
+                     continuous batching (the fast backend): up to batch_size sequences decode together in
+                     key/value slots; a finished one leaves at once and the next record takes its slot
+                     (model/continuous.py), so no batch waits for its longest answer.
 
 The engine is the one every front end uses (model/chat.py), so prompts, language, images and sampling
-are exactly those of the terminal chat and the API; serving/worker.py batches the same way. Whatever
+are exactly those of the terminal chat and the API; serving/worker.py batches the same two ways. Whatever
 goes wrong with one record (its image, its prompt's length, its sampling) becomes that record's error
-record; a batch whose forward pass fails is retried one record at a time.
+record; a static batch whose forward pass fails is retried one record at a time.
 """
 import collections
 import time
@@ -26,6 +29,7 @@ from model.sampling import SamplingParams
 from .inputs import Record
 
 OnDone = Callable[[List[dict]], None]
+BATCHING = ("auto", "continuous", "static")
 
 
 @dataclass
@@ -54,12 +58,17 @@ class Prepared:
 
 
 class Runner:
-    def __init__(self, engine, settings: Settings, batch_size: int = 8, window_batches: int = 4, workers: int = 4):
+    def __init__(self, engine, settings: Settings, batch_size: int = 8, window_batches: int = 4, workers: int = 4,
+                 batching: str = "auto", gpu_memory_fraction: float = 0.9):
+        """batching: "continuous" (the fast backend's key/value slots), "static" (engine.generate per
+        batch) or "auto" (continuous when the backend can), as the server's --batching."""
         if batch_size < 1 or window_batches < 1 or workers < 1:
             raise ValueError("batch_size, window_batches and workers must be at least 1")
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.engine, self.settings = engine, settings
         self.batch_size, self.window = batch_size, batch_size * window_batches
-        self.workers = workers
+        self.workers, self.batching, self.gpu_memory_fraction = workers, batching, gpu_memory_fraction
         s = settings   # checked here, once: a bad flag is an error before any record is read
         self.params = SamplingParams(max_length=min(s.max_length, engine.max_context), top_p=s.top_p, top_k=s.top_k,
                                      temperature=s.temperature, repetition_penalty=s.repetition_penalty)
@@ -67,31 +76,108 @@ class Runner:
 
     # -- the pipeline -------------------------------------------------------------------------------
     def process(self, records: Iterable[Record], on_done: OnDone) -> None:
-        """Answer every record; on_done(output records) after each batch (and for each window's
-        records that could not be prepared), in the order they complete, not the input order."""
-        records = iter(records)
+        """Answer every record; on_done(output records) as they complete (after each static batch, or
+        every batch_size answers of a continuous batch), in the order they complete, not input order."""
+        slots = self._open_slots()
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="infer-loader")
-        ahead: collections.deque = collections.deque()
+        try:
+            prepared = self._prepared(iter(records), pool)
+            if slots is not None:
+                self._continuous(prepared, slots, on_done)
+            else:
+                self._static(prepared, on_done)
+        finally:   # Ctrl-C: do not wait for images nobody will use
+            pool.shutdown(wait=False, cancel_futures=True)
 
-        def read_ahead():
+    def _prepared(self, records: Iterator[Record], pool) -> Iterator[Union[Prepared, dict]]:
+        """prepare() of every record, in input order, run by the loader threads up to two windows ahead
+        of what the model takes, so that images are decoded while it generates."""
+        ahead: collections.deque = collections.deque()
+        while True:
             while len(ahead) < 2 * self.window:
                 record = next(records, None)
                 if record is None:
-                    return
+                    break
                 ahead.append(pool.submit(self.prepare, record))
-        try:
-            read_ahead()
-            while ahead:
-                ready = [ahead.popleft().result() for _ in range(min(self.window, len(ahead)))]
-                read_ahead()                  # the loaders work on later windows while this one generates
-                failed = [x for x in ready if isinstance(x, dict)]
-                if failed:
-                    on_done(failed)
-                todo = sorted((x for x in ready if isinstance(x, Prepared)), key=lambda x: len(x.request.ids))
-                for i in range(0, len(todo), self.batch_size):
-                    on_done(self.run_batch(todo[i:i + self.batch_size]))
-        finally:   # Ctrl-C: do not wait for images nobody will use
-            pool.shutdown(wait=False, cancel_futures=True)
+            if not ahead:
+                return
+            yield ahead.popleft().result()
+
+    def _static(self, prepared: Iterator, on_done: OnDone) -> None:
+        """Windows of prepared records sorted by prompt length, cut into batches that each run to
+        their longest answer (engine.generate)."""
+        while True:
+            ready = [x for _, x in zip(range(self.window), prepared)]
+            if not ready:
+                return
+            failed = [x for x in ready if isinstance(x, dict)]
+            if failed:
+                on_done(failed)
+            todo = sorted((x for x in ready if isinstance(x, Prepared)), key=lambda x: len(x.request.ids))
+            for i in range(0, len(todo), self.batch_size):
+                on_done(self.run_batch(todo[i:i + self.batch_size]))
+
+    def _open_slots(self):
+        """Key/value slots for continuous batching (the fast backend), or None for static batches."""
+        if self.batching == "static":
+            return None
+        from model.backend import open_slots
+        slots = open_slots(self.engine.backend, self.batch_size, self.gpu_memory_fraction)
+        if slots is None and self.batching == "continuous":
+            raise ValueError("continuous batching needs the fast backend (--backend fast)")
+        return slots
+
+    def _continuous(self, prepared: Iterator, slots, on_done: OnDone) -> None:
+        """Up to batch_size sequences decode together; between steps, finished ones leave and the next
+        prepared records are prefilled into their slots (model/continuous.py, as the server does)."""
+        from model.continuous import ContinuousBatch
+        batch = ContinuousBatch(slots, self.engine.tokenizer.pad_token_id, self.engine.eos_ids(), isolate_errors=True)
+        live = {}                                           # id(request) -> (Prepared, tokens, start)
+        out: List[dict] = []
+        more = True
+        while more or live:
+            newcomers = []
+            while more and len(newcomers) < batch.free:
+                x = next(prepared, None)
+                more = x is not None
+                if isinstance(x, dict):
+                    out.append(x)
+                elif x is not None:
+                    newcomers.append(x)
+            events = []
+            if newcomers:
+                try:
+                    self._attach_images(newcomers)
+                    live.update((id(x.request), (x, [], time.perf_counter())) for x in newcomers)
+                    events += batch.admit([x.request for x in newcomers])
+                except Exception as e:  # noqa: BLE001 - a failing prefill fails its newcomers only
+                    out += self._fail(batch, live, newcomers, e)
+            if batch.running:
+                try:
+                    events += batch.step()
+                except Exception as e:  # noqa: BLE001 - a failing step fails the running rows
+                    out += self._fail(batch, live, [entry[0] for entry in live.values()], e)
+            now = time.perf_counter()
+            for event in events:
+                entry = live.get(id(event.request))
+                if entry is None:
+                    continue
+                if event.token is not None:
+                    entry[1].append(event.token)
+                if event.reason is not None:
+                    del live[id(event.request)]
+                    out.append(self.answer(entry[0], entry[1], now - entry[2], event.reason))
+            if len(out) >= self.batch_size or (out and not (more or live)):
+                on_done(out)
+                out = []
+
+    def _fail(self, batch, live: dict, items: List[Prepared], e: Exception) -> List[dict]:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for x in items:
+            batch.cancel(x.request)
+            live.pop(id(x.request), None)
+        return [self.error(x.record, f"generation failed: {_message(e)}", x.english) for x in items]
 
     def prepare(self, record: Record) -> Union[Prepared, dict]:
         """(loader thread) Read and preprocess the image, build and tokenize the prompt; an error record
@@ -124,11 +210,7 @@ class Runner:
 
     def _generate(self, batch: List[Prepared]) -> List[dict]:
         start = time.perf_counter()
-        with_image = [x for x in batch if x.pixels is not None]
-        if with_image:   # one encoder call for the batch; identical images once
-            embeds = self.engine.encode_images([x.pixels for x in with_image], [x.key for x in with_image])
-            for x, emb in zip(with_image, embeds):                                # emb [L, hidden]
-                x.request.image_embeds, x.pixels = emb, None
+        self._attach_images(batch)
         tokens: List[List[int]] = [[] for _ in batch]
         ended: List[Optional[float]] = [None] * len(batch)
         for step in self.engine.generate([x.request for x in batch], isolate_errors=True):
@@ -141,14 +223,26 @@ class Runner:
         end = time.perf_counter()
         return [self.answer(x, ids, (t or end) - start) for x, ids, t in zip(batch, tokens, ended)]
 
+    def _attach_images(self, batch: List[Prepared]) -> None:
+        """One encoder call for the batch's images (identical images once); emb [L, hidden] each."""
+        with_image = [x for x in batch if x.pixels is not None]
+        if with_image:
+            embeds = self.engine.encode_images([x.pixels for x in with_image], [x.key for x in with_image])
+            for x, emb in zip(with_image, embeds):
+                x.request.image_embeds, x.pixels = emb, None
+
     # -- output records -----------------------------------------------------------------------------
-    def answer(self, x: Prepared, ids: List[int], seconds: float) -> dict:
+    def answer(self, x: Prepared, ids: List[int], seconds: float, reason: Optional[str] = None) -> dict:
+        """reason: "stop" / "length" / "error" when the decoding loop says (continuous batching);
+        otherwise told from the lengths, by the rules of model.generation."""
         if x.request.error is not None:
             return self.error(x.record, f"generation failed: {_message(x.request.error)}", x.english)
         p, n = x.request.params, len(ids)
-        length = len(x.request.ids) + n >= p.max_length or (p.max_new_tokens is not None and n >= p.max_new_tokens)
+        if reason is None:
+            length = len(x.request.ids) + n >= p.max_length or (p.max_new_tokens is not None and n >= p.max_new_tokens)
+            reason = "length" if length else "stop"
         return dict(self._head(x.record, x.english), response=self.engine.decode(ids),
-                    finish_reason="length" if length else "stop", prompt_tokens=len(x.request.ids),
+                    finish_reason=reason, prompt_tokens=len(x.request.ids),
                     completion_tokens=n, seconds=round(seconds, 4), settings=self.settings.report())
 
     def error(self, record: Record, message: str, english: Optional[bool] = None) -> dict:
@@ -247,4 +341,5 @@ def build_runner(options: dict) -> Runner:
     model.eval()
     engine = ChatEngine(model, tokenizer, backend=backend)
     settings = Settings(**{k: o[k] for k in Settings.__dataclass_fields__ if k in o})
-    return Runner(engine, settings, o.get("batch_size", 8), o.get("window_batches", 4), o.get("workers", 4))
+    return Runner(engine, settings, o.get("batch_size", 8), o.get("window_batches", 4), o.get("workers", 4),
+                  o.get("batching", "auto"), o.get("gpu_memory_fraction", 0.9))

@@ -89,6 +89,33 @@ def test_batched_greedy_answers_equal_one_at_a_time_answers(engine, pictures, mo
     assert len({r["response"] for r in batched.values()}) > 3                # the answers do differ
 
 
+def test_continuous_batching_on_the_fast_backend_gives_the_one_at_a_time_answers(tiny, engine, pictures, monkeypatch):
+    """--batching continuous (the fast backend's slots: answers leave, the next lines join between steps)
+    against the sat backend's answers one at a time."""
+    from model import continuous
+    model, tok = tiny
+    fast = ChatEngine(model, tok, backend="fast")
+    steps, admitted = [], []
+    real_admit, real_step = continuous.ContinuousBatch.admit, continuous.ContinuousBatch.step
+    monkeypatch.setattr(continuous.ContinuousBatch, "admit",
+                        lambda self, rs: (admitted.append(len(rs)), real_admit(self, rs))[1])
+    monkeypatch.setattr(continuous.ContinuousBatch, "step", lambda self: (steps.append(len(self.running)), real_step(self))[1])
+    path = write_jsonl(pictures / "c.jsonl", QUESTIONS)
+    out = []
+    Runner(fast, Settings(**GREEDY), batch_size=3, batching="continuous").process(read_inputs(path), out.extend)
+    got = by_id(out)
+    assert max(steps) == 3 and len(admitted) > 1 and sum(admitted) == len(QUESTIONS)   # joined while others ran
+    for q in QUESTIONS:
+        image = str(pictures / q["image"]) if "image" in q else None
+        text = q.get("text", q.get("prompt"))
+        alone, _, _ = engine.chat(image, text, history=q.get("history"), english=got[str(q["id"])]["english"],
+                                  params=SamplingParams(**GREEDY))
+        assert got[str(q["id"])]["response"] == alone, q["id"]
+        assert got[str(q["id"])]["finish_reason"] in ("stop", "length")
+    with pytest.raises(ValueError, match="fast backend"):
+        Runner(engine, Settings(**GREEDY), batching="continuous").process(iter([]), out.extend)
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engine, pictures):
     path = write_jsonl(pictures / "s.jsonl", QUESTIONS[:5])
     sampled = dict(GREEDY, top_k=0, top_p=1.0, temperature=1.5, seed=3)
