@@ -88,6 +88,13 @@ def test_a_short_row_batched_with_a_long_one_can_use_all_of_its_max_length(net, 
     assert len(steps) == 30 - 4                                           # 20 + 26 slots, past 30's bucket (32)
 
 
+def test_cache_lengths_come_in_few_sizes(net):
+    fast = FastBackend(net)
+    top = fast.max_sequence_length                                        # 2048
+    lengths = [fast._bucket(n) for n in (1, 256, 257, top - 1, top, top + 1, top + top // 2 + 1, 2 * top)]
+    assert lengths == [256, 256, 512, top, top, top + top // 2, 2 * top, 2 * top]
+
+
 def test_a_newer_prefill_invalidates_the_older_cache(net, tiny_config):
     fast = FastBackend(net)
     g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]

@@ -9,7 +9,7 @@
                  (28 layers, SDPA, LM head) with one launch, so no Python runs per layer
 
 The cache is preallocated for the batch and a length bucket (a power of two that covers the longest
-`capacity` the caller announced), and reused while those stay the same; a new shape allocates a new
+`capacity` the caller announced, see _bucket), and reused while those stay the same; a new shape allocates a new
 cache and, on CUDA, captures a new graph (only the latest is kept, to bound memory).
 """
 import logging
@@ -136,10 +136,17 @@ class FastBackend(LoadedModelBackend):
         return self.glm(self.glm.embed_tokens(tokens), positions, cache, slot, mask)
 
     def _bucket(self, needed: int) -> int:
+        """Cache length for `needed` slots: powers of two from MIN_CACHE up to the model's length, then
+        steps of half that length (rows batched with a much longer prompt may need more slots than the
+        model's length). Few distinct lengths, since each one compiles and captures anew."""
+        top = self.max_sequence_length
+        if needed > top:
+            step = max(top // 2, MIN_CACHE)
+            return -(-needed // step) * step
         length = MIN_CACHE
         while length < needed:
             length *= 2
-        return min(length, max(self.max_sequence_length, needed))
+        return min(length, top)
 
     def _cache_for(self, batch: int, length: int) -> KVCache:
         c = self._cache
