@@ -26,6 +26,12 @@ def resolve_hf_dir(name_or_path) -> str:
     return str(bundled) if (bundled / "config.json").is_file() else name
 
 
+def _try_bundled_hint() -> str:
+    """Without the 6B weights (offline), the bundled tiny model converted at set-up runs everything."""
+    ready = sorted(p.name for p in BUNDLED_DIR.glob("*-hf") if (p / "config.json").is_file())
+    return f" To try everything offline on a CPU, use the bundled model: --from_pretrained {ready[0]}." if ready else ""
+
+
 def _missing_bundled_hint(name: str) -> str:
     """visualglm-tiny-hf asked for before setup.sh converted it: say how to make it."""
     sat_name = name.removesuffix("-hf")
@@ -53,8 +59,8 @@ def load_hf_model_and_tokenizer(name_or_path, device=None, dtype=None, tokenizer
         config = AutoConfig.from_pretrained(name_or_path)
         model = VisualGLMForConditionalGeneration.from_pretrained(name_or_path, config=config, dtype=dtype)
     except (OSError, ValueError) as e:
-        hint = _missing_bundled_hint(name) or f" {CONVERT_HINT}"
-        raise HFLoadError(f"Cannot load a VisualGLM Hugging Face model from {name!r}: {e}.{hint}") from None
+        hint = _missing_bundled_hint(name) or _try_bundled_hint() + f" {CONVERT_HINT}"
+        raise HFLoadError(f"Cannot load a VisualGLM Hugging Face model from {name!r}: {str(e).rstrip('.')}.{hint}") from None
     tok_dir = Path(tokenizer or name_or_path).expanduser()
     if not all((tok_dir / f).is_file() for f in TOKENIZER_FILES):
         raise HFLoadError(f"No tokenizer ({' and '.join(TOKENIZER_FILES)}) in {tok_dir}; pass --tokenizer FOLDER.")
