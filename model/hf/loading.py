@@ -53,8 +53,11 @@ def load_hf_model_and_tokenizer(name_or_path, device=None, dtype=None, tokenizer
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
     name, name_or_path = str(name_or_path), resolve_hf_dir(name_or_path)
-    if name_or_path == name and _missing_bundled_hint(name) and not Path(name).expanduser().is_dir():
-        raise HFLoadError(f"No Hugging Face model folder {name!r}.{_missing_bundled_hint(name)}")   # not a Hub name
+    if name_or_path == name and not Path(name).expanduser().is_dir():                          # not a folder
+        if _missing_bundled_hint(name):
+            raise HFLoadError(f"No Hugging Face model folder {name!r}.{_missing_bundled_hint(name)}")
+        if Path(name).expanduser().is_absolute() or name.startswith((".", "~")):                 # a path, not a Hub name
+            raise HFLoadError(f"{name} is not a folder.{_try_bundled_hint()}")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
         model = VisualGLMForConditionalGeneration.from_pretrained(name_or_path, config=config, dtype=dtype)
