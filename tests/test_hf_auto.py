@@ -95,6 +95,8 @@ def test_the_released_folder_layout_loads_without_remote_code(hf_dir, ckpt_dir, 
     # the *_hf.py loader takes it too, and the converter turns it back into the original sat checkpoint
     loaded, tok = load_hf_model_and_tokenizer(folder, device="cpu")
     assert tok.gmask_token_id == loaded.config.gmask_token_id
+    greedy = dict(do_sample=False, max_new_tokens=8)                  # chat() takes either tokenizer
+    assert loaded.chat(AutoTokenizer.from_pretrained(folder), "", "你好", **greedy) == loaded.chat(tok, "", "你好", **greedy)
     sat = read_state_dict(checkpoint_file(hf_to_sat(folder, tmp_path / "sat")))
     original = read_state_dict(checkpoint_file(ckpt_dir))
     original.pop("transformer.position_embeddings.weight", None)               # unused, not in HF files
