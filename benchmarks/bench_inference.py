@@ -228,8 +228,8 @@ def main(argv=None):
     ref = next((r for r in results if r["variant"] == "sat-fp16" and "error" not in r), None)
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy bandwidth {bandwidth:.0f} GB/s  "
           f"new tokens {args.new_tokens}")
-    print(f"{'variant':<10} {'TTFT ms':>8} {'image ms':>8} {'prefill ms':>10} {'tok/s':>8} {'x ref':>6} {'peak GiB':>9} "
-          f"{'load GiB':>8} {'weights GB':>10} {'GB/s':>7} {'of limit':>8} {'graph ms':>8}")
+    print(f"{'variant':<10} {'TTFT ms':>8} {'image ms':>8} {'prefill ms':>10} {'tok/s':>8} {'x ref':>6} "
+          f"{'peak GiB':>9} {'load GiB':>8} {'weights GB':>10} {'GB/s':>7} {'of limit':>8} {'graph ms':>8}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<10} failed: {r['error']}")

@@ -31,8 +31,9 @@ def shared_image_encoder(model):
     theirs = dict(blip.named_parameters())
     ours = [name for name, _ in encoder.named_parameters()]
     if set(ours) != set(theirs) or any(True for _ in encoder.buffers()):
+        only_ours, only_theirs = sorted(set(ours) - set(theirs))[:3], sorted(set(theirs) - set(ours))[:3]
         raise ValueError(f"the plain-torch image encoder does not match this model's: only in ours "
-                         f"{sorted(set(ours) - set(theirs))[:3]}, only in the model's {sorted(set(theirs) - set(ours))[:3]}")
+                         f"{only_ours}, only in the model's {only_theirs}")
     for name in ours:
         owner, _, attr = name.rpartition(".")
         setattr(encoder.get_submodule(owner), attr, theirs[name])
