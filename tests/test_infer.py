@@ -68,28 +68,39 @@ def run_records(engine, path, batch_size, window_batches=2, **settings):
     return by_id(out)
 
 
-def test_batched_greedy_answers_equal_one_at_a_time_answers(engine, pictures, monkeypatch):
+@pytest.fixture(scope="module")
+def one_at_a_time(engine, pictures):
+    """Each question of QUESTIONS answered alone by the terminal chat's engine on the sat backend:
+    {id: (english, response)}."""
+    out = {}
+    for q in QUESTIONS:
+        text = q.get("text", q.get("prompt"))
+        english = q.get("english", not any("\u4e00" <= c <= "\u9fff" for c in text))
+        image = str(pictures / q["image"]) if "image" in q else None
+        response, _, _ = engine.chat(image, text, history=q.get("history"), english=english,
+                                     params=SamplingParams(**GREEDY))
+        out[str(q["id"])] = english, response
+    return out
+
+
+def test_batched_greedy_answers_equal_one_at_a_time_answers(engine, pictures, monkeypatch, one_at_a_time):
     sizes = []
     real = engine.generate
     monkeypatch.setattr(engine, "generate", lambda requests, **kw: (sizes.append(len(requests)), real(requests, **kw))[1])
     batched = run_records(engine, write_jsonl(pictures / "q.jsonl", QUESTIONS), batch_size=3)
     assert max(sizes) == 3 and len(sizes) < len(QUESTIONS)          # several questions per forward pass
     assert set(batched) == {str(q["id"]) for q in QUESTIONS}
-    params = SamplingParams(**GREEDY)
-    for q in QUESTIONS:
-        got = batched[str(q["id"])]
+    for rid, (english, alone) in one_at_a_time.items():
+        got = batched[rid]
         assert "error" not in got, got
-        image = str(pictures / q["image"]) if "image" in q else None
-        english = q.get("english", not any("\u4e00" <= c <= "\u9fff" for c in q.get("text", q.get("prompt"))))
-        alone, _, _ = engine.chat(image, q.get("text", q.get("prompt")), history=q.get("history"), english=english,
-                                  params=params)
-        assert got["response"] == alone, q["id"]
+        assert got["response"] == alone, rid
         assert got["english"] == english and got["settings"]["top_k"] == 1
         assert got["prompt_tokens"] > 0 and got["completion_tokens"] > 0
     assert len({r["response"] for r in batched.values()}) > 3                # the answers do differ
 
 
-def test_continuous_batching_on_the_fast_backend_gives_the_one_at_a_time_answers(tiny, engine, pictures, monkeypatch):
+def test_continuous_batching_on_the_fast_backend_gives_the_one_at_a_time_answers(tiny, engine, pictures, monkeypatch,
+                                                                                  one_at_a_time):
     """--batching continuous (the fast backend's slots: answers leave, the next lines join between steps)
     against the sat backend's answers one at a time."""
     from model import continuous
@@ -105,13 +116,9 @@ def test_continuous_batching_on_the_fast_backend_gives_the_one_at_a_time_answers
     Runner(fast, Settings(**GREEDY), batch_size=3, batching="continuous").process(read_inputs(path), out.extend)
     got = by_id(out)
     assert max(steps) == 3 and len(admitted) > 1 and sum(admitted) == len(QUESTIONS)   # joined while others ran
-    for q in QUESTIONS:
-        image = str(pictures / q["image"]) if "image" in q else None
-        text = q.get("text", q.get("prompt"))
-        alone, _, _ = engine.chat(image, text, history=q.get("history"), english=got[str(q["id"])]["english"],
-                                  params=SamplingParams(**GREEDY))
-        assert got[str(q["id"])]["response"] == alone, q["id"]
-        assert got[str(q["id"])]["finish_reason"] in ("stop", "length")
+    for rid, (english, alone) in one_at_a_time.items():
+        assert got[rid]["response"] == alone and got[rid]["english"] == english, rid
+        assert got[rid]["finish_reason"] in ("stop", "length")
     with pytest.raises(ValueError, match="fast backend"):
         Runner(engine, Settings(**GREEDY), batching="continuous").process(iter([]), out.extend)
 
