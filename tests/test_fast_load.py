@@ -78,6 +78,16 @@ def test_the_loader_gives_the_chat_engine_the_backend_it_quantized(ckpt_dir, mon
     assert engine.chat(None, "你好，请问你是谁？", **greedy)[0] == expected.chat(None, "你好，请问你是谁？", **greedy)[0]
 
 
+def test_the_servers_loader_passes_backend_to_the_loader(ckpt_dir, monkeypatch):
+    """api.py and web_demo.py load through serving.cli.sat_engine_loader: --quant with --backend fast
+    reaches the fast path's quantization (pointed at the CPU here, as above)."""
+    from model.fast import load as fast_load
+    from serving.cli import sat_engine_loader
+    monkeypatch.setattr(fast_load, "fast_quantizes", lambda device, backend, quant, mixins: backend == "fast")
+    engine = sat_engine_loader(str(ckpt_dir), device="cpu", quant=8, backend="fast")()
+    assert isinstance(engine.backend.glm.blocks[0].qkv, fast_quant.Int8Linear)
+
+
 def test_the_loader_quantizes_with_sat_on_the_cpu(ckpt_dir):
     from model.sat.loading import load_model_and_tokenizer
     from model.sat.quantization import QuantizedLinear
