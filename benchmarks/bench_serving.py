@@ -170,6 +170,50 @@ async def greedy_check(url: str, k: int, new_tokens: int) -> tuple:
     return same, k
 
 
+def engine_level(engine, slots, n: int, new_tokens: int) -> dict:
+    """The continuous batch driven directly (no HTTP): n requests admitted at once, decoded to the end."""
+    import torch
+    from model.continuous import ContinuousBatch
+    from model.sampling import SamplingParams
+    from PIL import Image
+    batch = ContinuousBatch(slots, engine.tokenizer.pad_token_id, [])
+    emb = engine.encode_images([engine.pixels(Image.new("RGB", (224, 224), (i, 100, 50))) for i in range(n)])
+    params = SamplingParams(max_length=2048, top_p=0.4, top_k=100, temperature=0.8, max_new_tokens=new_tokens)
+    requests = [engine.make_request(QUESTIONS[i % 4], [], emb[i], False, params) for i in range(n)]
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    start = time.perf_counter()
+    batch.admit(requests)
+    first = time.perf_counter()
+    steps = 0
+    while batch.running:
+        batch.step()
+        steps += 1
+    wall = time.perf_counter() - start
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    index = [len(requests[0].ids) + new_tokens // 2] * n          # the forward pass alone, mid-answer
+    slots.decode([5] * n, [(1, 2)] * n, index)
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        slots.decode([5] * n, [(1, 2)] * n, index)
+    sync()
+    return dict(n=n, prefill_ms=(first - start) * 1e3, step_ms=(wall - (first - start)) / max(steps, 1) * 1e3,
+                forward_ms=(time.perf_counter() - t) / 10 * 1e3, tok_s=n * new_tokens / wall)
+
+
+def engine_only(args) -> None:
+    """--engine-only: the decode loop's own speed, without the server, for each level."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from model.backend import open_slots
+    engine = build_engine(args.model, "fast")
+    levels = [int(x) for x in args.levels.split(",") if x]
+    slots = open_slots(engine.backend, max(levels))
+    levels = [n for n in levels if n <= slots.slots]
+    engine_level(engine, slots, max(levels), 8)                  # warm-up: captures the graphs
+    for n in levels:
+        print(json.dumps(engine_level(engine, slots, n, args.new_tokens)), flush=True)
+
+
 def table(rows, baseline) -> str:
     lines = ["| N | tokens | seconds | tokens/s | vs reference | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -194,6 +238,8 @@ def main(argv=None):
     p.add_argument("--baseline-levels", default="", help="levels to run on the reference path too, e.g. 64")
     p.add_argument("--greedy-check", type=int, default=0, metavar="K")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--engine-only", action="store_true",
+                   help="drive the continuous batch in this process, without the server (its own speed)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -201,6 +247,8 @@ def main(argv=None):
     if args.serve:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         return serve(args)
+    if args.engine_only:
+        return engine_only(args)
     levels = [int(x) for x in args.levels.split(",") if x]
     procs, results = [], {"levels": [], "baseline": {}, "greedy": None}
     try:

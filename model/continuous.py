@@ -25,7 +25,7 @@ import torch
 
 from .generation import Request, RowProgress, images_of
 from .positions import batch_inputs
-from .sampling import RowSettings, draw, filter_logits
+from .sampling import RowSettings, draw, filter_logits, to_host
 
 
 class Event(NamedTuple):
@@ -122,7 +122,7 @@ class ContinuousBatch:
         filtered, nan, empty = filter_logits(logits, self._seen[rows_t], settings)
         tokens = draw(filtered, settings, [s.progress.request.generator for s in seqs])           # [N]
         self._seen[rows_t, tokens] = True
-        host_tokens, host_nan, host_empty = torch.stack([tokens, nan.long(), empty.long()]).tolist()  # one sync
+        host_tokens, host_nan, host_empty = to_host(torch.stack([tokens, nan.long(), empty.long()]))  # one sync
         events = []
         for b, (row, s) in enumerate(zip(rows, seqs)):
             token = s.progress.take(host_tokens[b], host_nan[b], host_empty[b], self.eos_ids, self.isolate_errors)

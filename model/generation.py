@@ -11,7 +11,7 @@ import torch
 
 from .backend import as_backend
 from .positions import batch_inputs, next_positions
-from .sampling import EMPTY_ERROR, NAN_ERROR, RowSettings, SamplingParams, draw, filter_logits
+from .sampling import EMPTY_ERROR, NAN_ERROR, RowSettings, SamplingParams, draw, filter_logits, to_host
 
 
 @dataclass
@@ -101,7 +101,7 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
     while not all(p.done for p in progress):
         filtered, nan, empty = filter_logits(logits, seen, rows)
         tokens = draw(filtered, rows, [r.generator for r in requests])                          # [B]
-        host_tokens, host_nan, host_empty = torch.stack([tokens, nan.long(), empty.long()]).tolist()  # one sync
+        host_tokens, host_nan, host_empty = to_host(torch.stack([tokens, nan.long(), empty.long()]))  # one sync
         step = [None if p.done else p.take(host_tokens[b], host_nan[b], host_empty[b], eos_ids, isolate_errors)
                 for b, p in enumerate(progress)]
         seen[torch.arange(batch, device=device), tokens] = True   # finished rows' marks are never read

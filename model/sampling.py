@@ -134,6 +134,18 @@ NAN_ERROR = "NaN in the model's logits (fp16 overflow? try --quant none or fp32/
 EMPTY_ERROR = "No token can be sampled: every logit is -inf or masked by invalid_slices."
 
 
+def to_host(tensor: torch.Tensor) -> list:
+    """tensor.tolist(), waiting for the GPU with the GIL released: a server's event loop thread keeps
+    running meanwhile (.tolist() alone holds the GIL for the whole wait)."""
+    if tensor.is_cuda:
+        host = tensor.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(tensor.device))
+        done.synchronize()                   # releases the GIL while it waits
+        return host.tolist()
+    return tensor.tolist()
+
+
 def process_logits(logits: torch.Tensor, generated: List[int], p: SamplingParams) -> torch.Tensor:
     """One row: logits [V] -> filtered logits [V] (fp32), steps 1-4 above. Removed tokens are -inf; at
     least one token is always left finite (ValueError otherwise)."""

@@ -35,6 +35,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional
@@ -122,6 +123,12 @@ class Stream:
         return self.job.generated
 
 
+def _deliver(items) -> None:
+    """On a consumer's event loop: hand each job its items, in order."""
+    for job, item in items:
+        job.queue.put_nowait(item)
+
+
 class Worker:
     def __init__(self, engine=None, *, loader: Optional[Callable] = None, max_batch: int = 8,
                  max_queue: int = 32, batch_wait: float = 0.01, generate_fn: Optional[Callable] = None,
@@ -144,6 +151,7 @@ class Worker:
         self.continuous = continuous
         self.gpu_memory_fraction = gpu_memory_fraction
         self.slots = None                        # the continuous batch's slot backend, once serving
+        self._outbox: Optional[dict] = None      # continuous batching: what a step sends, per event loop
         self.metrics = None                      # serving.metrics.ServingMetrics, if the app attached one
         self.state = "ready" if engine is not None else "loading"   # loading, ready, failed, stopped
         self.error: Optional[str] = None
@@ -349,6 +357,11 @@ class Worker:
         engine = self.engine
         batch = ContinuousBatch(slots, engine.tokenizer.pad_token_id, engine.eos_ids(), isolate_errors=True)
         live: Dict[int, Job] = {}                    # id(request) -> job
+        self._outbox = {}
+        # The event loop thread streams every answer while this thread runs the model; with Python's
+        # default 5 ms GIL switch interval this thread waited up to 5 ms for the GIL after each GPU wait
+        # (measured on an H200: 22 ms per step at 64 streams against 9.4 ms without the server).
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         with self._cond:
             self._free = slots.slots
         while True:
@@ -358,6 +371,7 @@ class Worker:
                 if self._stopping:
                     for job in live.values():
                         self._finish(job, "error", NotReadyError("The server is shutting down."))
+                    self._flush()
                     return
                 if not live:                         # idle: let requests sent together arrive together
                     deadline = time.monotonic() + self.batch_wait
@@ -406,6 +420,7 @@ class Worker:
                 if event.reason is not None:
                     del live[id(event.request)]
                     self._end(job)
+            self._flush()
             with self._cond:
                 self._running = list(live.values())
                 self._free = batch.free
@@ -510,10 +525,23 @@ class Worker:
         return "stop"
 
     def _push(self, job: Job, item) -> None:
+        if self._outbox is not None and threading.current_thread() is self._thread:
+            # the continuous loop sends once per event loop per step, not once per token
+            self._outbox.setdefault(job.loop, []).append((job, item))
+            return
         try:
             job.loop.call_soon_threadsafe(job.queue.put_nowait, item)
         except RuntimeError:                 # the consumer's event loop is closed: nobody listens
             job.cancelled.set()
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:
+                for job, _ in items:
+                    job.cancelled.set()
 
     def _finish(self, job: Job, reason: str, error: Optional[Exception] = None) -> None:
         if job.state == "done":

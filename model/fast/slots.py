@@ -65,7 +65,8 @@ class FastSlots:
             g = backend.glm
             per_slot = length * SlotPool.bytes_per_token(g.layers_n, g.heads, g.head_dim, backend.dtype)
             free, total = torch.cuda.mem_get_info(backend.device)
-            budget = memory_fraction * total - (total - free) - RESERVE_BYTES
+            cached = torch.cuda.memory_reserved(backend.device) - torch.cuda.memory_allocated(backend.device)
+            budget = memory_fraction * total - (total - free - cached) - RESERVE_BYTES   # torch's cache is free
             slots = min(max_batch, int(budget // per_slot))
             if slots < 1:
                 raise MemoryError(f"no GPU memory for even one sequence of {length} tokens "
