@@ -2,9 +2,10 @@
 
     torchrun --nproc-per-node 2 tests/mp_worker.py IMAGE OUT.pt CHECKPOINT [CHECKPOINT ...]
 
-Loads this rank's part of each CHECKPOINT (a single file, cut at load time, or a split folder), then
-records the logits of one image prompt, a greedy answer and a sampled answer (seeded generator); rank 0
-saves every rank's results ([rank][checkpoint]) to OUT.pt for the test to compare with one process.
+Loads this rank's part of each CHECKPOINT (a single file, cut at load time, or a split folder), and of
+the first one again quantized to int8, then records the logits of one image prompt, a greedy answer and
+a sampled answer (seeded generator); rank 0 saves every rank's results ([rank][checkpoint..., int8]) to
+OUT.pt for the test to compare with one process.
 """
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def prompt_logits(engine, image_embeds) -> torch.Tensor:
 
 def main(image, out, *checkpoints) -> None:
     init_from_launcher("cpu")
-    mine = [run(ckpt, image) for ckpt in checkpoints]
+    mine = [run(ckpt, image) for ckpt in checkpoints] + [run(checkpoints[0], image, quant=8)]
     everyone = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
     if torch.distributed.get_rank() == 0:
@@ -41,15 +42,16 @@ def main(image, out, *checkpoints) -> None:
     torch.distributed.destroy_process_group()
 
 
-def run(ckpt, image) -> dict:
-    part = load_model_parallel(ckpt, "cpu")
+def run(ckpt, image, quant=None) -> dict:
+    part = load_model_parallel(ckpt, "cpu", quant=quant)
     engine = ChatEngine(part, tokenizer_for(part), backend="sat")
     embeds = engine.encode_image(image)[0]                                   # [L, hidden]
     greedy = engine.chat(None, PROMPT, image=embeds[None], english=True, top_k=1, max_length=120)[0]
     sampled = engine.chat(None, PROMPT, image=embeds[None], english=True, top_k=50, temperature=0.9,
                           max_length=120, generator=torch.Generator().manual_seed(7))[0]
-    qkv = tuple(part.transformer.layers[0].attention.query_key_value.weight.shape)
-    return dict(logits=prompt_logits(engine, embeds), greedy=greedy, sampled=sampled, qkv=qkv)
+    qkv = part.transformer.layers[0].attention.query_key_value
+    return dict(logits=prompt_logits(engine, embeds), greedy=greedy, sampled=sampled, qkv=tuple(qkv.weight.shape),
+                layer=type(qkv).__name__)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,14 @@ def test_cli_demo_says_what_is_wrong_with_a_device_map(ckpt_dir):
                          timeout=120, cwd=ROOT)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "is not available (this machine has 0 CUDA GPU(s))" in out.stderr
+
+
+def test_server_loader_takes_a_device_map(ckpt_dir):
+    """api.py and web_demo.py load through sat_engine_loader: the map reaches the model, mistakes are a
+    ModelLoadError (the server reports it and exits), not a traceback."""
+    from serving.cli import sat_engine_loader
+    from serving.errors import ModelLoadError
+    engine = sat_engine_loader(str(ckpt_dir), device_map="vision=cpu,glm=cpu")()
+    assert engine.model.device_map.glm == [("cpu", None)] and type(engine.backend).__name__ == "SatBackend"
+    with pytest.raises(ModelLoadError, match="cannot read 'gpu=cpu'"):
+        sat_engine_loader(str(ckpt_dir), device_map="gpu=cpu")()

@@ -121,11 +121,17 @@ def test_two_ranks_give_the_logits_and_answers_of_one_process(ckpt_dir, split2, 
     full_qkv = one.transformer.layers[0].attention.query_key_value.weight.shape[0]
     assert len(greedy) > 0
     for rank in results:
-        for source in rank:
+        *float_parts, int8 = rank
+        for source in float_parts:
             assert source["qkv"][0] * 2 == full_qkv              # each rank really holds half the heads
             torch.testing.assert_close(source["logits"], logits, rtol=0, atol=1e-5)
             assert source["greedy"] == greedy
             assert source["sampled"] == results[0][0]["sampled"]  # same seed, same draws on every rank
+        # --quant: each rank quantizes its own part (row-parallel layers get scales per half row, so the
+        # int8 model is not bit-identical to one process's), and the ranks still agree with each other
+        assert int8["layer"] == "QuantizedLinear" and int8["qkv"][0] * 2 == full_qkv
+        assert (int8["logits"] - logits).abs().max() < 0.05 * logits.abs().max()
+        assert int8["greedy"] == results[0][-1]["greedy"] and int8["sampled"] == results[0][-1]["sampled"]
 
 
 def test_a_folder_split_for_two_needs_two_ranks(split2):
