@@ -15,6 +15,7 @@ goes wrong with one record (its image, its prompt's length, its sampling) become
 record; a static batch whose forward pass fails is retried one record at a time.
 """
 import collections
+import itertools
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -107,7 +108,7 @@ class Runner:
         """Windows of prepared records sorted by prompt length, cut into batches that each run to
         their longest answer (engine.generate)."""
         while True:
-            ready = [x for _, x in zip(range(self.window), prepared)]
+            ready = list(itertools.islice(prepared, self.window))
             if not ready:
                 return
             failed = [x for x in ready if isinstance(x, dict)]
