@@ -33,6 +33,14 @@ OnDone = Callable[[List[dict]], None]
 BATCHING = ("auto", "continuous", "static")
 
 
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why (no traceback needed)."""
+
+
+class ModelError(RunError):
+    """The model could not be loaded."""
+
+
 @dataclass
 class Settings:
     """What a run generates with; every output record reports it under "settings"."""
@@ -123,9 +131,12 @@ class Runner:
         if self.batching == "static":
             return None
         from model.backend import open_slots
-        slots = open_slots(self.engine.backend, self.batch_size, self.gpu_memory_fraction)
+        try:
+            slots = open_slots(self.engine.backend, self.batch_size, self.gpu_memory_fraction)
+        except MemoryError as e:           # not even one sequence fits beside the weights
+            raise RunError(str(e)) from None
         if slots is None and self.batching == "continuous":
-            raise ValueError("continuous batching needs the fast backend (--backend fast)")
+            raise RunError("--batching continuous needs the fast backend (--backend fast)")
         return slots
 
     def _continuous(self, prepared: Iterator, slots, on_done: OnDone) -> None:
@@ -315,14 +326,6 @@ def pending(records: Iterable[Record], done: Set[str], summary: Optional[Summary
 
 
 # -- building a runner from the command line's options (here and in each Ray actor) ---------------------
-class RunError(RuntimeError):
-    """The run cannot go on; the message says why (no traceback needed)."""
-
-
-class ModelError(RunError):
-    """The model could not be loaded."""
-
-
 def build_runner(options: dict) -> Runner:
     """options: from_pretrained, device, quant, tokenizer, backend, batch_size, window_batches, workers
     and the Settings fields (infer.py's flags, as a plain dict that can travel to a Ray actor)."""

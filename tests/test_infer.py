@@ -11,7 +11,7 @@ from model.chat import ChatEngine
 from model.sampling import SamplingParams
 from offline.inputs import read_inputs
 from offline.outputs import OutputFile
-from offline.runner import Runner, Settings
+from offline.runner import Runner, RunError, Settings
 
 GREEDY = dict(max_length=120, top_p=0.4, top_k=1, temperature=0.8, repetition_penalty=1.2)
 
@@ -119,7 +119,7 @@ def test_continuous_batching_on_the_fast_backend_gives_the_one_at_a_time_answers
     for rid, (english, alone) in one_at_a_time.items():
         assert got[rid]["response"] == alone and got[rid]["english"] == english, rid
         assert got[rid]["finish_reason"] in ("stop", "length")
-    with pytest.raises(ValueError, match="fast backend"):
+    with pytest.raises(RunError, match="fast backend"):
         Runner(engine, Settings(**GREEDY), batching="continuous").process(iter([]), out.extend)
 
 
