@@ -164,7 +164,7 @@ def test_the_converter_refuses_to_overwrite_and_refuses_adapters(ckpt_dir, hf_di
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantize_gives_the_sat_quantized_logits(hf_dir, ckpt_dir, tiny_config, bits):
+def test_quantize_gives_the_sat_quantized_logits(hf_dir, ckpt_dir, tiny_config, bits, tmp_path):
     from model.sat.loading import load_model_and_tokenizer
     from model.sat.quantization import quantize
     sat_model, _ = load_model_and_tokenizer(str(ckpt_dir), device="cpu")
@@ -180,6 +180,9 @@ def test_quantize_gives_the_sat_quantized_logits(hf_dir, ckpt_dir, tiny_config, 
     with torch.no_grad():
         unquantized = VisualGLMForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)(x).logits
     assert (unquantized - expected).abs().max() > 1e-3            # the comparison does see quantization
+    with pytest.raises(ValueError, match="quantize.bits. after loading"):
+        hf.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
 
 
 def test_an_old_generation_sat_file_converts_to_the_same_weights(ckpt_dir, hf_dir, tmp_path, tiny_config):

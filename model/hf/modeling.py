@@ -157,6 +157,12 @@ class VisualGLMForConditionalGeneration(VisualGLMPreTrainedModel, GenerationMixi
         from .quantize import quantize_glm
         return quantize_glm(self, bits)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if getattr(self.config, "quantization_bit", None):
+            raise ValueError("a quantized model is not saved (its int8 weights would not load back): save the "
+                             "float model and call quantize(bits) after loading")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     # -- upstream's chat API, on the chat core ---------------------------------------------------------
     def chat_engine(self, tokenizer):
         """The chat core over this model; tokenizer: model/tokenizer.py's or the AutoTokenizer one (its core)."""
