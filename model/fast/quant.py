@@ -16,16 +16,25 @@ from ..quant import dequantize, quantize_weight
 
 GROUP = 128            # int4: input columns per (scale, zero)
 INNER_K_TILES = 8      # int4: tinygemm's packing parameter
-SMALL_M = 8            # int8: rows of input that still take the GEMV kernel
+SMALL_M = 16           # int8: rows of input that still take the GEMV kernel
 
 
 # -- int8 ------------------------------------------------------------------------------------------
-# Tiles of the GEMV, (BLOCK_N output features, BLOCK_K input columns, warps): Triton times each on the
-# first call for a weight shape and row count and keeps the fastest (block sizes that suit a 4096-wide
-# layer do not suit the 130528-row LM head).
-GEMV_CONFIGS = ((4, 512, 2), (8, 256, 2), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 4),
-                (16, 1024, 8), (32, 128, 4), (32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 128, 8))
+# Tiles, (BLOCK_M rows of x, BLOCK_N output features, BLOCK_K input columns, warps). BLOCK_M 1: one row
+# per program, products summed on CUDA cores (batch-1 decoding). BLOCK_M 16: up to 16 rows per program
+# through tl.dot, so each int8 weight is read once for all of them (batched decoding). Triton times every
+# tile on the first call for a weight shape and row-count bucket and keeps the fastest (tiles that suit a
+# 4096-wide layer do not suit the 130528-row LM head, nor one row sixteen).
+GEMV_CONFIGS = ((1, 4, 512, 2), (1, 8, 256, 2), (1, 8, 512, 4), (1, 8, 1024, 4), (1, 16, 256, 4),
+                (1, 16, 512, 4), (1, 16, 1024, 8), (1, 32, 128, 4), (1, 32, 256, 4), (1, 32, 256, 8),
+                (1, 64, 128, 4), (1, 64, 128, 8),
+                (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 256, 4))
 _gemv = None
+
+
+def _rows_bucket(m: int) -> int:
+    """The tuning key for m rows: 1, 2, 4, 8 or 16 (a batch of 5 runs the tile tuned for 8)."""
+    return 1 << max(m - 1, 0).bit_length()
 
 
 def _int8_gemv_kernel():
@@ -38,35 +47,51 @@ def _int8_gemv_kernel():
     import triton.language as tl
 
     @triton.jit
-    def gemv(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, HAS_BIAS: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        row = tl.program_id(1)                                       # row of x
+    def gemv(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, HAS_BIAS: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # ROWS (_rows_bucket(M)) is only the tuning key
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)     # rows of x of this program
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)     # output features of this program
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)          # summed over K once, after the loop
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * K + ks, mask=ks < K, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
-                        other=0, eviction_policy="evict_first").to(tl.float32)   # each weight is read once
-            acc += w * x[None, :]
-        y = tl.sum(acc, axis=1) * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        if BLOCK_M == 1:
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)     # summed over K once, after the loop
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                            other=0.0).to(tl.float32)                                       # [1, BK]
+                w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
+                            other=0, eviction_policy="evict_first").to(tl.float32)          # [BN, BK]
+                acc2 += w * x
+            acc = tl.sum(acc2, axis=1)[None, :]                                             # [1, BN]
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
+                            other=0.0)                                                      # [BM, BK]
+                w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=(cols[None, :] < N) & (ks[:, None] < K),
+                            other=0, eviction_policy="evict_first")                         # [BK, BN] int8
+                acc += tl.dot(x, w.to(x.dtype))                    # int8 values are exact in fp16 / bf16
+        y = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=cols < N)
+            y += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
 
-    configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in GEMV_CONFIGS]
-    tuned = triton.autotune(configs=configs, key=["M", "N", "K"])(gemv)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in GEMV_CONFIGS]
+    tuned = triton.autotune(configs=configs, key=["ROWS", "N", "K"])(gemv)
 
     def run(x, w, scale, bias, config=None):
         M, K = x.shape
         N = w.shape[0]
         y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        args = (x, w, scale, bias if bias is not None else scale, y, M, N, K)
+        args = (x, w, scale, bias if bias is not None else scale, y, M, N, K, _rows_bucket(M))
         if config is None:
-            tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, HAS_BIAS=bias is not None)
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+            tuned[grid](*args, HAS_BIAS=bias is not None)
         else:
-            n, k, warps = config
-            gemv[(triton.cdiv(N, n), M)](*args, HAS_BIAS=bias is not None, BLOCK_N=n, BLOCK_K=k, num_warps=warps)
+            m, n, k, warps = config
+            gemv[(triton.cdiv(N, n), triton.cdiv(M, m))](*args, HAS_BIAS=bias is not None, BLOCK_M=m, BLOCK_N=n,
+                                                          BLOCK_K=k, num_warps=warps)
         return y
 
     _gemv = run
