@@ -242,3 +242,34 @@ def test_user_errors_are_messages_not_tracebacks(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "ray", None)
     assert infer.main(["--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--ray"]) == 1
     assert "requirements_ray.txt" in capsys.readouterr().err
+
+
+def test_a_real_ctrl_c_keeps_every_finished_line(ckpt_dir, tmp_path):
+    """SIGINT to a running infer.py (as Ctrl-C in a terminal sends): status 130, only whole lines."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    src = write_jsonl(tmp_path / "q.jsonl", [{"id": i, "text": f"Is there a star? {i}"} for i in range(400)])
+    out = tmp_path / "out.jsonl"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "infer.py"), "--from_pretrained", str(ckpt_dir),
+                             "--device", "cpu", "--input", str(src), "--output", str(out), "--top_k", "1",
+                             "--max_length", "120", "--batch_size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert 0 < len(lines) < 400 and out.read_text(encoding="utf-8").endswith("\n")
+    assert all("response" in json.loads(line) for line in lines)
+    assert f"done {len(lines)}," in stdout
