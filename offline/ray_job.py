@@ -89,10 +89,9 @@ def _portable(options: dict) -> dict:
         out["from_pretrained"] = str(resolve_checkpoint_dir(out["from_pretrained"], download=False).resolve())
     except CheckpointError as e:
         raise ModelError(str(e)) from None
-    for key in ("tokenizer",):
-        value = out.get(key)
-        if value and Path(value).expanduser().exists():
-            out[key] = str(Path(value).expanduser().resolve())
+    tokenizer = out.get("tokenizer")
+    if tokenizer and Path(tokenizer).expanduser().exists():
+        out["tokenizer"] = str(Path(tokenizer).expanduser().resolve())
     return out
 
 
