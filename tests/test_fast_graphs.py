@@ -87,6 +87,24 @@ def test_a_model_the_plain_encoder_does_not_know_falls_back_to_sat_s_encoder(net
     assert backend.encode_image(torch.randn(1, 3, 224, 224)).shape == (1, tiny_config["image_length"], 64)
 
 
+def test_a_failed_capture_falls_back_to_the_eager_run(net, tiny_config, caplog):
+    """Capturing needs CUDA: asked for on the CPU, it fails, and both parts warn once and run eagerly."""
+    from model.fast.prefill import BucketedPrefill
+    from model.fast.vision import FastImageEncoder
+    pixels = torch.randn(2, 3, 224, 224)
+    encoder = FastImageEncoder(shared_image_encoder(net), capture=True)
+    with torch.no_grad():
+        assert torch.allclose(encoder(pixels), net.encode_image(pixels), atol=1e-5, rtol=1e-4)
+    assert not encoder.capture and not encoder.graphs and "image encoder: CUDA graph capture failed" in caplog.text
+    backend = FastBackend(net, buckets=True)
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    args = batch_inputs([[20, 21, 22, g, s]], 3, dtype=torch.bool)[:3]
+    want, _ = backend.prefill(*args, capacity=40)
+    backend._prefill = BucketedPrefill(backend.glm, backend._cache, capture=True)   # as on a GPU
+    got, _ = backend.prefill(*args, capacity=40)
+    assert torch.equal(got, want) and not backend._prefill.capture and "prefill: CUDA graph capture failed" in caplog.text
+
+
 def test_captured_prefill_and_image_encoder_equal_their_eager_runs(net, tiny_config):
     if not torch.cuda.is_available():
         pytest.skip(NO_GPU)

@@ -18,12 +18,15 @@ this on a tiny model). What a conversation does reuse is the image: its embeddin
 model/image_cache.py (and chat() hands them back for the next turn), so a second turn re-runs only
 the GLM prefill, never the image encoder.
 """
+import logging
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
 from .cache import KVCache
+
+log = logging.getLogger("visualglm.fast")
 
 BUCKETS = (64, 128, 256, 512)
 
@@ -63,7 +66,7 @@ class _Graph:
 
 class BucketedPrefill:
     """Prefill of one cache in buckets: captured per bucket on CUDA (capture=True), eager otherwise
-    (the same padded computation, which is what the CPU tests check)."""
+    (the same padded computation, which is what the CPU tests check; also after a capture failed)."""
 
     def __init__(self, glm, cache: KVCache, capture: bool):
         self.glm, self.cache, self.capture = glm, cache, capture
@@ -74,9 +77,9 @@ class BucketedPrefill:
         """x [B, Sb, H], positions [B, 2, Sb], mask [B, 1, Sb, T] padded to `bucket`; the real prompt is
         the first `length` positions -> logits at position length-1 [B, V] (fp32)."""
         last = torch.tensor([length - 1], device=x.device)
-        if not self.capture:
+        g = self.graphs.get(bucket) or (self._record(x, positions, mask, last) if self.capture else None)
+        if g is None:
             return self._run(x, positions, mask, last)
-        g = self.graphs.get(bucket) or self._record(x, positions, mask, last)
         g.x.copy_(x)
         g.positions.copy_(positions)
         g.mask.copy_(mask)
@@ -89,18 +92,23 @@ class BucketedPrefill:
         h = self.glm.hidden(x, positions, self.cache, slots, mask)                  # [B, Sb, H]
         return self.glm.logits(h.index_select(1, last)[:, 0])                       # [B, V]
 
-    def _record(self, x, positions, mask, last) -> _Graph:
+    def _record(self, x, positions, mask, last) -> Optional[_Graph]:
         """Warm up once on a side stream, then capture. Both write the cache slots 0..Sb-1, which the
-        replay that follows overwrites."""
+        replay (or eager run) that follows overwrites."""
         x, positions, mask, last = (t.clone() for t in (x, positions, mask, last))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run(x, positions, mask, last)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._run(x, positions, mask, last)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run(x, positions, mask, last)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._run(x, positions, mask, last)
+        except (RuntimeError, AssertionError) as e:           # slower, never wrong: eager from now on
+            log.warning("prefill: CUDA graph capture failed, running eagerly (%s)", e)
+            self.capture = False
+            return None
         self.pool = graph.pool()
         g = self.graphs[x.shape[1]] = _Graph(graph, x, positions, mask, last, logits)
         return g

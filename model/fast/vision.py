@@ -9,11 +9,14 @@ are sat's after `mixins.eva.model.`, so its modules can be pointed at the sat te
 
     pixels [N, 3, 224, 224] -> padded to a batch of 1, 2, 4 or 8 -> graph replay -> [N, 32, 4096]
 """
+import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
+
+log = logging.getLogger("visualglm.fast")
 
 BATCHES = (1, 2, 4, 8)          # captured batch sizes; more images at once run eagerly
 
@@ -49,7 +52,7 @@ class _Graph:
 
 class FastImageEncoder:
     """pixels [N, 3, H, W] on the model's device -> [N, L, hidden]; capture: one CUDA graph per batch size
-    of BATCHES (recorded on first use), else eager."""
+    of BATCHES (recorded on first use), else eager (also after a capture failed, with a warning)."""
 
     def __init__(self, encoder, capture: bool):
         self.encoder, self.capture = encoder, capture
@@ -58,23 +61,28 @@ class FastImageEncoder:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]
         batch = next((b for b in BATCHES if n <= b), None)
-        if not self.capture or batch is None:
+        g = self.graphs.get(batch) or (self._record(batch, pixels) if self.capture and batch else None)
+        if g is None:
             return self.encoder(pixels)
-        g = self.graphs.get(batch) or self._record(batch, pixels)
         g.pixels[:n].copy_(pixels)
         g.pixels[n:].zero_()                                  # rows are independent: pads change nothing
         g.graph.replay()
         return g.out[:n].clone()
 
-    def _record(self, batch: int, like: torch.Tensor) -> _Graph:
+    def _record(self, batch: int, like: torch.Tensor) -> Optional[_Graph]:
         pixels = torch.zeros(batch, *like.shape[1:], dtype=like.dtype, device=like.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.encoder(pixels)                              # warm-up: kernels chosen, workspaces allocated
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.encoder(pixels)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.encoder(pixels)                          # warm-up: kernels chosen, workspaces allocated
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.encoder(pixels)
+        except (RuntimeError, AssertionError) as e:           # slower, never wrong: eager from now on
+            log.warning("image encoder: CUDA graph capture failed, running eagerly (%s)", e)
+            self.capture = False
+            return None
         g = self.graphs[batch] = _Graph(graph, pixels, out)
         return g
