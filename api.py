@@ -24,7 +24,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import model.sat  # noqa: F401  (sat compatibility fixes before anything imports sat)
-    return run_api(args, sat_engine_loader(args.from_pretrained, args.device, args.quant, args.tokenizer, args.backend))
+    return run_api(args, sat_engine_loader(args.from_pretrained, args.device, args.quant, args.tokenizer, args.backend,
+                                           device_map=args.device_map))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import os
 import shlex
 import sys
 
-from model.defaults import BACKEND_HELP, BACKENDS, DEMO_SAMPLING
+from model.defaults import BACKEND_HELP, BACKENDS
+from serving.cli import DEVICE_MAP_HELP, add_sampling_args
 
 # "zh" / "en": the language of the last question (or --english); "both": before the first question
 MESSAGES = {
@@ -35,12 +36,7 @@ MESSAGES["both"] = dict(
 def parse_args(argv=None, hf: bool = False, description: str = __doc__):
     """hf: the flags of cli_demo_hf.py (a Hugging Face folder; no --quant or --backend, which are sat's)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = DEMO_SAMPLING
-    p.add_argument("--max_length", type=int, default=d["max_length"], help="max length of prompt + answer, in tokens")
-    p.add_argument("--top_p", type=float, default=d["top_p"], help="top p for nucleus sampling")
-    p.add_argument("--top_k", type=int, default=d["top_k"], help="top k for top-k sampling (1 = greedy)")
-    p.add_argument("--temperature", type=float, default=d["temperature"], help="temperature for sampling (0 = greedy)")
-    p.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
+    add_sampling_args(p)
     p.add_argument("--english", action="store_true",
                    help="always the English prompt format and messages (default: each question's language)")
     if not hf:
@@ -53,6 +49,7 @@ def parse_args(argv=None, hf: bool = False, description: str = __doc__):
     p.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda when available)")
     if not hf:
         p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+        p.add_argument("--device-map", "--device_map", dest="device_map", default=None, help=DEVICE_MAP_HELP)
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     return p.parse_args(argv)
 
@@ -87,22 +84,27 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from model.chat import ChatEngine
     from model.sat.checkpoint import CheckpointError
+    from model.sat.device_map import backend_for
     from model.sat.loading import load_model_and_tokenizer
 
     try:
         model, tokenizer = load_model_and_tokenizer(args.from_pretrained, device=args.device, quant=args.quant,
-                                                    tokenizer=args.tokenizer)
+                                                    tokenizer=args.tokenizer, device_map=args.device_map,
+                                                    backend=args.backend)
+        backend = backend_for(args.device_map, args.backend)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print()
         return 130
-    TerminalChat(ChatEngine(model, tokenizer, backend=args.backend), args, model.config["vocab_size"]).run()
+    TerminalChat(ChatEngine(model, tokenizer, backend=backend), args, model.config["vocab_size"]).run()
     return 0
 
 
 class TerminalChat:
+    ask = staticmethod(ask)       # how a prompt is read (cli_demo_mp.py shares rank 0's with the other ranks)
+
     def __init__(self, engine, args, vocab_size: int):
         import torch
         self.engine, self.args = engine, args
@@ -127,7 +129,7 @@ class TerminalChat:
         from model.image import ImageLoadError
         print(self.msg["welcome"])
         while True:
-            image_path = image_argument(ask(self.msg["image"]))
+            image_path = image_argument(self.ask(self.msg["image"]))
             if image_path == "stop":
                 raise _Quit
             history, image = [], None
@@ -143,13 +145,13 @@ class TerminalChat:
                 # the first question about an image: in the language of the conversation so far
                 query = self.args.prompt_en if self.lang == "en" else self.args.prompt_zh
             else:
-                query = ask(self.msg["user"])
+                query = self.ask(self.msg["user"])
             while query.strip() != "clear":
                 if query.strip() == "stop":
                     raise _Quit
                 if query.strip():
                     history, image = self.answer(query, history, image)
-                query = ask(self.msg["user"])
+                query = self.ask(self.msg["user"])
 
     def answer(self, query: str, history, image):
         """Stream one answer; returns the new (history, image). Ctrl-C stops the answer where it is and

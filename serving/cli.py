@@ -7,9 +7,11 @@ import sys
 import threading
 from pathlib import Path
 
-from model.defaults import BACKEND_HELP, BACKENDS, SERVER_MAX_IMAGE_BYTES, SERVER_MAX_IMAGE_PIXELS
+from model.defaults import BACKEND_HELP, BACKENDS, DEMO_SAMPLING, SERVER_MAX_IMAGE_BYTES, SERVER_MAX_IMAGE_PIXELS
 
 log = logging.getLogger("visualglm.serving")
+DEVICE_MAP_HELP = ("put the image encoder and the GLM layers on different devices, e.g. vision=cuda:0,glm=cuda:1 "
+                   "or glm=cuda:0+cuda:1 (layers split evenly) or glm=cuda:0*10+cuda:1*18; see docs/multi-gpu.md")
 
 
 def _flag(parser, name, **kw):
@@ -25,6 +27,17 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "visual
     _flag(g, "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     _flag(g, "--tokenizer", default=None, help="folder with ice_text.model (default: found automatically)")
     _flag(g, "--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    _flag(g, "--device-map", default=None, help=DEVICE_MAP_HELP)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict = DEMO_SAMPLING) -> None:
+    """The sampling flags of the terminal chat and of batch inference (infer.py)."""
+    d = defaults
+    parser.add_argument("--max_length", type=int, default=d["max_length"], help="max length of prompt + answer, in tokens")
+    parser.add_argument("--top_p", type=float, default=d["top_p"], help="top p for nucleus sampling")
+    parser.add_argument("--top_k", type=int, default=d["top_k"], help="top k for top-k sampling (1 = greedy)")
+    parser.add_argument("--temperature", type=float, default=d["temperature"], help="temperature for sampling (0 = greedy)")
+    parser.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
@@ -57,13 +70,17 @@ def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=N
         from model.sat.checkpoint import CheckpointError
         from model.sat.loading import load_model_and_tokenizer
 
+        from model.sat.device_map import backend_for
+
         from .errors import ModelLoadError
         try:
-            model, tok = load_model_and_tokenizer(from_pretrained, device=device, quant=quant, tokenizer=tokenizer)
+            model, tok = load_model_and_tokenizer(from_pretrained, device=device, quant=quant, tokenizer=tokenizer,
+                                                  device_map=device_map, backend=backend)
+            kind = backend_for(device_map, backend)
         except CheckpointError as e:   # says what is wrong and where it looked: no traceback needed
             raise ModelLoadError(str(e)) from None
         model.eval()
-        return ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False, backend=backend)
+        return ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False, backend=kind)
     return load
 
 
