@@ -1,4 +1,6 @@
 """The fast backend (model/fast) against the sat backend on a tiny random model, fp32 on the CPU."""
+import copy
+
 import pytest
 import torch
 
@@ -107,8 +109,8 @@ def test_a_newer_prefill_invalidates_the_older_cache(net, tiny_config):
 
 def test_cuda_graph_capture_needs_a_gpu(net):
     if not torch.cuda.is_available():
-        pytest.skip("CUDA graphs need an NVIDIA GPU; the GPU path is measured by bench/bench_inference.py")
-    fast = FastBackend(net.cuda())
+        pytest.skip("CUDA graphs need an NVIDIA GPU; the GPU path is measured by benchmarks/bench_inference.py")
+    fast = FastBackend(copy.deepcopy(net).cuda())     # a copy: .cuda() moves in place, and `net` is shared
     assert fast.cuda_graph
 
 
