@@ -63,7 +63,22 @@ README_BLOCKS = {
      ".venv/bin/python cli_demo_hf.py --from_pretrained checkpoints/visualglm-tiny-hf"): dict(
         stdin="examples/2.png\nstop\n", expect=["VisualGLM：在粉色背景上"],
         expect_files=["checkpoints/visualglm-tiny-hf/config.json"]),
-    (".venv/bin/python evaluate.py --from_pretrained visualglm-tiny --generate 1000 --seed 2",): dict(
+    (".venv/bin/python cli_demo.py --from_pretrained visualglm-tiny --device-map vision=cpu,glm=cpu",
+     ".venv/bin/python -m torch.distributed.run --nproc-per-node 1 cli_demo_mp.py --from_pretrained visualglm-tiny"): dict(
+        stdin="examples/3.png\nWhere is the star?\nstop\n", expect=["VisualGLM: The star is"]),
+    (".venv/bin/python cli_demo.py --from_pretrained visualglm-6b --device-map vision=cuda:0,glm=cuda:0+cuda:1",
+     ".venv/bin/python -m torch.distributed.run --nproc-per-node 2 cli_demo_mp.py --from_pretrained visualglm-6b --quant 8",
+     ".venv/bin/python -m model.sat.mp_split split visualglm-6b ./visualglm-6b-mp2 --mp 2"): dict(
+        skip={".venv/bin/python cli_demo.py --from_pretrained visualglm-6b --device-map vision=cuda:0,glm=cuda:0+cuda:1":
+              NEEDS_6B + " and two GPUs",
+              ".venv/bin/python -m torch.distributed.run --nproc-per-node 2 cli_demo_mp.py --from_pretrained "
+              "visualglm-6b --quant 8": NEEDS_6B + " and two GPUs",
+              ".venv/bin/python -m model.sat.mp_split split visualglm-6b ./visualglm-6b-mp2 --mp 2": NEEDS_6B}),
+    ('.venv/bin/python infer.py --from_pretrained visualglm-tiny --input examples --output out/answers.jsonl '
+     '--prompt "Describe the image." --top_k 1',): dict(
+        expect=["done 4, failed 0"], expect_files=["out/answers.jsonl"]),
+    (".venv/bin/python evaluate.py --from_pretrained visualglm-tiny --generate 1000 --seed 2",
+     ".venv/bin/python evaluate.py --from_pretrained visualglm-tiny --generate 1000 --seed 2 --wording rewordings"): dict(
         replace={"--generate 1000": "--generate 3"}, expect=["overall"]),
 }
 
