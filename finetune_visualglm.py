@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, help="folder with ice_text.model (default: found with the checkpoint)")
     g.add_argument("--mode", default="finetune", choices=["finetune", "pretrain"],
                    help="finetune: only the adapters train; pretrain: every weight trains (no adapters)")
-    g.add_argument("--model-parallel-size", type=int, default=1, help="only 1 is supported")
+    g.add_argument("--model-parallel-size", type=int, default=1,
+                   help="ranks that split one copy of the model (sat's tensor parallelism; LoRA only); the "
+                        "processes started are copies x this")
     g.add_argument("--skip-init", action="store_true", help="accepted for compatibility (weights are never initialised twice)")
     g.add_argument("--checkpoint-activations", action="store_true", help="recompute GLM activations in backward")
     g.add_argument("--checkpoint-num-layers", type=int, default=1)
@@ -136,8 +138,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     errors = []
     if not args.train_data:
         errors.append("--train-data is required")
-    if args.model_parallel_size != 1:
-        errors.append("--model-parallel-size must be 1 (model parallel training is not supported)")
+    if args.model_parallel_size < 1:
+        errors.append("--model-parallel-size must be >= 1")
+    elif args.model_parallel_size > 1 and (args.mode == "pretrain" or args.use_ptuning or args.from_config
+                                           or (args.use_qlora and not args.use_lora)):
+        errors.append("--model-parallel-size > 1 is for LoRA fine-tuning of a checkpoint (--use_lora, without "
+                      "--use_ptuning, --use_qlora, --from_config or --mode pretrain): sat's other layers do not "
+                      "split across ranks")
     if args.zero_stage == 3:
         errors.append("--zero-stage 3 is not supported (it partitions the weights); use 0, 1 or 2")
     if args.fp16 and args.bf16:

@@ -19,6 +19,21 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    mp_size: int = 1     # ranks that share one copy of the model (sat's model parallelism)
+
+    # sat's groups: ranks r*N .. r*N+N-1 hold one model together, and the ranks with the same
+    # model-parallel rank form the data-parallel groups; ranks of one model see the same batches
+    @property
+    def mp_rank(self) -> int:
+        return self.rank % self.mp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.mp_size
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.mp_size
 
 
 def _free_port() -> int:
@@ -50,8 +65,11 @@ def setup_distributed(args) -> Dist:
         _init_process_group(backend, rank, world)
     else:  # e.g. sat already made a one-process group in this interpreter
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    _init_sat_and_deepspeed(backend, cuda, args.seed)
-    return Dist(rank, world, local_rank, device)
+    mp_size = args.model_parallel_size
+    if world % mp_size:
+        raise ConfigError(f"--model-parallel-size {mp_size} does not divide the {world} processes started")
+    _init_sat_and_deepspeed(backend, cuda, args.seed, mp_size)
+    return Dist(rank, world, local_rank, device, mp_size)
 
 
 def _init_process_group(backend: str, rank: int, world: int) -> None:
@@ -65,10 +83,13 @@ def _init_process_group(backend: str, rank: int, world: int) -> None:
                                          timeout=datetime.timedelta(minutes=30))
 
 
-def _init_sat_and_deepspeed(backend: str, cuda: bool, seed: int) -> None:
-    """sat's model-parallel state (of size 1) and DeepSpeed's view of the group made above."""
+def _init_sat_and_deepspeed(backend: str, cuda: bool, seed: int, mp_size: int) -> None:
+    """sat's model-parallel groups and DeepSpeed's view of the group made above."""
     from model.sat.parallel import init_model_parallel
-    mpu = init_model_parallel(1)
+    mpu = init_model_parallel(mp_size)
+    if mpu.get_model_parallel_world_size() != mp_size:   # set up earlier in this interpreter
+        raise ConfigError(f"sat's model-parallel groups already exist with size {mpu.get_model_parallel_world_size()}; "
+                          f"--model-parallel-size {mp_size} needs a new process")
     import deepspeed
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)  # wraps the group
     if cuda:
@@ -86,7 +107,8 @@ def train_dtype(args, device) -> torch.dtype:
 
 
 def deepspeed_config(args, world: int) -> dict:
-    """DeepSpeed's configuration from the flags, on top of --deepspeed_config when given."""
+    """DeepSpeed's configuration from the flags, on top of --deepspeed_config when given (world: the
+    data-parallel processes, i.e. copies of the model)."""
     config = {}
     if args.deepspeed_config:
         with open(args.deepspeed_config, encoding="utf-8") as f:

@@ -49,8 +49,8 @@ def train(args) -> TrainResult:
 @torch.no_grad()
 def evaluate(engine, dataset, args, dist: Dist, pad_id: int) -> float:
     """Mean loss over up to --eval-iters batches of `dataset`, averaged over the processes."""
-    order = BatchOrder(len(dataset), args.eval_batch_size, dist.world, dist.rank, args.seed, shuffle=False)
-    steps = min(args.eval_iters, max(1, math.ceil(len(dataset) / (args.eval_batch_size * dist.world))))
+    order = BatchOrder(len(dataset), args.eval_batch_size, dist.dp_world, dist.dp_rank, args.seed, shuffle=False)
+    steps = min(args.eval_iters, max(1, math.ceil(len(dataset) / (args.eval_batch_size * dist.dp_world))))
     engine.eval()
     losses = [forward_loss(engine, batch, dist.device).item()
               for batch in make_loader(dataset, order, 0, steps, pad_id, 0)]
@@ -72,7 +72,7 @@ class _Loop:
         self.iteration, self.micro_step = result.iteration, micro_step
         self.lr: Optional[float] = None   # of the last step, for its log line
         args = self.args
-        order = BatchOrder(len(session.train_set), args.batch_size, self.dist.world, self.dist.rank, args.seed)
+        order = BatchOrder(len(session.train_set), args.batch_size, self.dist.dp_world, self.dist.dp_rank, args.seed)
         last = micro_step + (stop - self.iteration) * args.gradient_accumulation_steps
         self.loader = iter(make_loader(session.train_set, order, micro_step, last,
                                        session.tokenizer.pad_token_id, args.num_workers))

@@ -212,10 +212,11 @@ def open_run_folder(run_dir: Path, tokenizer_dir: Path, resume_iteration: Option
 # ----------------------------------------------------------------------------------------------
 # saving an iteration
 
-def write_model_files(module, folder: Path) -> None:
-    """<folder>/mp_rank_00_model_states.pt in sat format (weights-only loadable)."""
+def write_model_files(module, folder: Path, mp_rank: int = 0) -> None:
+    """<folder>/mp_rank_XX_model_states.pt in sat format (weights-only loadable): the whole model, or
+    model-parallel rank XX's part of it."""
     from model.sat.checkpoint import write_model_state
-    write_model_state(module, folder / MODEL_FILE)
+    write_model_state(module, folder / f"mp_rank_{mp_rank:02d}_model_states.pt")
 
 
 def publish_iteration(run_dir: Path, staging: Path, iteration: int, config: dict) -> None:
@@ -235,7 +236,7 @@ def publish_iteration(run_dir: Path, staging: Path, iteration: int, config: dict
 
 
 def save_iteration(engine, run_dir: Path, iteration: int, config: dict, dist: Dist, args, micro_step: int):
-    """<run>/<iteration>/ with the model file and deepspeed/ (optimizer state, for --load), all or
+    """<run>/<iteration>/ with the model file(s) and deepspeed/ (optimizer state, for --load), all or
     nothing: a kill at any moment leaves `latest` naming a complete iteration. Running out of disk
     raises CheckpointSaveError and leaves the previous checkpoint as it was."""
     from model.sat.checkpoint import save_error
@@ -253,9 +254,16 @@ def save_iteration(engine, run_dir: Path, iteration: int, config: dict, dist: Di
                                save_latest=False, exclude_frozen_parameters=True)
     except (OSError, RuntimeError) as e:   # RuntimeError: torch's zip writer reporting a failed write
         failure = e
-    if not any_rank(failure is not None, dist.device) and dist.rank == 0:
+    failed = any_rank(failure is not None, dist.device)
+    if not failed and dist.dp_rank == 0:   # one model file per model-parallel rank, as sat writes them
         try:
-            write_model_files(engine.module, staging)
+            write_model_files(engine.module, staging, dist.mp_rank)
+        except (OSError, RuntimeError) as e:
+            failure = e
+    if not failed and dist.mp_size > 1:    # every part is written before rank 0 publishes the folder
+        failed = any_rank(failure is not None, dist.device)
+    if not failed and dist.rank == 0:
+        try:
             publish_iteration(run_dir, staging, iteration, config)
         except (OSError, RuntimeError) as e:
             failure = e

@@ -17,7 +17,7 @@ from .distributed import Dist, deepspeed_config, param_groups, setup_distributed
 from .errors import ConfigError
 from .rng import set_seed
 from .runs import recover_run_folder
-from .source import Source, load_for_training, make_trainable, resolve_source
+from .source import Source, check_model_parallel, load_for_training, make_trainable, resolve_source
 
 
 @dataclass
@@ -43,13 +43,16 @@ def open_session(args) -> Session:
     set_seed(args.seed)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     source = resolve_source(args)
+    check_model_parallel(source, dist.mp_size)
     tokenizer_dir, tokenizer = _load_tokenizer(args, source)
     if source.kind == "load":
         source.iteration = recover_run_folder(source.path, dist)
     train_set, valid_set, test_set = load_datasets(args, tokenizer, source.config)
     global_batch = _plan_iterations(args, dist, train_set, valid_set, test_set)
     engine, config, trainable = _build_engine(args, source, dist, dtype, tokenizer)
-    set_seed(args.seed + dist.rank)   # dropout; a resumed run restores its saved state when it loads
+    # dropout: the ranks of one model-parallel group draw alike (their replicated activations must stay
+    # equal); a resumed run restores its saved state when it loads
+    set_seed(args.seed + dist.dp_rank)
     return Session(args, dist, source, tokenizer, tokenizer_dir, train_set, valid_set, test_set, global_batch,
                    engine, config, trainable)
 
@@ -66,13 +69,14 @@ def _load_tokenizer(args, source: Source):
 
 def _plan_iterations(args, dist: Dist, train_set, valid_set, test_set) -> int:
     """Samples per iteration; --epochs (or the default of 10000) becomes args.train_iters."""
-    global_batch = args.batch_size * args.gradient_accumulation_steps * dist.world
+    global_batch = args.batch_size * args.gradient_accumulation_steps * dist.dp_world
     if args.train_iters is None:
         args.train_iters = math.ceil(args.epochs * len(train_set) / global_batch) if args.epochs else 10000
     log(f"data: {len(train_set)} training samples"
         + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
         + f"; {args.train_iters} iterations of {global_batch} samples "
-        f"({args.batch_size} x {args.gradient_accumulation_steps} accumulation x {dist.world} processes)")
+        f"({args.batch_size} x {args.gradient_accumulation_steps} accumulation x {dist.dp_world} processes"
+        + (f" holding a copy of the model each, split across {dist.mp_size} ranks" if dist.mp_size > 1 else "") + ")")
     note = _validation_note(args, valid_set)
     if note:
         log(note)
@@ -104,6 +108,10 @@ def _build_engine(args, source: Source, dist: Dist, dtype: torch.dtype, tokenize
         model.transformer.checkpoint_activations = True
         model.transformer.checkpoint_num_layers = args.checkpoint_num_layers
     model.train()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
-                                           config=deepspeed_config(args, dist.world))
+    mpu = None
+    if dist.mp_size > 1:   # DeepSpeed then averages gradients over data-parallel ranks only
+        from model.sat.parallel import init_model_parallel
+        mpu = init_model_parallel(dist.mp_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), mpu=mpu,
+                                           config=deepspeed_config(args, dist.dp_world))
     return engine, config, trainable

@@ -79,6 +79,19 @@ def _settle_adapters(args, source: Source, want: dict) -> None:
                           f"(python -m model.sat.merge_lora) to train all weights")
 
 
+def check_model_parallel(source: Source, mp_size: int) -> None:
+    """Model-parallel training (N > 1) is LoRA fine-tuning of a checkpoint: sat's P-tuning prefixes hold
+    every head on every rank and its QLoRA layers are not parallel layers, so neither splits."""
+    if mp_size == 1:
+        return
+    if source.kind == "config":
+        raise ConfigError("--model-parallel-size > 1 loads a checkpoint (--from_pretrained), not --from_config")
+    if not source.adapters.get("use_lora") or source.adapters.get("use_ptuning"):
+        has = ", ".join(k for k in ADAPTER_FLAGS if source.adapters.get(k)) or "no adapters"
+        raise ConfigError(f"--model-parallel-size {mp_size} trains LoRA only (--use_lora); this job has {has}. "
+                          f"sat's P-tuning and QLoRA layers cannot be split across ranks: use --model-parallel-size 1")
+
+
 def load_for_training(args, source: Source, dist, dtype: torch.dtype):
     """The model to train, on its device (QLoRA: on the CPU; bitsandbytes quantizes when DeepSpeed
     moves it to the GPU), and the config to save with it."""
@@ -88,6 +101,14 @@ def load_for_training(args, source: Source, dist, dtype: torch.dtype):
     device = "cpu" if qlora else dist.device
     overwrite = dict(source.adapters, seed=args.seed,
                      model_class="FineTuneVisualGLMModel" if args.mode == "finetune" else "VisualGLMModel")
+    allow_missing = is_adapter_key if args.mode == "finetune" and source.kind != "load" else (lambda key: False)
+    if dist.mp_size > 1:   # this rank's part only; a run saved this way keeps one file per rank
+        from model.sat.mp_split import with_parallel_size
+        from model.sat.parallel import load_model_parallel
+        model = load_model_parallel(str(source.path), str(dist.device), dtype, overwrite_config=overwrite,
+                                    allow_missing=allow_missing)
+        config = with_parallel_size(model.config, dist.mp_size)
+        return model, {k: v for k, v in config.items() if k != "seed"}
     if source.kind == "config":
         config = {**source.config, **overwrite}
         cls = model_class(config["model_class"])
@@ -98,10 +119,8 @@ def load_for_training(args, source: Source, dist, dtype: torch.dtype):
         if torch.device(device).type != "cpu":
             model = model.to(device)
     else:
-        resuming = source.kind == "load"
         model = load_model(str(source.path), device=device, dtype=dtype, overwrite_config=overwrite,
-                           allow_missing=is_adapter_key if args.mode == "finetune" and not resuming
-                           else (lambda key: False))
+                           allow_missing=allow_missing)
     return model, {k: v for k, v in model.config.items() if k != "seed"}
 
 

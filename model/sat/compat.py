@@ -170,3 +170,44 @@ def skip_deepspeed_shm_comm() -> None:
     makes DeepSpeed skip it (`build_shm_op()` returns None). Only call this when training on the CPU."""
     import deepspeed.ops
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+# ----------------------------------------------------------------------------------------------
+# sat 0.4.12: LoRA on row-parallel layers is wrong when model_parallel_size > 1
+
+SAT_LORA_MP_BUG_VERSIONS = ("0.4.12",)   # the latest release (upstream's LoraLinear.forward is unchanged)
+
+def fix_sat_lora_row_parallel(force: bool = False) -> bool:
+    """sat 0.4.12, sat/model/finetune/lora2.py, `LoraLinear.forward`: every adapter computes
+    `copy_to_model_parallel_region(x @ A^T) @ B^T`. That is right for column-parallel layers
+    (query_key_value: x is whole, A is whole, B holds this rank's rows), but a row-parallel layer
+    (attention.dense) gets only this rank's slice of x and holds the matching columns of A, so
+    x @ A^T is a partial sum that must be all-reduced over the model-parallel ranks before B; upstream
+    never does, and with N > 1 ranks the adapter adds the wrong values (N = 1 is unaffected).
+
+    Fix (applied once, only to sat 0.4.12 unless force=True): the same forward, with
+    reduce_from_model_parallel_region (all-reduce forward, identity backward) for row-parallel
+    layers. Returns True if the fix is (now) in place."""
+    import torch
+    import_sat()
+    from sat.model.finetune import lora2
+    from sat.mpu import RowParallelLinear, copy_to_model_parallel_region, reduce_from_model_parallel_region
+    forward = lora2.LoraLinear.forward
+    if getattr(forward, "_visualglm_fixed", False):
+        return True
+    if not force and _sat_version() not in SAT_LORA_MP_BUG_VERSIONS:
+        return False
+
+    def forward_fixed(self, x):                       # x: [..., in] (row-parallel: [..., in / N])
+        out = self.original(x)                        # [..., out] (column-parallel: [..., out / N])
+        x = self.lora_dropout(x)
+        # row-parallel: x @ A^T sums over this rank's inputs only; the sum over all ranks is the product
+        region = reduce_from_model_parallel_region if isinstance(self.original, RowParallelLinear) \
+            else copy_to_model_parallel_region
+        lora = [(region(x @ a.T) @ b.T) * self.scaling for a, b in zip(self.matrix_A, self.matrix_B)]
+        return out + torch.cat(lora, -1)
+
+    forward_fixed._visualglm_fixed = True
+    forward_fixed._upstream = forward
+    lora2.LoraLinear.forward = forward_fixed
+    return True

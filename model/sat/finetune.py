@@ -155,9 +155,10 @@ class FineTuneVisualGLMModel(VisualGLMModel):
             self._add_lora(args)
 
     def _add_lora(self, args):
-        from .compat import fix_sat_qlora_dtype
+        from .compat import fix_sat_lora_row_parallel, fix_sat_qlora_dtype
         if self.use_qlora:
             fix_sat_qlora_dtype()
+        fix_sat_lora_row_parallel()   # attention.dense's adapter across model-parallel ranks
         from sat.model.finetune import lora2
         layers = args.layer_range
         if layers is not None:
@@ -235,8 +236,12 @@ class FineTuneVisualGLMModel(VisualGLMModel):
                 f"weights first: python -m model.sat.merge_lora --from <dir> --to <new dir>.")
         return out
 
-    def init_missing(self, names, device="cpu", dtype=torch.float32):
-        """Initial values for adapter tensors the checkpoint did not have (seeded by args.seed)."""
+    def init_missing(self, names, device="cpu", dtype=torch.float32, parallel=None):
+        """Initial values for adapter tensors the checkpoint did not have (seeded by args.seed).
+        parallel: (plan, rank, size) of a model-parallel part; a tensor the plan cuts is drawn whole and
+        cut, so that N ranks start from the very values one process would."""
+        from .mp_split import shard
+        plan, rank, size = parallel or ({}, 0, 1)
         from .checkpoint import CheckpointError
         other = [n for n in names if not is_adapter_key(n)]
         if other:
@@ -245,13 +250,18 @@ class FineTuneVisualGLMModel(VisualGLMModel):
         params = dict(self.named_parameters())
         for name in sorted(names):
             old = params[name]
-            value = torch.empty(old.shape, dtype=torch.float32)
+            shape = list(old.shape)
+            if name in plan:
+                shape[plan[name][0]] *= size                       # the whole tensor of one process
+            value = torch.empty(shape, dtype=torch.float32)
             if "matrix_A" in name:
                 nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
             elif "matrix_B" in name:
                 value.zero_()
             else:
                 value.normal_(0.0, 1.0, generator=generator).mul_(0.01)
+            if name in plan:
+                value = shard(value, *plan[name], rank, size)     # this rank's part: old.shape
             new = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=old.requires_grad)
             _replace_submodule(self, name, new)
 
@@ -284,6 +294,23 @@ class FineTuneVisualGLMModel(VisualGLMModel):
             if getattr(self, "config", None) is not None:
                 self.config[key] = value
         return self
+
+
+def lora_partition_plan(model) -> dict:
+    """How the LoRA tensors of a model-parallel model are cut across ranks (entries of
+    mp_split.partition_plan's Plan). A column-parallel layer (query_key_value) holds rows of its output:
+    each B_i holds the rank's rows of output block i, A_i is whole. A row-parallel layer
+    (attention.dense) holds columns of its input: A_i holds the rank's columns, B_i is whole."""
+    from sat.model.finetune import lora2
+    from sat.mpu import ColumnParallelLinear, RowParallelLinear
+    plan = {}
+    for name, module in model.named_modules():
+        if isinstance(module, lora2.LoraLinear):
+            if isinstance(module.original, ColumnParallelLinear):
+                plan.update({f"{name}.matrix_B.{i}": (0, 1) for i in range(len(module.matrix_B))})
+            elif isinstance(module.original, RowParallelLinear):
+                plan.update({f"{name}.matrix_A.{i}": (1, 1) for i in range(len(module.matrix_A))})
+    return plan
 
 
 def _plain_linear(weight: torch.Tensor, bias) -> nn.Linear:

@@ -8,7 +8,9 @@ dtype), giving a plain VisualGLMModel checkpoint with the original key names, in
 tokenizer files copied along. QLoRA runs store their base weights as the dequantized NF4 values, so the
 merge needs no bitsandbytes and gives the weights the fine-tuned model computed with. A run that also
 has P-tuning keeps it (P-tuning cannot be folded into weights): the output is then a
-FineTuneVisualGLMModel with P-tuning only. The output folder must not exist.
+FineTuneVisualGLMModel with P-tuning only. A model-parallel run (MP_SIZE > 1: one mp_rank_XX file per
+rank) is put together into whole tensors first, in one process; the output is one file either way
+(split it again with model.sat.mp_split for cli_demo_mp.py). The output folder must not exist.
 """
 import argparse
 import shutil
@@ -17,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CheckpointError, _recompute_buffers, build_model, checkpoint_file, load_model,
-                         read_config, read_state_dict, resolve_checkpoint_dir, save_checkpoint)
+from .checkpoint import (CheckpointError, _recompute_buffers, build_model, check_state_dict, checkpoint_file,
+                         load_model, read_config, read_state_dict, resolve_checkpoint_dir, save_checkpoint)
 from ..defaults import TOKENIZER_FILES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -30,6 +32,25 @@ def stored_dtype(ckpt_dir: Path) -> torch.dtype:
     if weight is None:
         weight = next(v for v in state.values() if v.is_floating_point())
     return weight.dtype
+
+
+def _load_run(ckpt_dir: Path, config: dict, dtype: torch.dtype, device):
+    """The run as one LoRA model in this process. QLoRA files hold float weights: they load as LoRA,
+    without bitsandbytes. A model-parallel run (one mp_rank_XX file per rank) is put together first."""
+    overwrite = {"use_lora": True, "use_qlora": False}
+    size = int(config.get("model_parallel_size", 1))
+    if size == 1:
+        return load_model(str(ckpt_dir), device=device, dtype=dtype, overwrite_config=overwrite)
+    from .mp_split import merge_state_dicts, with_parallel_size
+    from .parallel import parallel_plan
+    model = build_model({**with_parallel_size(config, 1), **overwrite}, device="meta", dtype=dtype)
+    shards = [read_state_dict(checkpoint_file(ckpt_dir, rank)) for rank in range(size)]
+    state = merge_state_dicts(shards, parallel_plan(model))     # each tensor whole, as one process has it
+    check_state_dict(model, state)
+    model.load_state_dict({k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in state.items()},
+                          strict=False, assign=True)                # (check_state_dict checked every key)
+    _recompute_buffers(model, device)
+    return model.eval()
 
 
 def merge_lora(src, dst, dtype="auto", device="cpu") -> Path:
@@ -44,9 +65,7 @@ def merge_lora(src, dst, dtype="auto", device="cpu") -> Path:
     if dst.exists():
         raise CheckpointError(f"{dst} already exists; merge_lora writes a new folder and never overwrites one.")
     dtype = stored_dtype(ckpt_dir) if dtype == "auto" else DTYPES[dtype]
-    # QLoRA files hold float weights: load them as LoRA, without bitsandbytes
-    model = load_model(str(ckpt_dir), device=device, dtype=dtype,
-                       overwrite_config={"use_lora": True, "use_qlora": False})
+    model = _load_run(ckpt_dir, config, dtype, device)
     wrapped = sum(1 for m in model.transformer.modules() if type(m).__name__ == "LoraLinear")
     model.merge_lora()
     out_config = {k: v for k, v in model.config.items() if k != "seed"}

@@ -44,18 +44,36 @@ def init_from_launcher(device: Optional[str] = None) -> str:
     return device
 
 
-def load_model_parallel(name_or_path, device: str, dtype: Optional[torch.dtype] = None, quant: Optional[int] = None):
+def parallel_plan(model):
+    """How every tensor of a (model-parallel) model is cut across ranks: sat's layers and LoRA's adapters."""
+    from .finetune import lora_partition_plan
+    from .mp_split import partition_plan
+    return {**partition_plan(model), **lora_partition_plan(model)}
+
+
+def mark_model_parallel(model, plan) -> None:
+    """Flag the parameters that differ between ranks (`model_parallel`, what DeepSpeed's gradient norm
+    reads: those count on every rank, the others on rank 0 only). Loading with assign=True replaces sat's
+    parameters and drops its flags; sat also flags every LoRA B, the replicated one of dense's included."""
+    for name, param in model.named_parameters():
+        param.model_parallel = name in plan
+
+
+def load_model_parallel(name_or_path, device: str, dtype: Optional[torch.dtype] = None, quant: Optional[int] = None,
+                        overwrite_config: Optional[dict] = None, allow_missing=lambda key: False):
     """This rank's part of a checkpoint, as a model built for sat's current model-parallel size N: from
     the rank's own file when the folder is split for N (mp_rank_XX), or cut at load time from a single
     file (every rank reads the file, memory-mapped, and keeps its part). quant: 8 / 4 quantizes this
-    rank's part (on the CPU, before it moves to the device)."""
+    rank's part (on the CPU, before it moves to the device). overwrite_config and allow_missing as for
+    checkpoint.load_model: a LoRA model built on a plain checkpoint gets its adapters initialised the
+    way one process would, then cut."""
     from .checkpoint import (CheckpointError, _recompute_buffers, check_state_dict, checkpoint_file, convert_glm_qkv,
                              default_dtype, detect_qkv_layout, read_config, read_state_dict, resolve_checkpoint_dir)
-    from .mp_split import build_parallel, partition_plan, shard_state_dict
+    from .mp_split import build_parallel, shard_state_dict
     size, rank = mpu.get_model_parallel_world_size(), mpu.get_model_parallel_rank()
     dtype = dtype or default_dtype(device)
     ckpt_dir = resolve_checkpoint_dir(name_or_path)
-    config = read_config(ckpt_dir)
+    config = {**read_config(ckpt_dir), **(overwrite_config or {})}
     stored = int(config.get("model_parallel_size", 1))
     if stored not in (1, size):
         raise CheckpointError(f"{ckpt_dir} is split for {stored} ranks, but {size} were started: start "
@@ -63,14 +81,22 @@ def load_model_parallel(name_or_path, device: str, dtype: Optional[torch.dtype] 
     state = read_state_dict(checkpoint_file(ckpt_dir, rank if stored == size else 0))
     state = convert_glm_qkv(state, config["num_attention_heads"], detect_qkv_layout(config))
     model = build_parallel(config, size, device="meta", dtype=dtype)
+    adapt = getattr(model, "adapt_state_dict", None)   # LoRA: plain weights -> `.original`
+    if adapt is not None:
+        state = adapt(state)
+    plan = parallel_plan(model)
     if stored == 1 and size > 1:
-        state = shard_state_dict(state, partition_plan(model), rank, size)
-    check_state_dict(model, state)
+        state = shard_state_dict(state, plan, rank, size)
+    check_state_dict(model, state, allow_missing)
     load_device = "cpu" if quant else device
     expected = model.state_dict()
     model.load_state_dict({k: v.to(load_device, dtype if v.is_floating_point() else v.dtype)
                            for k, v in state.items() if k in expected}, strict=False, assign=True)
     _recompute_buffers(model, load_device)
+    leftover = [n for n, t in model.named_parameters() if t.is_meta]   # adapters new to this checkpoint
+    if leftover:
+        model.init_missing(leftover, device=load_device, dtype=dtype, parallel=(plan, rank, size))
+    mark_model_parallel(model, plan)
     model.config = dict(config)               # what the front ends read (sizes, vocab) stays the file's
     model.checkpoint_dir = ckpt_dir
     if quant:
