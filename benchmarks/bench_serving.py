@@ -147,18 +147,39 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
+async def server_steps(client, url: str) -> dict:
+    """Sum and count of the server's model-thread time per phase (visualglm_batch_step_seconds)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    text = (await client.get(url + "/metrics")).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in ("visualglm_batch_step_seconds_sum", "visualglm_batch_step_seconds_count"):
+                out[(s.labels["phase"], s.name.rsplit("_", 1)[1])] = s.value
+    return out
+
+
 async def run_level(url: str, n: int, new_tokens: int) -> dict:
     import httpx
     limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
+        before = await server_steps(client, url)
         start = time.perf_counter()
         results = await asyncio.gather(*(conversation(client, url, i, new_tokens) for i in range(n)))
         wall = time.perf_counter() - start
+        after = await server_steps(client, url)
+    phases = {}
+    for phase in ("admit", "decode", "send"):
+        count = after.get((phase, "count"), 0) - before.get((phase, "count"), 0)
+        total = after.get((phase, "sum"), 0) - before.get((phase, "sum"), 0)
+        phases[f"{phase}_ms"] = round(total / count * 1e3, 2) if count else None
+        phases[f"{phase}_n"] = int(count)
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     gaps = [g for r in results for g in r["gaps"]]
     return dict(n=n, tokens=tokens, seconds=wall, tok_s=tokens / wall, ttft_p50=pct(ttft, 0.5) * 1e3,
-                ttft_p99=pct(ttft, 0.99) * 1e3, itl_p50=pct(gaps, 0.5) * 1e3, itl_p99=pct(gaps, 0.99) * 1e3)
+                ttft_p99=pct(ttft, 0.99) * 1e3, itl_p50=pct(gaps, 0.5) * 1e3, itl_p99=pct(gaps, 0.99) * 1e3,
+                server=phases)
 
 
 async def greedy_check(url: str, k: int, new_tokens: int) -> tuple:

@@ -6,6 +6,9 @@
     visualglm_generated_tokens_total             answer tokens sent
     visualglm_time_to_first_token_seconds        histogram, from queueing to the first token
     visualglm_request_duration_seconds           histogram, from queueing to the end
+    visualglm_batch_step_seconds{phase}          histogram of the model thread's work per step: "admit"
+                                                 (images + prefill of newcomers), "decode" (one token for
+                                                 every running request), "send" (handing tokens out)
     visualglm_queue_length                       requests waiting for a place in the batch
     visualglm_running_requests                   requests decoding (the running batch size)
     visualglm_kv_slots_in_use / _total           key/value slots (continuous batching; static: batch places)
@@ -18,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 # seconds; first tokens are fast, whole answers take up to minutes
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -33,6 +37,8 @@ class ServingMetrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.duration = Histogram("visualglm_request_duration_seconds", "Time from queueing to the last token",
                                   buckets=DURATION_BUCKETS, registry=r)
+        self.steps = Histogram("visualglm_batch_step_seconds", "Model thread time per step, by phase", ["phase"],
+                               buckets=STEP_BUCKETS, registry=r)
         Gauge("visualglm_queue_length", "Requests waiting", registry=r).set_function(lambda: worker.queued)
         Gauge("visualglm_running_requests", "Requests decoding", registry=r).set_function(lambda: worker.running)
         Gauge("visualglm_kv_slots_in_use", "Key/value slots held by running requests",
@@ -49,6 +55,9 @@ class ServingMetrics:
         if job.first_token_at is not None:
             self.ttft.observe(job.first_token_at - job.submitted_at)
         self.duration.observe(now - job.submitted_at)
+
+    def step(self, phase: str, seconds: float) -> None:
+        self.steps.labels(phase).observe(seconds)
 
     def token(self, count: int = 1) -> None:
         self.tokens.inc(count)
