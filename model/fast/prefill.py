@@ -97,6 +97,8 @@ class BucketedPrefill:
         replay (or eager run) that follows overwrites."""
         x, positions, mask, last = (t.clone() for t in (x, positions, mask, last))
         try:
+            if x.device.type != "cuda":   # on a GPU machine, capturing CPU work records an empty graph
+                raise RuntimeError(f"CUDA graphs capture CUDA work only, not {x.device}")
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

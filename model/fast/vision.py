@@ -72,6 +72,8 @@ class FastImageEncoder:
     def _record(self, batch: int, like: torch.Tensor) -> Optional[_Graph]:
         pixels = torch.zeros(batch, *like.shape[1:], dtype=like.dtype, device=like.device)
         try:
+            if pixels.device.type != "cuda":   # on a GPU machine, capturing CPU work records an empty graph
+                raise RuntimeError(f"CUDA graphs capture CUDA work only, not {pixels.device}")
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
