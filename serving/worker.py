@@ -323,7 +323,8 @@ class Worker:
         if self.continuous is False or self._generate_fn is not None:
             return None
         from model.backend import open_slots
-        slots = open_slots(engine.backend, self.max_batch, self.gpu_memory_fraction)
+        backend = getattr(engine, "backend", None)           # engines made for tests may have none
+        slots = open_slots(backend, self.max_batch, self.gpu_memory_fraction) if backend is not None else None
         if slots is None and self.continuous:
             raise ValueError("continuous batching needs the fast backend (--backend fast)")
         return slots
