@@ -5,6 +5,8 @@
         --use_lora --layer_range 0 14 --train-iters 300 --batch-size 4 --save ./checkpoints
     # several GPUs or nodes (NCCL): the DeepSpeed launcher, optionally with a hostfile
     deepspeed --num_gpus 8 finetune_visualglm.py --fp16 --zero-stage 1 ...   (see finetune/*.sh)
+    # LoRA with every 2 processes sharing one copy of the model (sat's model parallelism)
+    deepspeed --num_gpus 2 finetune_visualglm.py --model-parallel-size 2 --use_lora ...
     # train every weight of a new model from a config (random init)
     python finetune_visualglm.py --mode pretrain --from_config model_config.json --tokenizer <dir> ...
 
@@ -29,7 +31,9 @@ latest, <iteration>/mp_rank_00_model_states.pt ({"module": tensors}, weights-onl
 tokenizer files, train_log.jsonl, and <iteration>/deepspeed/ (optimizer state, for --load). Each
 iteration folder is written under a temporary name and renamed into place with a complete.json, and
 `latest` is updated after it, so a kill or a full disk never leaves a half-written checkpoint in use;
---load resumes from the newest complete iteration.
+--load resumes from the newest complete iteration. With --model-parallel-size N, each rank loads its part of
+the model and every iteration folder holds mp_rank_00 ... mp_rank_{N-1} (model_config.json says N);
+python -m model.sat.merge_lora turns such a run into one file.
 """
 import argparse
 import sys

@@ -15,7 +15,7 @@
 #   NUM_GPUS     GPUs on this machine to use                     [all visible; 0 = CPU]
 #                (several: data parallel, one process per GPU through the DeepSpeed launcher;
 #                 the global batch is BATCH_SIZE x GRAD_ACCUM x GPUs / MP_SIZE)
-#   MP_SIZE      model-parallel size (GPUs sharing one copy)     [1; see docs/multi-gpu.md]
+#   MP_SIZE      model-parallel size (GPUs sharing one copy; LoRA only) [1; see docs/multi-gpu.md]
 #   HOSTFILE     DeepSpeed hostfile for several nodes            [none: this machine only]
 #                one line per node, "node1 slots=8" (slots = GPUs used there); every node needs
 #                passwordless ssh from this one, the same paths and the same environment; this

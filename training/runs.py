@@ -260,8 +260,7 @@ def save_iteration(engine, run_dir: Path, iteration: int, config: dict, dist: Di
             write_model_files(engine.module, staging, dist.mp_rank)
         except (OSError, RuntimeError) as e:
             failure = e
-    if not failed and dist.mp_size > 1:    # every part is written before rank 0 publishes the folder
-        failed = any_rank(failure is not None, dist.device)
+    failed = failed or any_rank(failure is not None, dist.device)   # every part written before publishing
     if not failed and dist.rank == 0:
         try:
             publish_iteration(run_dir, staging, iteration, config)
