@@ -127,9 +127,9 @@ def test_lora_across_two_ranks_equals_one_process(base_dir, tokenizer, tokenizer
 
 
 def test_two_rank_lora_finetune_merges_and_loads_in_one_process(base_dir, data, tokenizer, image_file, tmp_path):
-    """finetune_visualglm.py with --model-parallel-size 2: two steps, a run with one file per rank, merged by
-    merge_lora into one file that loads in one process and gives the logits of the same training in one
-    process (the same initial adapters, data and steps)."""
+    """finetune_visualglm.py with --model-parallel-size 2: two steps, a run with one file per rank, a third
+    step resumed from it, merged by merge_lora into one file that loads in one process and gives the logits
+    of the same training in one process (the same initial adapters, data and steps)."""
     from test_model_parallel import torchrun
 
     import finetune_visualglm as ft
@@ -149,6 +149,17 @@ def test_two_rank_lora_finetune_merges_and_loads_in_one_process(base_dir, data, 
 
     single = ft.run(train_argv(base_dir, data, tmp_path / "mp1", 1))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=0, atol=1e-5)
+
+    # --load resumes the run (each rank its part and its optimizer state) as one process resumes its own
+    resume = ["--train-iters", "3", "--resume-dataloader"]
+    out = torchrun(2, ROOT / "finetune_visualglm.py", *train_argv(base_dir, data, tmp_path / "mp2", 2), "--load",
+                   run, *resume)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in (run / "3").glob("mp_rank_*")) == ["mp_rank_00_model_states.pt",
+                                                                      "mp_rank_01_model_states.pt"]
+    single = ft.run(train_argv(base_dir, data, tmp_path / "mp1", 1) + ["--load", str(single.run_dir), *resume])
+    third = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    assert third["iteration"] == 3 and abs(third["loss"] - single.losses[-1]) < 1e-5
 
     merged = tmp_path / "merged"
     assert merge_main(["--from", str(run), "--to", str(merged)]) == 0

@@ -75,8 +75,8 @@ def _plan_iterations(args, dist: Dist, train_set, valid_set, test_set) -> int:
     log(f"data: {len(train_set)} training samples"
         + (f", {len(valid_set)} validation" if valid_set else "") + (f", {len(test_set)} test" if test_set else "")
         + f"; {args.train_iters} iterations of {global_batch} samples "
-        f"({args.batch_size} x {args.gradient_accumulation_steps} accumulation x {dist.dp_world} processes"
-        + (f" holding a copy of the model each, split across {dist.mp_size} ranks" if dist.mp_size > 1 else "") + ")")
+        f"({args.batch_size} x {args.gradient_accumulation_steps} accumulation x {dist.dp_world} "
+        + (f"copies of the model, each split across {dist.mp_size} processes)" if dist.mp_size > 1 else "processes)"))
     note = _validation_note(args, valid_set)
     if note:
         log(note)
