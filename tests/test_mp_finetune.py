@@ -187,5 +187,4 @@ def test_model_parallel_flags_are_checked(base_dir, data, tmp_path, capsys):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    import model.sat  # noqa: F401  (compatibility fixes first)
-    worker(*sys.argv[1:])
+    worker(*sys.argv[1:])     # (its first import, model.sat.compat, applies the sat fixes)

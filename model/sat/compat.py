@@ -177,6 +177,7 @@ def skip_deepspeed_shm_comm() -> None:
 
 SAT_LORA_MP_BUG_VERSIONS = ("0.4.12",)   # the latest release (upstream's LoraLinear.forward is unchanged)
 
+
 def fix_sat_lora_row_parallel(force: bool = False) -> bool:
     """sat 0.4.12, sat/model/finetune/lora2.py, `LoraLinear.forward`: every adapter computes
     `copy_to_model_parallel_region(x @ A^T) @ B^T`. That is right for column-parallel layers
