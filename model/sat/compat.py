@@ -188,7 +188,8 @@ def fix_sat_lora_row_parallel(force: bool = False) -> bool:
 
     Fix (applied once, only to sat 0.4.12 unless force=True): the same forward, with
     reduce_from_model_parallel_region (all-reduce forward, identity backward) for row-parallel
-    layers. Returns True if the fix is (now) in place."""
+    layers. Returns True if the fix is (now) in place. The bug needs two ranks to show: it is checked by
+    tests/test_mp_finetune.py (two gloo ranks against one process, with and without this fix)."""
     import torch
     import_sat()
     from sat.model.finetune import lora2
