@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import model.sat  # noqa: E402,F401  (applies the sat compatibility fixes before anything imports sat)
+# sat's logger keeps the sys.stderr of the moment sat is first imported: import it now, not inside a test
+# whose captured stream is closed afterwards (later tests then failed with "I/O operation on closed file")
+import sat  # noqa: E402,F401
 
 CORPUS_ZH = ["这张图片的背景是什么颜色？", "图中有一个红色的圆形。", "描述这张图片。", "左上角有一个蓝色的三角形。",
              "图片里有几个形状？", "有两个形状。", "你好，请问你是谁？", "我是一个视觉语言模型。"]

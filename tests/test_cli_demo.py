@@ -219,8 +219,11 @@ def test_ctrl_c_in_a_real_terminal(ckpt_dir, image_file):
     pid, fd = pty.fork()
     if pid == 0:   # the child: the chat, in the terminal
         os.chdir(ROOT)
+        # a penalty below 1 makes the random model repeat a token to max_length instead of ending early:
+        # on a slow machine the Ctrl-C must still find the answer running
         os.execv(sys.executable, [sys.executable, "cli_demo.py", "--from_pretrained", str(ckpt_dir),
-                                  "--max_length", "2048", "--temperature", "1.5", "--top_k", "0", "--seed", "1"])
+                                  "--max_length", "2048", "--temperature", "1.5", "--top_k", "0", "--seed", "1",
+                                  "--repetition_penalty", "0.01"])
     seen = b""
 
     def read_until(marker: bytes, timeout=120.0):

@@ -263,7 +263,7 @@ def test_a_real_ctrl_c_keeps_every_finished_line(ckpt_dir, tmp_path):
         while not (out.exists() and out.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=180)      # generous: CI machines can be slow
     finally:
         if proc.poll() is None:
             proc.kill()
