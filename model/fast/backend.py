@@ -21,6 +21,7 @@ import torch
 from ..backend_base import LoadedModelBackend
 from .cache import CacheOverflow, KVCache
 from .glm import FastGLM
+from .graphs import record
 from .prefill import BucketedPrefill, bucket_for, pad_right, prefill_mask
 from .quant import quantize_glm
 from .vision import FastImageEncoder, shared_image_encoder
@@ -170,13 +171,6 @@ class FastBackend(LoadedModelBackend):
         mask = torch.zeros(B, 1, 1, cache.length, dtype=torch.bool, device=dev)
         mask[..., 0] = True
         slot = torch.zeros(1, dtype=torch.long, device=dev)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):                                   # (compiles here when compiling)
-                self._decode(tokens, positions, mask, slot, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._decode(tokens, positions, mask, slot, cache)
+        graph, logits = record(lambda: self._decode(tokens, positions, mask, slot, cache),
+                               warmups=3)                        # (compiles here when compiling)
         return _Graph(graph, tokens, positions, mask, slot, logits)

@@ -25,6 +25,7 @@ from typing import Dict, Optional
 import torch
 
 from .cache import KVCache
+from .graphs import record, require_cuda
 
 log = logging.getLogger("visualglm.fast")
 
@@ -97,16 +98,8 @@ class BucketedPrefill:
         replay (or eager run) that follows overwrites."""
         x, positions, mask, last = (t.clone() for t in (x, positions, mask, last))
         try:
-            if x.device.type != "cuda":   # on a GPU machine, capturing CPU work records an empty graph
-                raise RuntimeError(f"CUDA graphs capture CUDA work only, not {x.device}")
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._run(x, positions, mask, last)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._run(x, positions, mask, last)
+            require_cuda(x)
+            graph, logits = record(lambda: self._run(x, positions, mask, last), pool=self.pool)
         except (RuntimeError, AssertionError) as e:           # slower, never wrong: eager from now on
             log.warning("prefill: CUDA graph capture failed, running eagerly (%s)", e)
             self.capture = False

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .graphs import record
 from .pool import SlotPool
 
 MIN_SPAN = 128                  # smallest attended length bucket
@@ -126,13 +127,6 @@ class FastSlots:
             static_in = torch.zeros(rows, 4, dtype=torch.long, device=self.device)
             static_in[:, 3] = self.length - 1
             view = self.pool.decode_view(rows, span)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._step(static_in, view)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                static_out = self._step(static_in, view)
+            graph, static_out = record(lambda: self._step(static_in, view), pool=self._graph_pool)
             self._graphs[key] = (graph, static_in, static_out)
         return self._graphs[key]

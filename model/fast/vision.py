@@ -16,6 +16,8 @@ from typing import Dict, Optional
 
 import torch
 
+from .graphs import record, require_cuda
+
 log = logging.getLogger("visualglm.fast")
 
 BATCHES = (1, 2, 4, 8)          # captured batch sizes; more images at once run eagerly
@@ -72,16 +74,8 @@ class FastImageEncoder:
     def _record(self, batch: int, like: torch.Tensor) -> Optional[_Graph]:
         pixels = torch.zeros(batch, *like.shape[1:], dtype=like.dtype, device=like.device)
         try:
-            if pixels.device.type != "cuda":   # on a GPU machine, capturing CPU work records an empty graph
-                raise RuntimeError(f"CUDA graphs capture CUDA work only, not {pixels.device}")
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.encoder(pixels)                          # warm-up: kernels chosen, workspaces allocated
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.encoder(pixels)
+            require_cuda(pixels)
+            graph, out = record(lambda: self.encoder(pixels))
         except (RuntimeError, AssertionError) as e:           # slower, never wrong: eager from now on
             log.warning("image encoder: CUDA graph capture failed, running eagerly (%s)", e)
             self.capture = False
