@@ -7,7 +7,6 @@ frees its place at once. The scheduler here does that over a *slot backend* (mod
     slots.slots, slots.length                         how many sequences, of at most how many tokens
     slots.prefill(rows, ids, positions, mask, image_embeds, pre_image, pads) -> logits [N, V]
     slots.decode(tokens, positions, index)            -> logits [n, V] for slots 0..n-1
-    slots.release(row)
 
     batch = ContinuousBatch(slots, pad_id, eos_ids)
     events = batch.admit(requests)     # prefill into free slots; each gets its first token
@@ -144,5 +143,4 @@ class ContinuousBatch:
         return self._settings[key]
 
     def _leave(self, row: int) -> None:
-        del self.running[row]
-        self.slots.release(row)
+        del self.running[row]            # the slot is free: the next prefill into it overwrites what matters

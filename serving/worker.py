@@ -49,11 +49,6 @@ from .errors import GenerationError, ModelLoadError, NotReadyError, QueueFullErr
 
 log = logging.getLogger("visualglm.serving")
 
-# Continuous batching sends new tokens to the streams at most every FLUSH_PER_ROW x (running requests)
-# seconds (first tokens and endings at once): each send costs the event loop a re-decode of that answer's
-# text, which at 64 streams took longer than the decoding step itself. 64 rows: every ~25 ms, 2-3 tokens.
-FLUSH_PER_ROW = 0.0004
-
 
 @dataclasses.dataclass
 class Finished:
@@ -157,7 +152,6 @@ class Worker:
         self.gpu_memory_fraction = gpu_memory_fraction
         self.slots = None                        # the continuous batch's slot backend, once serving
         self._outbox: Optional[dict] = None      # continuous batching: what a step sends, per event loop
-        self._urgent = False                     # the outbox holds a first token or an ending
         self.metrics = None                      # serving.metrics.ServingMetrics, if the app attached one
         self.state = "ready" if engine is not None else "loading"   # loading, ready, failed, stopped
         self.error: Optional[str] = None
@@ -323,8 +317,7 @@ class Worker:
         if self.continuous is False or self._generate_fn is not None:
             return None
         from model.backend import open_slots
-        backend = getattr(engine, "backend", None)           # engines made for tests may have none
-        slots = open_slots(backend, self.max_batch, self.gpu_memory_fraction) if backend is not None else None
+        slots = open_slots(engine.backend, self.max_batch, self.gpu_memory_fraction)
         if slots is None and self.continuous:
             raise ValueError("continuous batching needs the fast backend (--backend fast)")
         return slots
@@ -370,7 +363,6 @@ class Worker:
         # again and again. Measured on an H200 at 64 streams: 40 ms per decode step at 0.5 ms, 24 ms at
         # 50 us, against 11 ms with no server around.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.00005))
-        last_flush = time.monotonic()
         with self._cond:
             self._free = slots.slots
         while True:
@@ -413,8 +405,9 @@ class Worker:
                     live.pop(id(job.request), None)
             self._stats["max_batch_seen"] = max(self._stats["max_batch_seen"], len(batch.running))
             t1 = time.perf_counter()
+            stepped = bool(batch.running)
             try:
-                if batch.running:
+                if stepped:
                     self._stats["steps"] += 1
                     events += batch.step()
             except Exception as e:  # noqa: BLE001 - a failing step fails every running row, not the worker
@@ -432,14 +425,11 @@ class Worker:
                 if event.reason is not None:
                     del live[id(event.request)]
                     self._end(job)
-            now = time.monotonic()
-            if self._urgent or now - last_flush >= FLUSH_PER_ROW * len(live):
-                self._flush()
-                last_flush = now
+            self._flush()
             if self.metrics is not None:
                 if newcomers:
                     self.metrics.step("admit", t1 - t0)
-                if t2 > t1 + 1e-4:
+                if stepped:
                     self.metrics.step("decode", t2 - t1)
                 self.metrics.step("send", time.perf_counter() - t2)
             with self._cond:
@@ -461,7 +451,6 @@ class Worker:
         self._stats["tokens"] += 1
         if job.first_token_at is None:
             job.first_token_at = time.monotonic()
-            self._urgent = True
         if self.metrics is not None:
             self.metrics.token()
         self._push(job, [token])
@@ -557,7 +546,7 @@ class Worker:
             job.cancelled.set()
 
     def _flush(self) -> None:
-        outbox, self._outbox, self._urgent = self._outbox, {}, False
+        outbox, self._outbox = self._outbox, {}
         for loop, items in outbox.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
@@ -571,7 +560,6 @@ class Worker:
         job.state = "done"
         job.finish_reason = reason
         job.error = error
-        self._urgent = True
         self._observe(reason, job)
         if job.loop is not None:
             self._push(job, Finished(reason, error))

@@ -348,7 +348,7 @@ def test_web_demo_passes_the_checkpoint_name_as_title(monkeypatch, tmp_path):
     shown = {}
     monkeypatch.setattr(webui, "launch", lambda demo, worker, **kw: shown.update(title=demo.title))
     args = web_demo.parse_args(["--from_pretrained", str(tmp_path / "my-finetune") + "/"])
-    engine = types.SimpleNamespace(max_context=256)     # all build_demo asks of the loaded engine
+    engine = types.SimpleNamespace(max_context=256, backend=None)   # all build_demo and the worker ask of it
     assert web_demo.serve(args, loader=lambda: engine) == 0
     assert shown["title"] == "my-finetune"
 

@@ -2,7 +2,6 @@
 
     prefill(rows, ids, positions, mask, image_embeds, pre_image) -> logits [N, V]   new prompts into slots
     decode(tokens, positions, index)                             -> logits [n, V]   one token for slots 0..n-1
-    release(row)                                                                    (nothing to do: slots are reused)
 
 Decoding always runs the first n slots (the scheduler hands out the lowest free slots, so the live ones
 crowd at the front), padded up to a bucket of slots and of attended length, so that there are few shapes;
@@ -107,9 +106,6 @@ class FastSlots:
         static_in.copy_(inputs)
         graph.replay()
         return static_out[:n].clone()
-
-    def release(self, row: int) -> None:
-        """A sequence left its slot; the next prefill into it overwrites what matters."""
 
     # -- mechanics -----------------------------------------------------------------------------------
     def _step(self, inputs: torch.Tensor, view) -> torch.Tensor:
