@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from model.defaults import SERVER_MAX_IMAGE_BYTES, SERVER_MAX_IMAGE_PIXELS
 
+from .engine_process import ProcessWorker
 from .http_errors import register_error_handling
 from .images import ImageLimits
 from .metrics import ResponseCounter, ServingMetrics
@@ -31,8 +32,8 @@ from .worker import Worker
 
 
 def as_worker(target, **worker_options) -> Worker:
-    """A Worker from a Worker, an engine, or a callable that loads and returns an engine."""
-    if isinstance(target, Worker):
+    """A Worker from a Worker (or a ProcessWorker), an engine, or a callable that loads and returns an engine."""
+    if isinstance(target, (Worker, ProcessWorker)):
         return target
     if callable(target) and not hasattr(target, "make_request"):
         return Worker(loader=target, **worker_options)

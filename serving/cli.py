@@ -1,6 +1,7 @@
 """Command-line plumbing shared by api.py, web_demo.py (and their Hugging Face twins): model flags,
 the loader that builds a chat engine, and running the HTTP server with the model loading behind it."""
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -64,24 +65,27 @@ def worker_options(args) -> dict:
 def sat_engine_loader(from_pretrained: str, device=None, quant=None, tokenizer=None, backend: str = "auto",
                       device_map=None):
     """A callable that loads a sat checkpoint and returns a ChatEngine that refuses image paths and URLs
-    (servers take images only as data; the API fetches URLs itself when the operator allows it)."""
-    def load():
-        from model.chat import ChatEngine
-        from model.sat.checkpoint import CheckpointError
-        from model.sat.loading import load_model_and_tokenizer
+    (servers take images only as data; the API fetches URLs itself when the operator allows it).
+    Picklable, so that the engine process (serving/engine_process.py) can call it."""
+    return functools.partial(_load_sat_engine, from_pretrained, device, quant, tokenizer, backend, device_map)
 
-        from model.sat.device_map import backend_for
 
-        from .errors import ModelLoadError
-        try:
-            model, tok = load_model_and_tokenizer(from_pretrained, device=device, quant=quant, tokenizer=tokenizer,
-                                                  device_map=device_map, backend=backend)
-            kind = backend_for(device_map, backend)
-        except CheckpointError as e:   # says what is wrong and where it looked: no traceback needed
-            raise ModelLoadError(str(e)) from None
-        model.eval()
-        return ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False, backend=kind)
-    return load
+def _load_sat_engine(from_pretrained, device, quant, tokenizer, backend, device_map):
+    from model.chat import ChatEngine
+    from model.sat.checkpoint import CheckpointError
+    from model.sat.loading import load_model_and_tokenizer
+
+    from model.sat.device_map import backend_for
+
+    from .errors import ModelLoadError
+    try:
+        model, tok = load_model_and_tokenizer(from_pretrained, device=device, quant=quant, tokenizer=tokenizer,
+                                              device_map=device_map, backend=backend)
+        kind = backend_for(device_map, backend)
+    except CheckpointError as e:   # says what is wrong and where it looked: no traceback needed
+        raise ModelLoadError(str(e)) from None
+    model.eval()
+    return ChatEngine(model, tok, allow_image_paths=False, allow_image_urls=False, backend=kind)
 
 
 def add_hf_model_args(parser: argparse.ArgumentParser, default_model: str = "THUDM/visualglm-6b") -> None:
@@ -95,18 +99,20 @@ def add_hf_model_args(parser: argparse.ArgumentParser, default_model: str = "THU
 
 def hf_engine_loader(from_pretrained: str, device=None, tokenizer=None):
     """Like sat_engine_loader, for a Hugging Face folder (model/hf); sat is not needed."""
-    def load():
-        from model.chat import ChatEngine
-        from model.hf import HFBackend
-        from model.hf.loading import HFLoadError, load_hf_model_and_tokenizer
+    return functools.partial(_load_hf_engine, from_pretrained, device, tokenizer)
 
-        from .errors import ModelLoadError
-        try:
-            model, tok = load_hf_model_and_tokenizer(from_pretrained, device=device, tokenizer=tokenizer)
-        except HFLoadError as e:
-            raise ModelLoadError(str(e)) from None
-        return ChatEngine(HFBackend(model), tok, allow_image_paths=False, allow_image_urls=False)
-    return load
+
+def _load_hf_engine(from_pretrained, device, tokenizer):
+    from model.chat import ChatEngine
+    from model.hf import HFBackend
+    from model.hf.loading import HFLoadError, load_hf_model_and_tokenizer
+
+    from .errors import ModelLoadError
+    try:
+        model, tok = load_hf_model_and_tokenizer(from_pretrained, device=device, tokenizer=tokenizer)
+    except HFLoadError as e:
+        raise ModelLoadError(str(e)) from None
+    return ChatEngine(HFBackend(model), tok, allow_image_paths=False, allow_image_urls=False)
 
 
 def model_name_of(from_pretrained: str) -> str:
@@ -130,6 +136,9 @@ def add_api_args(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)")
     _flag(g, "--metrics-public", action="store_true", help="serve GET /metrics without the API key")
     _flag(parser, "--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _flag(parser, "--engine-process", choices=["auto", "on", "off"], default="auto",
+          help="run the model in its own process, so that the HTTP side never holds up its decode steps "
+               "(they share Python's GIL otherwise); auto: on when the model runs on CUDA")
 
 
 def run_api(args, loader) -> int:
@@ -137,10 +146,14 @@ def run_api(args, loader) -> int:
     thread; exit with status 1 if loading fails."""
     import uvicorn
     from .app import create_app
+    from .engine_process import LOG_FORMAT, ProcessWorker, engine_process_wanted
     from .worker import Worker
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = Worker(loader=loader, **worker_options(args))
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    if engine_process_wanted(args.engine_process, getattr(args, "device", None)):
+        worker = ProcessWorker(loader, **worker_options(args))
+    else:
+        worker = Worker(loader=loader, **worker_options(args))
     app = create_app(worker, model_name=args.model_name or model_name_of(args.from_pretrained),
                      allow_remote_images=args.allow_remote_images,
                      allow_private_image_hosts=args.allow_private_image_hosts,

@@ -123,6 +123,19 @@ class Stream:
         return self.job.generated
 
 
+def prepare_job(engine, query: str, history, image=None, english: bool = False,
+                params: Optional[SamplingParams] = None, generator: Optional[torch.Generator] = None) -> Job:
+    """Worker.prepare's work on a given engine (the process worker prepares on its own side too)."""
+    params = dataclasses.replace(params or SamplingParams())   # the job's own copy
+    pixels = key = None
+    if image is not None:
+        pixels = engine.pixels(image).float().cpu().contiguous()   # [1, 3, H, W]
+        key = pixels_key(pixels)
+    request = engine.make_request(query, list(history or []), None, english, params, generator,
+                                  has_image=pixels is not None)
+    return Job(request, pixels, key)
+
+
 def _deliver(items) -> None:
     """On a consumer's event loop: hand each job its items, in order."""
     for job, item in items:
@@ -241,20 +254,18 @@ class Worker:
         """Tokenize and preprocess (CPU work; call it from a worker thread of the event loop, not the loop
         itself). image: a PIL image or pixels. Raises model.prompts.PromptTooLongError when the prompt
         does not fit within params.max_length. The image is encoded later, with the rest of its batch."""
-        engine = self.require_ready()
-        params = dataclasses.replace(params or SamplingParams())   # the job's own copy
-        pixels = key = None
-        if image is not None:
-            pixels = engine.pixels(image).float().cpu().contiguous()   # [1, 3, H, W]
-            key = pixels_key(pixels)
-        request = engine.make_request(query, list(history or []), None, english, params, generator,
-                                      has_image=pixels is not None)
-        return Job(request, pixels, key)
+        return prepare_job(self.require_ready(), query, history, image, english, params, generator)
 
     def submit(self, job: Job) -> Stream:
         """Queue a prepared job; call on the event loop that will consume the stream."""
         job.loop = asyncio.get_running_loop()
         job.queue = asyncio.Queue()
+        self.enqueue(job)
+        return Stream(self, job)
+
+    def enqueue(self, job: Job) -> None:
+        """submit() without the event loop: job.loop and job.queue are set already (the engine process's
+        stand-ins, serving/engine_process.py). Raises QueueFullError when no place is left."""
         with self._cond:
             self.require_ready()
             limit = self.max_queue + self._free
@@ -268,7 +279,6 @@ class Worker:
             self._pending.append(job)
             self._stats["requests"] += 1
             self._cond.notify_all()
-        return Stream(self, job)
 
     def cancel(self, job: Job) -> None:
         with self._cond:
