@@ -13,14 +13,20 @@ short full sentence in the question's language plus a structured answer used for
     absent      {"absent": "circle"}     a colour or position question about a kind that is not there
                                          ("Where is the circle?"), answered "There is no circle ..."
 
-Three wordings (WORDINGS) say which question templates are drawn:
-    templates   TEMPLATES, the questions the shipped model was first trained on (the default: the
-                same seed gives the same items as before the other wordings existed)
-    trained     TEMPLATES + MORE_TEMPLATES: more paraphrases, yes/no questions that name no colour
-                ("Is there a star?", answered with the colours of the stars that are there) and
-                absent-shape questions; what recipes/continue_visualglm_tiny.sh trains on
-    rewordings  REWORDINGS, a fixed held-out list that is never trained on (tests check that no
-                rewording is a training template): how well the model copes with new phrasings
+Four wordings (WORDINGS) say which question templates are drawn:
+    templates    TEMPLATES, the questions the shipped model was first trained on (the default: the
+                 same seed gives the same items as before the other wordings existed)
+    trained      TEMPLATES + MORE_TEMPLATES + the expansions of synthetic/phrasing.py's patterns, less
+                 any held-out question: many natural phrasings, yes/no questions that name no colour
+                 ("Is there a star?", answered with the colours of the stars that are there) and
+                 absent-shape questions; what recipes/continue_visualglm_tiny.sh trains on. Drawn as
+                 40% TEMPLATES (so they stay answered), 15% MORE_TEMPLATES, 45% patterns (a pattern
+                 first, then one of its questions), and one prompt in ten typed casually (no final
+                 punctuation; English starting in lower case)
+    rewordings   REWORDINGS, a fixed held-out list that is never trained on (tests check that no
+                 rewording is a training question): how well the model copes with new phrasings
+    rewordings2  REWORDINGS_2, a second held-out list, written before the phrasing patterns (the first
+                 list had been looked at while writing them, so it is no longer a blind test)
 
 Referring to a shape: by its kind alone ("the circle") only when that kind is unique in the
 scene; otherwise by colour + kind ("the red circle"), or, for colour questions, where naming the
@@ -30,9 +36,12 @@ Shape questions name the colour ("the red object"), adding the position when two
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .phrasing import variant_groups
 from .scenes import CELLS, SHAPE_COLOURS, SHAPE_KINDS, Scene, Shape
 
 QUESTION_TYPES: Tuple[str, ...] = ("describe", "colour", "shape", "count", "position", "exists", "background",
@@ -42,7 +51,8 @@ HELD_OUT_TYPES: Tuple[str, ...] = ("background",)
 PRETRAIN_TYPES: Tuple[str, ...] = ("describe", "colour", "shape", "count", "position", "exists")
 NEW_TYPES: Tuple[str, ...] = ("absent",)
 LANGS: Tuple[str, ...] = ("zh", "en")
-WORDINGS: Tuple[str, ...] = ("templates", "trained", "rewordings")
+WORDINGS: Tuple[str, ...] = ("templates", "trained", "rewordings", "rewordings2")
+HELD_OUT_WORDINGS: Tuple[str, ...] = ("rewordings", "rewordings2")
 
 COLOUR_ZH: Dict[str, str] = {
     "red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色",
@@ -188,22 +198,98 @@ REWORDINGS: Dict[str, Dict[str, List[str]]] = {
     },
 }
 
+# The second held-out list (wording rewordings2), written before synthetic/phrasing.py's patterns.
+REWORDINGS_2: Dict[str, Dict[str, List[str]]] = {
+    "describe": {
+        "en": ["What is going on in this picture?", "Please give a short description of the image.",
+               "What objects are in the image?", "Could you describe the picture?"],
+        "zh": ["这幅图里画了什么？", "请说说图片里有什么。", "图上都有什么？", "描述一下图里的内容。"],
+    },
+    "colour": {
+        "en": ["Could you tell me which colour {ref} is?", "Tell me, what colour is {ref}?",
+               "What colour is {ref} here?", "Please name the colour of {ref}."],
+        "zh": ["你知道{ref}是什么颜色吗？", "{ref}是啥颜色？", "请问图里的{ref}是什么颜色？", "{ref}的颜色是哪个？"],
+    },
+    "shape": {
+        "en": ["Could you tell me the shape of {ref}?", "Which shape does {ref} have, please?",
+               "What is {ref} shaped like?", "Tell me, what shape is {ref}?"],
+        "zh": ["你知道{ref}是什么形状吗？", "{ref}是一个什么形状？", "请告诉我{ref}的形状是什么。", "{ref}是啥形状？"],
+    },
+    "count": {
+        "en": ["How many shapes are shown?", "Could you count the objects in the image?",
+               "What number of shapes do you see?", "How many figures are in the picture?"],
+        "zh": ["图里有几个东西？", "你能数出图中有几个图形吗？", "这张图上一共有多少个形状？", "图片里总共有几个图形？"],
+    },
+    "position": {
+        "en": ["Could you tell me where {ref} is?", "Where exactly is {ref}?",
+               "Which part of the picture is {ref} in?", "Where is {ref} placed in the image?"],
+        "zh": ["你知道{ref}在哪里吗？", "{ref}在图上的哪个位置？", "请说一下{ref}的位置。", "{ref}在哪个地方？"],
+    },
+    "exists": {
+        "en": ["Is there {a_kind} in the image at all?", "Could you see {a_kind} in the picture?",
+               "Does this picture have {a_obj}?", "Do I see {a_obj} in this image?", "Can you find {a_obj}?"],
+        "zh": ["图中能找到{kind}吗？", "这幅图里有{kind}吗？", "你看到{obj}了吗？", "图上有没有{obj}？",
+               "图里有没有{kind}？"],
+    },
+}
+HELD_OUT: Dict[str, Dict[str, Dict[str, List[str]]]] = {"rewordings": REWORDINGS, "rewordings2": REWORDINGS_2}
+
 # How a Chinese question may name a kind (answers always use SHAPE_ZH): people say 星星 and 圆 too.
 KIND_ZH_ALIASES: Dict[str, List[str]] = {"circle": ["圆形", "圆"], "square": ["正方形", "方形"],
                                          "triangle": ["三角形"], "star": ["星形", "星星"]}
 
 
-def templates_for(qtype: str, lang: str, wording: str = "templates") -> List[str]:
-    """The question templates of one type and language in a wording (see the module docstring). The
-    absent type asks colour and position questions; the background question has only TEMPLATES."""
+def surface(template: str) -> str:
+    """A question as a reader sees it: case, punctuation, spaces and color/colour do not make it new."""
+    text = template.lower().replace("color", "colour")
+    return re.sub(r"[\s?？。.!！,，]", "", text)
+
+
+@lru_cache(maxsize=None)
+def _held_out_surfaces() -> frozenset:
+    return frozenset(surface(t) for table in HELD_OUT.values() for by_lang in table.values()
+                     for ts in by_lang.values() for t in ts)
+
+
+# How the trained wording draws: its groups' shares (the patterns share theirs equally).
+TRAINED_SHARES = {"templates": 0.40, "more": 0.15, "patterns": 0.45}
+
+
+@lru_cache(maxsize=None)
+def _trained_groups(qtype: str, lang: str) -> Tuple[Tuple[float, Tuple[str, ...]], ...]:
+    """(share, questions) groups of the trained wording: TEMPLATES, MORE_TEMPLATES, one per phrasing
+    pattern; every held-out question and every repeat of an earlier one left out."""
+    patterns = variant_groups(qtype, lang)
+    groups = [(TRAINED_SHARES["templates"], TEMPLATES[qtype][lang]),
+              (TRAINED_SHARES["more"], MORE_TEMPLATES.get(qtype, {}).get(lang, []))]
+    groups += [(TRAINED_SHARES["patterns"] / len(patterns), g) for g in patterns]
+    held, seen, out = _held_out_surfaces(), set(), []
+    for share, questions in groups:
+        kept = tuple(t for t in questions if surface(t) not in held and t not in seen)
+        seen.update(kept)
+        if kept:
+            out.append((share, kept))
+    total = sum(share for share, _ in out)
+    return tuple((share / total, kept) for share, kept in out)
+
+
+def _groups(qtype: str, lang: str, wording: str) -> List[Tuple[float, Tuple[str, ...]]]:
     if wording not in WORDINGS:
         raise ValueError(f"unknown wording {wording!r}; known: {WORDINGS}")
     if qtype == "absent":
-        return templates_for("colour", lang, wording) + templates_for("position", lang, wording)
-    if wording == "rewordings":
-        return list((REWORDINGS if qtype in REWORDINGS else TEMPLATES)[qtype][lang])
-    more = MORE_TEMPLATES.get(qtype, {}).get(lang, []) if wording == "trained" else []
-    return list(TEMPLATES[qtype][lang]) + list(more)
+        colour, position = _groups("colour", lang, wording), _groups("position", lang, wording)
+        return [(share / 2, g) for share, g in colour + position]
+    if wording == "trained":
+        return list(_trained_groups(qtype, lang))
+    if wording in HELD_OUT and qtype in HELD_OUT[wording]:
+        return [(1.0, tuple(HELD_OUT[wording][qtype][lang]))]
+    return [(1.0, tuple(TEMPLATES[qtype][lang]))]
+
+
+def templates_for(qtype: str, lang: str, wording: str = "templates") -> List[str]:
+    """The question templates of one type and language in a wording (see the module docstring). The
+    absent type asks colour and position questions; the background question has only TEMPLATES."""
+    return [t for _, group in _groups(qtype, lang, wording) for t in group]
 
 
 @dataclass(frozen=True)
@@ -284,9 +370,30 @@ def _ref_by_colour(scene: Scene, shape: Shape, lang: str) -> str:
 # ----------------------------------------------------------------------------- one question
 
 def _pick_template(qtype: str, lang: str, rng: random.Random, wording: str) -> Tuple[int, str]:
-    options = templates_for(qtype, lang, wording)
-    index = rng.randrange(len(options))
-    return index, options[index]
+    """(index in templates_for, template): uniform over the list, except in the trained wording, which
+    draws a group by its share first (see TRAINED_SHARES)."""
+    if wording != "trained":
+        options = templates_for(qtype, lang, wording)
+        index = rng.randrange(len(options))
+        return index, options[index]
+    groups = _groups(qtype, lang, wording)
+    pick, offset = rng.random(), 0
+    for share, group in groups:
+        pick -= share
+        if pick < 0 or group is groups[-1][1]:
+            j = rng.randrange(len(group))
+            return offset + j, group[j]
+        offset += len(group)
+    raise AssertionError("unreachable")
+
+
+def _typed_casually(prompt: str, lang: str, rng: random.Random) -> str:
+    """One prompt in ten as people type them: no final punctuation, or (English) a lower-case start."""
+    if rng.random() >= 0.1:
+        return prompt
+    if lang == "en" and rng.random() < 0.5:
+        return prompt[:1].lower() + prompt[1:]
+    return prompt.rstrip("?？。.")
 
 
 def _scene_opening(scene: Scene, lang: str) -> str:
@@ -427,6 +534,8 @@ def make_qa(scene: Scene, qtype: str, lang: str, rng: random.Random, wording: st
         prompt = template
         label = _scene_opening(scene, lang) + ("。" if zh else ".")
         answer = {"background": scene.background}
+    if wording == "trained":
+        prompt = _typed_casually(prompt, lang, rng)
     return QA(type=qtype, lang=lang, prompt=prompt, label=label, answer=answer, template=index)
 
 

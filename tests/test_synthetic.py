@@ -17,8 +17,8 @@ from synthetic import grading
 from synthetic.dataset import build_corpus, generate_split, load_split
 from synthetic.fewshot import FEWSHOT_DIRNAME, build_fewshot_files, write_fewshot_zip
 from synthetic.grading import grade
-from synthetic.qa import (LANGS, MORE_TEMPLATES, NEW_TYPES, PRETRAIN_TYPES, QUESTION_TYPES, REWORDINGS, TEMPLATES,
-                          WORDINGS, make_conversation, make_qa, sample_qa, templates_for)
+from synthetic.qa import (HELD_OUT, LANGS, MORE_TEMPLATES, NEW_TYPES, PRETRAIN_TYPES, QUESTION_TYPES, REWORDINGS,
+                          REWORDINGS_2, TEMPLATES, WORDINGS, make_conversation, make_qa, sample_qa, templates_for)
 from synthetic.scenes import (BACKGROUND_COLOURS, CELLS, IMAGE_SIZE, SHAPE_COLOURS, SHAPE_KINDS, Scene, Shape,
                               cell_box, sample_scene)
 
@@ -198,15 +198,17 @@ def _surface(template: str) -> str:
 
 
 def test_rewordings_never_appear_in_training():
-    """The held-out list must stay held out: no rewording is (up to case, punctuation and spelling) any
-    template of any type that the trained mix asks."""
+    """The held-out lists must stay held out: no held-out question is (up to case, punctuation and
+    spelling) any template of any type that the trained mix asks."""
     trained = {_surface(t) for qtype in QUESTION_TYPES for lang in LANGS for t in templates_for(qtype, lang, "trained")}
-    held_out = [t for by_lang in REWORDINGS.values() for ts in by_lang.values() for t in ts]
-    assert len(held_out) >= 4 * 6 * 2
-    assert not {_surface(t) for t in held_out} & trained, sorted({_surface(t) for t in held_out} & trained)
-    for qtype in PRETRAIN_TYPES:
-        for lang in LANGS:
-            assert len(REWORDINGS[qtype][lang]) >= 4 and len(MORE_TEMPLATES[qtype][lang]) >= 4, (qtype, lang)
+    assert set(HELD_OUT) == {"rewordings", "rewordings2"}
+    for name, table in HELD_OUT.items():
+        held_out = [t for by_lang in table.values() for ts in by_lang.values() for t in ts]
+        assert len(held_out) >= 4 * 6 * 2
+        assert not {_surface(t) for t in held_out} & trained, (name, sorted({_surface(t) for t in held_out} & trained))
+        for qtype in PRETRAIN_TYPES:
+            for lang in LANGS:
+                assert len(table[qtype][lang]) >= 4 and len(MORE_TEMPLATES[qtype][lang]) >= 4, (qtype, lang)
     # the trained mix keeps every original template (so they stay answered) and the issue's examples
     for qtype, by_lang in TEMPLATES.items():
         for lang, ts in by_lang.items():
@@ -216,21 +218,69 @@ def test_rewordings_never_appear_in_training():
     assert "图里有{kind}吗？" in MORE_TEMPLATES["exists"]["zh"]
 
 
-def test_every_template_has_tokens_in_the_bundled_vocabulary():
-    """The continued model keeps its tokenizer: no question falls back to byte pieces (the tokenizer's
-    'unknown' characters), so every wording is made of pieces the model has embeddings for."""
+def _byte_pieces(sp, text):
+    return {p for p in sp.encode(text, out_type=str) if p.startswith("<0x")}
+
+
+def test_held_out_questions_need_no_piece_that_training_never_shows():
+    """Characters outside the bundled tokenizer's pieces become byte pieces: questions may use them (people
+    type 你 and capital letters), but a held-out question must not need a byte piece that no trained
+    question contains (its embedding would be untrained), and answers never use byte pieces (the model
+    has to write them)."""
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(REPO / "pretrained" / "visualglm-tiny" / "ice_text.model"))
     rng = random.Random(4)
-    texts = []
+    pieces = defaultdict(set)
+    labels = []
     for wording in WORDINGS:
-        for _ in range(150):
+        for _ in range(1500 if wording == "trained" else 200):
             scene = sample_scene(rng)
             for qtype in QUESTION_TYPES:
                 qa = make_qa(scene, qtype, rng.choice(LANGS), rng, wording)
-                texts += [qa.prompt, qa.label]
-    bad = [t for t in texts if any(p.startswith("<0x") for p in sp.encode(t, out_type=str))]
-    assert not bad, bad[:5]
+                pieces[wording] |= _byte_pieces(sp, qa.prompt)
+                labels.append(qa.label)
+    assert not [t for t in labels if _byte_pieces(sp, t)]
+    assert pieces["templates"] == set()            # the first training had none
+    assert {"<0x50>", "<0xE4>"} <= pieces["trained"]      # "Please", 你
+    for name in HELD_OUT:
+        held = {p for by_lang in HELD_OUT[name].values() for ts in by_lang.values() for t in ts
+                for p in _byte_pieces(sp, t)}
+        assert held <= pieces["trained"], (name, held - pieces["trained"])
+
+
+def test_phrasing_patterns_expand_every_alternative():
+    from synthetic.phrasing import expand, expand_all, variant_groups
+    assert expand("a(b|c)d(|e)") == ["abd", "abde", "acd", "acde"]
+    assert expand("no groups {ref}?") == ["no groups {ref}?"]
+    assert expand_all(["(x |)y", "y"]) == ["x y", "y"]
+    for qtype in PRETRAIN_TYPES:
+        for lang in LANGS:
+            groups = variant_groups(qtype, lang)
+            assert len(groups) >= 5 and all(groups), (qtype, lang)
+            for t in (t for g in groups for t in g):
+                assert "(" not in t and "|" not in t and "  " not in t, t
+                assert t.format(ref="R", a_kind="K", kinds="K", kind="K", a_obj="O", obj="O")
+
+
+def test_trained_wording_draws_by_group_share_and_types_some_prompts_casually():
+    """40% of trained questions come from the original templates whatever the number of patterns, the
+    patterns give many distinct questions, and about one prompt in ten has no final punctuation or
+    (English) starts in lower case."""
+    rng = random.Random(8)
+    original = casual = 0
+    distinct = defaultdict(set)
+    n = 4000
+    for _ in range(n):
+        scene = sample_scene(rng)
+        qtype, lang = rng.choice(PRETRAIN_TYPES), rng.choice(LANGS)
+        qa = make_qa(scene, qtype, lang, rng, "trained")
+        template = templates_for(qtype, lang, "trained")[qa.template]
+        original += template in TEMPLATES[qtype][lang]
+        casual += not qa.prompt.endswith(("?", "？", ".", "。")) or qa.prompt[:1].islower()
+        distinct[(qtype, lang)].add(qa.prompt)
+    assert 0.36 < original / n < 0.44, original / n
+    assert 0.06 < casual / n < 0.14, casual / n
+    assert all(len(v) > 100 for v in distinct.values()), {k: len(v) for k, v in distinct.items()}
 
 
 def test_colourless_yes_no_questions_answer_with_the_true_colours():
@@ -276,6 +326,7 @@ def test_wordings_differ_but_the_default_stays_the_original_templates():
         for lang in LANGS:
             assert templates_for(qtype, lang) == TEMPLATES[qtype][lang]
             assert set(templates_for(qtype, lang, "rewordings")) == set(REWORDINGS[qtype][lang])
+            assert set(templates_for(qtype, lang, "rewordings2")) == set(REWORDINGS_2[qtype][lang])
     # the same seed gives the same items as before the wordings existed (the few-shot zip test checks the
     # bytes); the other wordings ask other questions, about the same scenes
     a = generate_split_items(seed=7)
