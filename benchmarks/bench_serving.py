@@ -15,6 +15,8 @@ With --model the script starts the server itself (a child process running servin
 bench_inference.py builds it) behind the fast backend with continuous batching; `tiny` is the bundled
 model. The tokenizer is the bundled model's (the real one is not in the repository); ids it does not
 know are decoded modulo its size, which changes nothing in what is measured.
+The server runs the model in its own process (serving/engine_process.py, as api.py does on a GPU);
+--in-process keeps it on a thread of the server's process, where it shares the GIL with the event loop.
 --baseline-levels also runs those levels against the reference path (sat backend, static batching) in
 the same run, and the table shows each level's throughput ratio to it. --greedy-check K sends K greedy
 conversations one at a time and then all at once, and reports how many answers are identical.
@@ -22,6 +24,7 @@ conversations one at a time and then all at once, and reports how many answers a
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import json
 import os
@@ -33,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))          # bench_inference (random-7b)
 
 QUESTIONS = ["Describe this picture in detail.", "详细描述这张图片。", "What colours do you see?",
              "图中有几个图形？"]
@@ -46,6 +50,8 @@ class ModuloDecoding:
         self._tok = tok
 
     def __getattr__(self, name):
+        if name.startswith("__"):        # unpickling (the engine process) asks for these before _tok exists
+            raise AttributeError(name)
         return getattr(self._tok, name)
 
     def decode(self, ids):
@@ -68,10 +74,14 @@ def build_engine(model_kind: str, backend: str):
 def serve(args) -> None:
     import uvicorn
     from serving.app import create_app
+    from serving.engine_process import ProcessWorker
     from serving.worker import Worker
     backend, continuous = ("sat", False) if args.reference else ("fast", True)
-    worker = Worker(build_engine(args.model, backend), max_batch=args.max_batch, max_queue=1024,
-                    batch_wait=0.005, continuous=continuous)
+    options = dict(max_batch=args.max_batch, max_queue=1024, batch_wait=0.005, continuous=continuous)
+    if args.in_process:
+        worker = Worker(build_engine(args.model, backend), **options)
+    else:
+        worker = ProcessWorker(functools.partial(build_engine, args.model, backend), **options)
     app = create_app(worker, model_name=args.model, metrics_public=True)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
@@ -82,7 +92,8 @@ def start_server(args, reference: bool):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, __file__, "--serve", "--model", args.model, "--port", str(port),
-           "--max-batch", str(args.max_batch)] + (["--reference"] if reference else [])
+           "--max-batch", str(args.max_batch)] + (["--reference"] if reference else []) + \
+          (["--in-process"] if args.in_process else [])
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -167,6 +178,7 @@ async def run_level(url: str, n: int, new_tokens: int) -> dict:
         start = time.perf_counter()
         results = await asyncio.gather(*(conversation(client, url, i, new_tokens) for i in range(n)))
         wall = time.perf_counter() - start
+        await asyncio.sleep(0.3)                  # the engine process reports its step times every 0.1 s
         after = await server_steps(client, url)
     phases = {}
     for phase in ("admit", "decode", "send"):
@@ -224,7 +236,6 @@ def engine_level(engine, slots, n: int, new_tokens: int) -> dict:
 
 def engine_only(args) -> None:
     """--engine-only: the decode loop's own speed, without the server, for each level."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from model.backend import open_slots
     engine = build_engine(args.model, "fast")
     levels = [int(x) for x in args.levels.split(",") if x]
@@ -259,6 +270,8 @@ def main(argv=None):
     p.add_argument("--baseline-levels", default="", help="levels to run on the reference path too, e.g. 64")
     p.add_argument("--greedy-check", type=int, default=0, metavar="K")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the model on a thread of the server's process (default: in its own process)")
     p.add_argument("--engine-only", action="store_true",
                    help="drive the continuous batch in this process, without the server (its own speed)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -266,7 +279,6 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         return serve(args)
     if args.engine_only:
         return engine_only(args)
@@ -306,7 +318,8 @@ def main(argv=None):
             except subprocess.TimeoutExpired:
                 proc.kill()
     print()
-    print(f"{args.model}, {args.new_tokens} new tokens per conversation, one 224x224 image each")
+    where = "on a thread of the server (--in-process)" if args.in_process else "in its own process"
+    print(f"{args.model}, {args.new_tokens} new tokens per conversation, one 224x224 image each, model {where}")
     print(table(results["levels"], results["baseline"]))
     if results["greedy"]:
         g = results["greedy"]
