@@ -30,6 +30,9 @@ The worker uses the chat engine (model.chat.ChatEngine) for everything model-rel
 and `make_request(..., has_image=True)` to prepare, `encode_images(pixels, keys)` (batched, deduplicated,
 cached) and `generate(requests, isolate_errors=True)` to run, `decode` and `max_context`. Whatever
 backend the engine drives (sat, Hugging Face, a fast GPU path) serves the same way.
+
+serving/engine_process.py runs this worker in a process of its own (api.py --engine-process, on by
+default on a GPU), so that the event loop's Python never competes with the model thread for the GIL.
 """
 import asyncio
 import collections
