@@ -71,7 +71,13 @@ class _PipeLoop:
                 if isinstance(item, Finished):
                     self._jobs.pop(job_id, None)
             try:
-                self._conn.send_bytes(pickle.dumps(("items", items), protocol=pickle.HIGHEST_PROTOCOL))
+                data = pickle.dumps(("items", items), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # noqa: BLE001 - an error that does not pickle travels as its text
+                items = [(i, Finished(x.reason, GenerationError(str(x.error))) if isinstance(x, Finished) and x.error
+                          else x) for i, x in items]
+                data = pickle.dumps(("items", items), protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                self._conn.send_bytes(data)
             except (OSError, EOFError):
                 pass                             # the parent is gone: the command loop ends the child
 
@@ -131,13 +137,15 @@ def _child_main(loader: Callable, options: dict, commands, events, log_level: in
         _send(events, lock, ("failed", worker.error))
         return
     _send(events, lock, ("ready", _describe(worker)))
-    last = None
+    last, due = None, 0.0
     while True:
-        if not commands.poll(STATS_INTERVAL):
+        if time.monotonic() >= due:                 # on time even while commands keep coming
+            due = time.monotonic() + STATS_INTERVAL
             report, taken = dict(queued=worker.queued, running=worker.running, stats=worker.stats), steps.take()
             if report != last or taken:
                 last = report
                 _send(events, lock, ("stats", dict(report, steps=taken)))
+        if not commands.poll(max(0.0, due - time.monotonic())):
             continue
         try:
             message = _recv(commands)
