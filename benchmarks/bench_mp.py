@@ -1,20 +1,22 @@
 """Several GPUs: sat model parallelism (mp=1 vs mp=N) and the one-process device map, full-size VisualGLM-6B
-architecture with random weights (no download), fp16.
+architecture with random weights (no download), fp16 (or --dtype fp32: the greedy-equality check, where fp16
+rounding at the near-ties of random logits makes the summation order of the all-reduce decide tokens).
 
-    torchrun --nproc-per-node 1 benchmarks/bench_mp.py mp --out bench-mp       # writes bench-mp/mp1.json
-    torchrun --nproc-per-node 2 benchmarks/bench_mp.py mp --out bench-mp       # mp2.json, compared with mp1
+    torchrun --nproc-per-node 1 benchmarks/bench_mp.py mp --out bench-mp       # writes bench-mp/mp1-fp16.json
+    torchrun --nproc-per-node 2 benchmarks/bench_mp.py mp --out bench-mp       # mp2-fp16.json, compared with mp1
     python benchmarks/bench_mp.py device-map --map vision=cuda:0,glm=cuda:0+cuda:1
 
 `mp`: every rank builds its part of the model on its GPU with the same random weights whatever N is (each
 full tensor drawn from its own seeded generator, then cut with model/sat/mp_split.py's rule), answers one
 random 224x224 image + a fixed prompt greedily with `--new-tokens` forced tokens (eos ignored) through the
 chat core's generate(), and reports time to first token, decode tokens/s and each GPU's peak memory. With
-mp1.json present, an mp=N run prints how many greedy tokens agree with mp=1.
+mp1-<dtype>.json present, an mp=N run prints how many greedy tokens agree with mp=1.
 
 `device-map`: the same model in one process, first on cuda:0 alone, then placed by --map: largest logit
 difference of one image prompt, greedy agreement, decode tokens/s and peak memory per GPU, both ways.
 """
 import argparse
+import gc
 import json
 import sys
 import time
@@ -52,11 +54,14 @@ def fill_random(m, rank: int = 0, size: int = 1) -> None:
             p.copy_(shard(whole, dim, stride, rank, size) if name in plan else whole)
 
 
-def build(device, rank=0, size=1):
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def build(device, rank=0, size=1, dtype=torch.float16):
     from model.sat.mp_split import build_parallel
-    m = build_parallel(VISUALGLM_6B, size, device=device, dtype=torch.float16)
+    m = build_parallel(VISUALGLM_6B, size, device=device, dtype=dtype)
     for p in m.parameters():
-        p.data = p.data.half()            # the ViT's conv is built in fp32; the loader stores fp16
+        p.data = p.data.to(dtype)         # the ViT's conv is built in fp32; the loader stores fp16
     fill_random(m, rank, size)
     m.config = dict(VISUALGLM_6B)
     return m.eval()
@@ -87,8 +92,8 @@ def prompt_logits(backend, pixels) -> torch.Tensor:
     return backend.prefill(ids, positions, mask, emb, torch.tensor([2], device=backend.device))[0][0]
 
 
-def pixels_on(device):
-    return torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+def pixels_on(device, dtype=torch.float16):
+    return torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
 
 def run_mp(args) -> int:
@@ -96,21 +101,23 @@ def run_mp(args) -> int:
     from model.sat.parallel import init_from_launcher
     device = init_from_launcher()
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    backend = SatBackend(build(device, rank, size))
-    answer(backend, 8, pixels_on(device))                     # warm-up
+    dtype = DTYPES[args.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False    # fp32 means fp32
+    backend = SatBackend(build(device, rank, size, dtype))
+    answer(backend, 8, pixels_on(device, dtype))              # warm-up
     torch.cuda.reset_peak_memory_stats()
-    tokens, ttft, tps = answer(backend, args.new_tokens, pixels_on(device))
+    tokens, ttft, tps = answer(backend, args.new_tokens, pixels_on(device, dtype))
     peaks = [None] * size
     torch.distributed.all_gather_object(peaks, round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
-    result = dict(mp=size, new_tokens=len(tokens), ttft_s=round(ttft, 4), decode_tokens_per_s=round(tps, 2),
+    result = dict(mp=size, dtype=args.dtype, new_tokens=len(tokens), ttft_s=round(ttft, 4), decode_tokens_per_s=round(tps, 2),
                   peak_gib_per_gpu=peaks, tokens=tokens)
     if rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"mp{size}.json").write_text(json.dumps(result))
+        (out / f"mp{size}-{args.dtype}.json").write_text(json.dumps(result))
         print(json.dumps({k: v for k, v in result.items() if k != "tokens"}))
-        if size > 1 and (out / "mp1.json").is_file():
-            ref = json.loads((out / "mp1.json").read_text())
+        if size > 1 and (out / f"mp1-{args.dtype}.json").is_file():
+            ref = json.loads((out / f"mp1-{args.dtype}.json").read_text())
             same = next((i for i, (a, b) in enumerate(zip(ref["tokens"], tokens)) if a != b), min(len(tokens), len(ref["tokens"])))
             print(f"greedy agreement mp={size} vs mp=1: {same}/{len(ref['tokens'])} tokens"
                   f"{' (identical)' if ref['tokens'] == tokens else ''}")
@@ -127,6 +134,10 @@ def run_device_map(args) -> int:
     devices = sorted({torch.device(d) for d in device_map.devices if d.startswith("cuda")}, key=str)
     rows = {}
     for name in ("cuda:0", args.map):
+        gc.collect()
+        torch.cuda.empty_cache()
+        # what the previous placement left allocated is not this one's (peaks are reported above it)
+        base = {d: torch.cuda.memory_allocated(d) for d in devices}
         m = build("cuda:0")
         if name != "cuda:0":
             m = m.cpu()                           # as load_model_and_tokenizer does: place from the CPU
@@ -138,7 +149,7 @@ def run_device_map(args) -> int:
         answer(backend, 8, pixels_on(backend.device))
         tokens, ttft, tps = answer(backend, args.new_tokens, pixels_on(backend.device))
         rows[name] = dict(logits=logits, tokens=tokens, ttft_s=round(ttft, 4), decode_tokens_per_s=round(tps, 2),
-                          peak_gib=[round(torch.cuda.max_memory_allocated(d) / 2 ** 30, 2) for d in devices])
+                          peak_gib=[round((torch.cuda.max_memory_allocated(d) - base[d]) / 2 ** 30, 2) for d in devices])
         del m, backend
         torch.cuda.empty_cache()
     a, b = rows.values()
@@ -157,6 +168,7 @@ def main(argv=None) -> int:
     mp = sub.add_parser("mp", help="run under torchrun: mp=N tensor parallel")
     mp.add_argument("--out", default="bench-mp", help="folder for mp<N>.json (mp=N runs compare with mp1.json)")
     mp.add_argument("--new-tokens", type=int, default=256)
+    mp.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     dm = sub.add_parser("device-map", help="one process, parts on several GPUs")
     dm.add_argument("--map", default="vision=cuda:0,glm=cuda:0+cuda:1")
     dm.add_argument("--new-tokens", type=int, default=256)
