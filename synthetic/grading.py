@@ -9,7 +9,8 @@ For 'count' the first number named is graded. For 'describe' every (colour, kind
 scene must be named, each colour next to its shape (in one clause), and no other pair. An 'exists'
 answer that lists `colours` (questions that name no colour: "Is there a star?") must also name exactly
 those colours ("Yes, there is a green star."; none after a no). An 'absent' answer must say no, name
-the missing kind and nothing else of it: no colour and no place.
+the missing kind and nothing else of it: no place, and no colour unless the question named one
+("Where is the red circle?" -> "There is no red circle in the picture.": that colour only).
 """
 from __future__ import annotations
 
@@ -236,8 +237,9 @@ def grade(item_or_question_type: Union[dict, str], expected_answer_struct: Optio
             return False
         return find_yes_no(text) is bool(expected["exists"])
     if qtype == "absent":
+        colours = {expected["colour"]} if "colour" in expected else set()
         return (find_yes_no(text) is False and _values(find_shapes(text)) == {expected["absent"]}
-                and not find_colours(text) and not find_positions(text))
+                and _values(find_colours(text)) == colours and not find_positions(text))
     if qtype == "describe":
         wanted = {(s["colour"], s["kind"]) for s in expected["shapes"]}
         return set(find_coloured_shapes(text)) == wanted

@@ -11,7 +11,10 @@ short full sentence in the question's language plus a structured answer used for
     exists      {"exists": true}
     background  {"background": "light blue"}      (held out of pretraining: the few-shot task)
     absent      {"absent": "circle"}     a colour or position question about a kind that is not there
-                                         ("Where is the circle?"), answered "There is no circle ..."
+                                         ("Where is the circle?"), answered "There is no circle ...";
+                {"absent": "circle", "colour": "red"}   half the position questions: about a coloured
+                                         shape that is not there ("Where is the red circle?" while a
+                                         blue one may be), answered "There is no red circle ..."
 
 Four wordings (WORDINGS) say which question templates are drawn:
     templates    TEMPLATES, the questions the shipped model was first trained on (the default: the
@@ -369,6 +372,11 @@ def _ref_by_colour(scene: Scene, shape: Shape, lang: str) -> str:
 
 # ----------------------------------------------------------------------------- one question
 
+@lru_cache(maxsize=None)
+def _position_templates(lang: str, wording: str) -> frozenset:
+    return frozenset(templates_for("position", lang, wording))
+
+
 def _pick_template(qtype: str, lang: str, rng: random.Random, wording: str) -> Tuple[int, str]:
     """(index in templates_for, template): uniform over the list, except in the trained wording, which
     draws a group by its share first (see TRAINED_SHARES)."""
@@ -524,6 +532,14 @@ def make_qa(scene: Scene, qtype: str, lang: str, rng: random.Random, wording: st
         else:
             label = f"Yes, there is {a_obj}." if present else f"No, there is no {obj}."
         answer = {"exists": present}
+    elif qtype == "absent" and template in _position_templates(lang, wording) and rng.random() < 0.5:
+        # "Where is the red circle?" with no red circle (often a circle of another colour, or a red
+        # shape of another kind, is there): the answer names what is not there
+        colour, kind = _absent_pair(scene, rng)
+        obj = coloured_shape(colour, kind, lang)
+        prompt = template.format(ref=obj if zh else f"the {obj}")
+        label = f"图中没有{obj}。" if zh else f"There is no {obj} in the picture."
+        answer = {"absent": kind, "colour": colour}
     elif qtype == "absent":   # a colour or position question about a kind that is not in the scene
         kind = rng.choice([k for k in SHAPE_KINDS if not scene.kind_count(k)])
         ref = _kind_fields(kind, "zh", rng)["kind"] if zh else f"the {kind}"

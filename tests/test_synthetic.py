@@ -307,16 +307,27 @@ def test_colourless_yes_no_questions_answer_with_the_true_colours():
 
 def test_absent_questions_are_about_a_kind_that_is_not_there():
     rng = random.Random(13)
+    seen = Counter()
     for wording in WORDINGS:
         for _ in range(300):
             scene = sample_scene(rng)
             lang = rng.choice(LANGS)
             qa = make_qa(scene, "absent", lang, rng, wording)
-            kind = qa.answer["absent"]
-            assert scene.kind_count(kind) == 0
+            kind, colour = qa.answer["absent"], qa.answer.get("colour")
             assert {v for _, _, v in grading.find_shapes(qa.prompt)} == {kind}
-            assert qa.label in (f"There is no {kind} in the picture.", f"图中没有{grading._SHAPES_ZH[kind][0]}。")
             assert grade(qa.type, qa.answer, qa.label, lang)
+            if colour is None:
+                assert scene.kind_count(kind) == 0
+                assert qa.label in (f"There is no {kind} in the picture.", f"图中没有{grading._SHAPES_ZH[kind][0]}。")
+                continue
+            # a coloured shape that is not there; the question asks where it is
+            assert not scene.has(colour, kind)
+            assert {v for _, _, v in grading.find_colours(qa.prompt)} == {colour}
+            assert qa.label in (f"There is no {colour} {kind} in the picture.",
+                                f"图中没有{grading._COLOURS_ZH[colour][0]}的{grading._SHAPES_ZH[kind][0]}。")
+            seen[(wording, scene.kind_count(kind) > 0)] += 1
+    # in every wording, some about a kind that is there in another colour (the near miss) and some not
+    assert all(seen[(w, near)] for w in WORDINGS for near in (True, False)), seen
 
 
 def test_wordings_differ_but_the_default_stays_the_original_templates():
@@ -480,6 +491,8 @@ def test_corpus():
     ("absent", {"absent": "circle"}, "图中没有圆形。"),
     ("absent", {"absent": "star"}, "There are no stars."),
     ("absent", {"absent": "star"}, "图里没有星星。"),
+    ("absent", {"absent": "circle", "colour": "red"}, "There is no red circle in the picture."),
+    ("absent", {"absent": "circle", "colour": "red"}, "图中没有红色的圆形。"),
     ("describe", {"shapes": [{"colour": "red", "kind": "circle", "position": "top-left"},
                              {"colour": "blue", "kind": "star", "position": "centre"}]},
      "There are two shapes: a red circle in the top-left corner and a blue star in the centre."),
@@ -538,6 +551,9 @@ def test_grade_accepts(qtype, answer, response):
     ("absent", {"absent": "circle"}, "The circle is red."),            # believes the premise
     ("absent", {"absent": "circle"}, "The circle is in the top-left corner."),
     ("absent", {"absent": "circle"}, "圆形在左上角。"),
+    ("absent", {"absent": "circle", "colour": "red"}, "The red circle is in the top-left corner."),
+    ("absent", {"absent": "circle", "colour": "red"}, "There is no blue circle in the picture."),
+    ("absent", {"absent": "circle", "colour": "red"}, "There is no circle in the picture."),
     ("absent", {"absent": "circle"}, "There is no red circle."),       # names a colour
     ("absent", {"absent": "circle"}, "There is no star in the picture."),   # the wrong kind
     ("absent", {"absent": "circle"}, "Yes, there is a circle."),
