@@ -289,7 +289,8 @@ def main(argv=None):
         if url is None:
             proc, url = start_server(args, reference=False)
             procs.append(proc)
-        # warm-up: compiles nothing, but captures the decode graphs of the buckets the levels will use
+        # warm-up (first connections, allocator): the server captured every CUDA graph at start-up
+        # (FastSlots.warm_up), so no level, N=1 included, waits for a capture
         asyncio.run(run_level(url, max(levels), 8))
         for n in levels:
             r = asyncio.run(run_level(url, n, args.new_tokens))

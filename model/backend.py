@@ -68,12 +68,15 @@ def as_backend(model, kind: str = "auto") -> Backend:
 def open_slots(backend, max_batch: int, memory_fraction: float = 0.9):
     """Key/value slots for continuous batching (model/continuous.py) over `backend`: up to max_batch
     sequences of the model's full length, fewer if that would take the process past memory_fraction of
-    the GPU's memory. None for backends that cannot batch continuously (sat, Hugging Face)."""
+    the GPU's memory. None for backends that cannot batch continuously (sat, Hugging Face). On CUDA,
+    every decode and image-encoder graph is captured here (FastSlots.warm_up), before any request."""
     from .fast import FastBackend
     if not isinstance(backend, FastBackend):
         return None
     from .fast.slots import FastSlots
-    return FastSlots.sized(backend, max_batch, memory_fraction)
+    slots = FastSlots.sized(backend, max_batch, memory_fraction)
+    slots.warm_up()
+    return slots
 
 
 # The fast path reproduces these mixins (spec 3) and ignores sat's cached-autoregressive one, which only

@@ -5,17 +5,29 @@
 
 Decoding always runs the first n slots (the scheduler hands out the lowest free slots, so the live ones
 crowd at the front), padded up to a bucket of slots and of attended length, so that there are few shapes;
-on CUDA each (slots, length) bucket is captured once in a CUDA graph and replayed. Prefill runs eagerly.
+on CUDA each (slots, length) bucket is captured once in a CUDA graph and replayed. warm_up() captures
+them all (and the image encoder's batch sizes) when a server opens its slots, so that no request waits for
+a capture. Prefill runs eagerly.
 """
+import logging
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .graphs import record
+from .graphs import record, require_cuda
 from .pool import SlotPool
 
+log = logging.getLogger("visualglm.fast")
+
 MIN_SPAN = 128                  # smallest attended length bucket
-RESERVE_BYTES = 2 * 2**30       # GPU memory left for activations, logits and captured graphs
+# GPU memory left for activations, logits and captured graphs. With every decode graph captured (up to
+# 8 slot x 5 span buckets) this still holds: the graphs share one memory pool, replayed one at a time,
+# so their intermediates take the room of the largest one (estimated ~0.2 GB at 128 slots of VisualGLM-6B),
+# and they share one logits output [slots, V] fp32 (67 MB at 128 slots) instead of one each (~0.7 GB).
+# The image encoder's graphs (batches of 1-8) share a pool too (estimated ~0.1 GB). Eager prefill of a
+# wave of prompts takes the rest. warm_up logs what the captures took.
+RESERVE_BYTES = 2 * 2**30
 
 
 def _buckets(limit: int, start: int) -> List[int]:
@@ -40,7 +52,8 @@ class FastSlots:
         self.slot_buckets = _buckets(slots, 1)
         self.span_buckets = _buckets(length, min(MIN_SPAN, length))
         self._graphs: Dict[Tuple[int, int], tuple] = {}
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graph else None
+        self._graph_pool = None                   # made with the first graph (needs CUDA)
+        self._logits: Optional[torch.Tensor] = None   # [slots, V] fp32, every graph's output (see _graph)
 
     @property
     def slots(self) -> int:
@@ -72,6 +85,28 @@ class FastSlots:
                 raise MemoryError(f"no GPU memory for even one sequence of {length} tokens "
                                   f"({per_slot / 2**30:.2f} GiB) within --gpu-memory-fraction {memory_fraction}")
         return cls(backend, slots, length)
+
+    def warm_up(self) -> int:
+        """Capture the decode step of every (slots, span) bucket and the image encoder's batch sizes now,
+        rather than on the first request that needs each (a capture takes tens of milliseconds, paid
+        inside that request's latency). Returns the number of graphs captured: 0 without CUDA graphs.
+        Raises RuntimeError when CUDA graphs are asked for off a GPU."""
+        if not self.cuda_graph:
+            return 0
+        require_cuda(self.pool.k[0])
+        start, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        count = len(self._graphs)
+        for rows in self.slot_buckets:
+            for span in self.span_buckets:
+                self._graph(rows, span)
+        count = len(self._graphs) - count
+        vision = getattr(self.backend, "vision", None)
+        if vision is not None:       # normalised pixels are float32 (model/image.py preprocess)
+            count += vision.warm_up((3, *self.backend.image_size), torch.float32, self.device)
+        torch.cuda.synchronize(self.device)
+        log.info("captured %d CUDA graphs in %.1f s (%.2f GiB of GPU memory)", count,
+                 time.perf_counter() - start, (torch.cuda.memory_reserved(self.device) - before) / 2**30)
+        return count
 
     # -- the slot interface -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -105,7 +140,7 @@ class FastSlots:
         graph, static_in, static_out = self._graph(rows, span)
         static_in.copy_(inputs)
         graph.replay()
-        return static_out[:n].clone()
+        return static_out[:n].clone()          # before the next replay: the output is shared
 
     # -- mechanics -----------------------------------------------------------------------------------
     def _step(self, inputs: torch.Tensor, view) -> torch.Tensor:
@@ -118,11 +153,17 @@ class FastSlots:
     def _graph(self, rows: int, span: int):
         key = (rows, span)
         if key not in self._graphs:
+            require_cuda(self.pool.k[0])
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+                self._logits = torch.empty(self.slots, self.glm.embed.shape[0], dtype=torch.float32,
+                                           device=self.device)                       # [slots, V]
             # Warm-up and capture run for real: they write at every slot's last index, which no live
             # sequence has reached (one that reaches it ends there) and which stays masked until then.
             static_in = torch.zeros(rows, 4, dtype=torch.long, device=self.device)
             static_in[:, 3] = self.length - 1
             view = self.pool.decode_view(rows, span)
-            graph, static_out = record(lambda: self._step(static_in, view), pool=self._graph_pool)
-            self._graphs[key] = (graph, static_in, static_out)
+            out = self._logits[:rows]          # one output for all graphs: decode copies it out at once
+            graph, _ = record(lambda: out.copy_(self._step(static_in, view)), pool=self._graph_pool)
+            self._graphs[key] = (graph, static_in, out)
         return self._graphs[key]

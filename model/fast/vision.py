@@ -7,12 +7,18 @@ captured.
 model/hf/vision.py computes the same function (spec 4) with no host round trip, and its parameter names
 are sat's after `mixins.eva.model.`, so its modules can be pointed at the sat tensors one by one.
 
-    pixels [N, 3, 224, 224] -> padded to a batch of 1, 2, 4 or 8 -> graph replay -> [N, 32, 4096]
+    pixels [N, 3, 224, 224] -> chunks of 8 -> each padded to a batch of 1, 2, 4 or 8 -> graph replay
+                            -> [N, 32, 4096]
+
+A wave of many images goes through in chunks of the largest captured batch: the encoder is compute-bound
+from a few images on (8 images are 2,056 tokens per matrix product), so chunks cost about what one big
+eager batch does, while every shape stays one that was captured at start-up (FastSlots.warm_up): a new
+wave size meets no new allocation, and no kernel is launched from Python.
 """
 import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -20,7 +26,7 @@ from .graphs import record, require_cuda
 
 log = logging.getLogger("visualglm.fast")
 
-BATCHES = (1, 2, 4, 8)          # captured batch sizes; more images at once run eagerly
+BATCHES = (1, 2, 4, 8)          # captured batch sizes; more images at once go in chunks of the largest
 
 
 def shared_image_encoder(model):
@@ -54,13 +60,30 @@ class _Graph:
 
 class FastImageEncoder:
     """pixels [N, 3, H, W] on the model's device -> [N, L, hidden]; capture: one CUDA graph per batch size
-    of BATCHES (recorded on first use), else eager (also after a capture failed, with a warning)."""
+    of BATCHES (recorded by warm_up or on first use), larger batches in chunks of the largest; else eager
+    (also after a capture failed, with a warning)."""
 
     def __init__(self, encoder, capture: bool):
         self.encoder, self.capture = encoder, capture
         self.graphs: Dict[int, _Graph] = {}
+        self._pool = None          # one memory pool for all sizes: replays run one at a time
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[0] > BATCHES[-1] and (self.capture or self.graphs):
+            return torch.cat([self._encode(chunk) for chunk in pixels.split(BATCHES[-1])])
+        return self._encode(pixels)
+
+    def warm_up(self, shape: Tuple[int, ...], dtype: torch.dtype, device) -> int:
+        """Record every batch size of BATCHES for pixels of `shape` [3, H, W] now; returns how many were
+        recorded (0 when not capturing or when a capture failed)."""
+        like = torch.empty(1, *shape, dtype=dtype, device=device)
+        count = 0
+        for batch in BATCHES:
+            if self.capture and batch not in self.graphs:
+                count += self._record(batch, like) is not None
+        return count
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]
         batch = next((b for b in BATCHES if n <= b), None)
         g = self.graphs.get(batch) or (self._record(batch, pixels) if self.capture and batch else None)
@@ -69,13 +92,15 @@ class FastImageEncoder:
         g.pixels[:n].copy_(pixels)
         g.pixels[n:].zero_()                                  # rows are independent: pads change nothing
         g.graph.replay()
-        return g.out[:n].clone()
+        return g.out[:n].clone()                              # before another size's replay reuses the pool
 
     def _record(self, batch: int, like: torch.Tensor) -> Optional[_Graph]:
         pixels = torch.zeros(batch, *like.shape[1:], dtype=like.dtype, device=like.device)
         try:
             require_cuda(pixels)
-            graph, out = record(lambda: self.encoder(pixels))
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph, out = record(lambda: self.encoder(pixels), pool=self._pool)
         except (RuntimeError, AssertionError) as e:           # slower, never wrong: eager from now on
             log.warning("image encoder: CUDA graph capture failed, running eagerly (%s)", e)
             self.capture = False
