@@ -72,7 +72,9 @@ def build_engine(model_kind: str, backend: str):
 
 
 def serve(args) -> None:
+    import logging
     import uvicorn
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")   # start-up captures
     from serving.app import create_app
     from serving.engine_process import ProcessWorker
     from serving.worker import Worker
