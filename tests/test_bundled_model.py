@@ -57,10 +57,11 @@ def test_same_question_different_images_different_answers(tiny_model, tmp_path):
     assert len(answers) >= 2, answers
 
 
-def test_answers_held_out_rewordings():
-    """Phrasings no training has seen (synthetic.qa.REWORDINGS), absent-shape questions among them: the
-    model before its fifth training stage scored 55% here, the shipped one 81% on 1,000 images."""
+@pytest.mark.parametrize("wording", ["rewordings", "rewordings2"])
+def test_answers_held_out_rewordings(wording):
+    """Phrasings no training has seen (the two held-out lists of synthetic.qa), absent-shape questions
+    among them: the target is 90%; the model before its sixth training stage scored 76% and 88% here."""
     import evaluate
     results = evaluate.main(["--from_pretrained", "visualglm-tiny", "--generate", "60", "--seed", "2",
-                             "--wording", "rewordings", "--device", "cpu"])
-    assert results["overall"]["all"]["accuracy"] >= 0.7, results["overall"]
+                             "--wording", wording, "--device", "cpu"])
+    assert results["overall"]["all"]["accuracy"] >= 0.9, results["overall"]
