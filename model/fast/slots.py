@@ -94,7 +94,7 @@ class FastSlots:
         if not self.cuda_graph:
             return 0
         require_cuda(self.pool.k[0])
-        start, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        start, before = time.perf_counter(), torch.cuda.memory_allocated(self.device)
         count = len(self._graphs)
         for rows in self.slot_buckets:
             for span in self.span_buckets:
@@ -104,8 +104,11 @@ class FastSlots:
         if vision is not None:       # normalised pixels are float32 (model/image.py preprocess)
             count += vision.warm_up((3, *self.backend.image_size), torch.float32, self.device)
         torch.cuda.synchronize(self.device)
-        log.info("captured %d CUDA graphs in %.1f s (%.2f GiB of GPU memory)", count,
-                 time.perf_counter() - start, (torch.cuda.memory_reserved(self.device) - before) / 2**30)
+        torch.cuda.empty_cache()     # what the eager warm-ups left cached goes back to the GPU
+        log.info("captured %d CUDA graphs in %.1f s (%.2f GiB of GPU memory held by them; %.2f GiB reserved "
+                 "by torch in all)", count, time.perf_counter() - start,
+                 (torch.cuda.memory_allocated(self.device) - before) / 2**30,
+                 torch.cuda.memory_reserved(self.device) / 2**30)
         return count
 
     # -- the slot interface -------------------------------------------------------------------------
