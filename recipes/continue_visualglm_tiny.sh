@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Continue training the bundled small model on the natural rewordings: more paraphrases per question
-# type, yes/no questions that name no colour ("Is there a star?") and questions about a shape that is
-# not there ("Where is the circle?" -> "There is no circle in the picture."), mixed with the original
-# templates so that those stay answered (the `trained` wording of synthetic/qa.py).
+# Continue training the bundled small model on the natural rewordings: many phrasings per question
+# type (synthetic/phrasing.py), yes/no questions that name no colour ("Is there a star?") and questions
+# about a shape that is not there ("Where is the red circle?" -> "There is no red circle in the
+# picture."), mixed with the original templates so that those stay answered (the `trained` wording of
+# synthetic/qa.py). The shipped model: the fifth stage, then ITERS=1400, then ITERS=1000 from each export.
 #   bash recipes/continue_visualglm_tiny.sh          # one GPU: 1,300 iterations of batch 512, bf16 (~7 min on an H100)
 # Smoke run (CPU, about a minute):
 #   WORK=/tmp/tiny-continue ITERS=3 BATCH=4 WORKERS=0 PRECISION= SAVE_INTERVAL=2 EVAL_IMAGES=4 \
