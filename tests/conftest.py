@@ -160,6 +160,14 @@ def stop_process(proc) -> None:
         proc.kill()
 
 
+def default_sigint() -> None:
+    """Give a child process the default Ctrl-C. A test run started in the background (`nohup ... &`)
+    ignores SIGINT, children inherit that, and Python then never raises KeyboardInterrupt: the tests of
+    Ctrl-C would fail for a reason that is not the program's."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -42,6 +42,7 @@ import io  # noqa: E402
 import pytest  # noqa: E402
 
 import cli_demo  # noqa: E402
+from conftest import default_sigint  # noqa: E402
 
 
 class ScriptedEngine:
@@ -218,6 +219,7 @@ def test_ctrl_c_in_a_real_terminal(ckpt_dir, image_file):
     import time
     pid, fd = pty.fork()
     if pid == 0:   # the child: the chat, in the terminal
+        default_sigint()
         os.chdir(ROOT)
         # a penalty below 1 makes the random model repeat a token to max_length instead of ending early:
         # on a slow machine the Ctrl-C must still find the answer running

@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import infer
+from conftest import default_sigint
 from model.chat import ChatEngine
 from model.sampling import SamplingParams
 from offline.inputs import read_inputs
@@ -257,7 +258,8 @@ def test_a_real_ctrl_c_keeps_every_finished_line(ckpt_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(root, "infer.py"), "--from_pretrained", str(ckpt_dir),
                              "--device", "cpu", "--input", str(src), "--output", str(out), "--top_k", "1",
                              "--max_length", "120", "--batch_size", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                            preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         while not (out.exists() and out.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
