@@ -123,16 +123,23 @@ def image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def conversation(client, url: str, i: int, new_tokens: int, greedy: bool = False) -> dict:
+def request_body(i: int, new_tokens: int, greedy: bool = False) -> bytes:
+    """Conversation i's request, as the bytes sent. Built before a level starts: encoding 64 PNGs and their
+    JSON inside the level would stagger the arrivals by the client's own CPU time."""
     body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": new_tokens,
             "messages": [{"role": "user", "content": [
                 {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
                 {"type": "image_url", "image_url": {"url": image_url(i)}}]}]}
     if greedy:
         body["temperature"] = 0
+    return json.dumps(body).encode()
+
+
+async def conversation(client, url: str, body: bytes) -> dict:
     start = time.perf_counter()
     first, last, gaps, text, tokens = None, None, [], [], 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+    async with client.stream("POST", url + "/v1/chat/completions", content=body,
+                             headers={"Content-Type": "application/json"}) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
@@ -178,7 +185,8 @@ async def run_level(url: str, n: int, new_tokens: int) -> dict:
     async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
         before = await server_steps(client, url)
         start = time.perf_counter()
-        results = await asyncio.gather(*(conversation(client, url, i, new_tokens) for i in range(n)))
+        bodies = [request_body(i, new_tokens) for i in range(n)]
+        results = await asyncio.gather(*(conversation(client, url, body) for body in bodies))
         wall = time.perf_counter() - start
         await asyncio.sleep(0.3)                  # the engine process reports its step times every 0.1 s
         after = await server_steps(client, url)
@@ -199,8 +207,9 @@ async def run_level(url: str, n: int, new_tokens: int) -> dict:
 async def greedy_check(url: str, k: int, new_tokens: int) -> tuple:
     import httpx
     async with httpx.AsyncClient(timeout=None, trust_env=False) as client:
-        alone = [(await conversation(client, url, i, new_tokens, greedy=True))["text"] for i in range(k)]
-        together = await asyncio.gather(*(conversation(client, url, i, new_tokens, greedy=True) for i in range(k)))
+        bodies = [request_body(i, new_tokens, greedy=True) for i in range(k)]
+        alone = [(await conversation(client, url, body))["text"] for body in bodies]
+        together = await asyncio.gather(*(conversation(client, url, body) for body in bodies))
     same = sum(a == b["text"] for a, b in zip(alone, together))
     return same, k
 
