@@ -385,14 +385,10 @@ def _pick_template(qtype: str, lang: str, rng: random.Random, wording: str) -> T
         index = rng.randrange(len(options))
         return index, options[index]
     groups = _groups(qtype, lang, wording)
-    pick, offset = rng.random(), 0
-    for share, group in groups:
-        pick -= share
-        if pick < 0 or group is groups[-1][1]:
-            j = rng.randrange(len(group))
-            return offset + j, group[j]
-        offset += len(group)
-    raise AssertionError("unreachable")
+    g = rng.choices(range(len(groups)), weights=[share for share, _ in groups])[0]
+    group, offset = groups[g][1], sum(len(group) for _, group in groups[:g])
+    j = rng.randrange(len(group))
+    return offset + j, group[j]
 
 
 def _typed_casually(prompt: str, lang: str, rng: random.Random) -> str:
