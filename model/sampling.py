@@ -134,16 +134,30 @@ NAN_ERROR = "NaN in the model's logits (fp16 overflow? try --quant none or fp32/
 EMPTY_ERROR = "No token can be sampled: every logit is -inf or masked by invalid_slices."
 
 
+class HostCopy:
+    """A device tensor's values on the host, copied without waiting: the copy starts now, wait() returns
+    them. A decoding loop queues its next step on the GPU before it waits, so the GPU computes while the
+    host reads tokens and streams text. wait() releases the GIL while the GPU finishes (a server's event
+    loop thread keeps running; .tolist() alone holds the GIL for the whole wait)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._done = None
+        if tensor.is_cuda:
+            device = tensor.device
+            tensor = tensor.to("cpu", non_blocking=True)          # into pinned memory, asynchronously
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(device))
+        self._host = tensor
+
+    def wait(self) -> list:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
 def to_host(tensor: torch.Tensor) -> list:
-    """tensor.tolist(), waiting for the GPU with the GIL released: a server's event loop thread keeps
-    running meanwhile (.tolist() alone holds the GIL for the whole wait)."""
-    if tensor.is_cuda:
-        host = tensor.to("cpu", non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(tensor.device))
-        done.synchronize()                   # releases the GIL while it waits
-        return host.tolist()
-    return tensor.tolist()
+    """tensor.tolist(), waiting for the GPU with the GIL released (HostCopy)."""
+    return HostCopy(tensor).wait()
 
 
 def process_logits(logits: torch.Tensor, generated: List[int], p: SamplingParams) -> torch.Tensor:

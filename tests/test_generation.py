@@ -172,3 +172,34 @@ def test_a_failing_row_ends_alone_and_the_others_go_on(net, tiny_config, monkeyp
     assert rows[0] == alone[0] and rows[2] == alone[2]
     assert rows[1] == alone[1][:2], "the failing row must stop at once"
     assert isinstance(reqs[1].error, ValueError) and reqs[0].error is None and reqs[2].error is None
+
+
+@pytest.mark.parametrize("flavour", ["sat", "fast"])
+def test_running_one_step_ahead_gives_the_same_answers(net, tiny_config, flavour):
+    """generate(ahead=True) (the GPU default) queues each step before reading the previous tokens: the
+    same answers, with eos, max_new_tokens, max_length and seeded sampling rows in one batch; only a
+    batch that ends on an eos has a step more computed (and dropped)."""
+    from model.fast import FastBackend
+    from model.sat.backend import SatBackend
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+
+    def run(ahead, eos, rows=3):
+        reqs = [Request(ids=[20, 21, 22, g, s], params=SamplingParams(top_k=1, max_length=40)),
+                Request(ids=[30, 31, 32, 33, 34, 35, g, s], params=SamplingParams(top_k=50, top_p=0.9, max_length=20),
+                        generator=torch.Generator().manual_seed(7)),
+                Request(ids=[40, 41, g, s], params=SamplingParams(top_k=1, max_length=40, max_new_tokens=6))][:rows]
+        backend = (SatBackend if flavour == "sat" else FastBackend)(net)
+        calls, real = [], backend.decode_step
+        backend.decode_step = lambda *a: calls.append(1) or real(*a)
+        return list(generate(backend, reqs, 3, eos, ahead=ahead)), len(calls)
+
+    plain, _ = run(False, [])
+    row0, row1 = [st[0] for st in plain], [st[1] for st in plain]
+    end = next(i for i in range(5, len(row0)) if row0[i] not in row0[:i] + row1)   # row 0 alone ends there
+    eos = [row0[end]]
+    (behind, steps), (ahead, steps_ahead) = run(False, eos), run(True, eos)
+    assert ahead == behind and steps_ahead == steps            # the last row ends by length: nothing extra
+    assert behind != plain and len({t for st in behind for t in st if t is not None}) > 5
+    (behind, steps), (ahead, steps_ahead) = run(False, eos, rows=1), run(True, eos, rows=1)
+    assert [st[0] for st in ahead] == row0[:end] and ahead == behind
+    assert steps_ahead == steps + 1                            # ends on an eos: one step dropped
