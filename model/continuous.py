@@ -6,7 +6,8 @@ frees its place at once. The scheduler here does that over a *slot backend* (mod
 
     slots.slots, slots.length                         how many sequences, of at most how many tokens
     slots.prefill(rows, ids, positions, mask, image_embeds, pre_image, pads) -> logits [N, V]
-    slots.decode(tokens, positions, index)            -> logits [n, V] for slots 0..n-1
+    slots.decode(tokens, positions, index)            -> logits [n, V] for slots 0..n-1 (tokens: a tensor
+                                                         [slots] on the device, each slot's next input)
 
     batch = ContinuousBatch(slots, pad_id, eos_ids)
     events = batch.admit(requests)     # prefill into free slots; each gets its first token
@@ -16,6 +17,12 @@ frees its place at once. The scheduler here does that over a *slot backend* (mod
 Each event is (request, token or None, reason or None): a token of the answer, and/or the reason the
 request ended ("stop", "length", "error" with request.error set). Sampling and the end-of-row rules are
 generate()'s (model/sampling.py, RowProgress), so a greedy answer is the same either way.
+
+On a GPU the batch runs one step ahead, as generate() does: step() queues the next decoding step (its
+input tokens never leave the device) before it reads the tokens of the previous one, so the GPU computes
+while the host does the bookkeeping and the server streams text; each step's events come out one call
+later. A sequence that ended on an eos is found out one step late: the step computed for it meanwhile is
+dropped. admit() reads its first tokens at once (time to first token).
 """
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence
@@ -24,7 +31,7 @@ import torch
 
 from .generation import Request, RowProgress, images_of
 from .positions import batch_inputs
-from .sampling import RowSettings, draw, filter_logits, to_host
+from .sampling import HostCopy, RowSettings, draw, filter_logits
 
 
 class Event(NamedTuple):
@@ -36,19 +43,24 @@ class Event(NamedTuple):
 @dataclass
 class _Sequence:
     progress: RowProgress
-    token: int               # the last sampled token: the next step's input
-    position: int            # its 2-D position ids
-    block: int
-    index: int               # its cache index (the sequence's length - 1)
+    position: int            # the 2-D position ids of its next input token (the token itself is on the
+    block: int               # device: ContinuousBatch._tokens)
+    index: int               # the cache index that token goes to
     serial: int              # tells sequences apart for the settings cache (ids of dead objects recur)
+    pending: bool = False    # a step was queued for it whose token is not read yet
 
 
 class ContinuousBatch:
-    def __init__(self, slots, pad_id: int, eos_ids: Sequence[int], *, isolate_errors: bool = True):
+    def __init__(self, slots, pad_id: int, eos_ids: Sequence[int], *, isolate_errors: bool = True,
+                 ahead: Optional[bool] = None):
+        """ahead: run one step ahead (see above); default on CUDA. Answers are the same either way."""
         self.slots, self.pad_id, self.eos_ids = slots, pad_id, list(eos_ids)
         self.isolate_errors = isolate_errors
+        self.ahead = slots.device.type == "cuda" if ahead is None else ahead
         self.running: Dict[int, _Sequence] = {}           # slot -> sequence
         self._seen: Optional[torch.Tensor] = None          # [slots, V] tokens each slot has generated
+        self._tokens: Optional[torch.Tensor] = None        # [slots] each slot's next input token
+        self._queued: Optional[tuple] = None               # the step not read yet: (HostCopy, [(slot, seq)])
         self._settings: Dict[tuple, RowSettings] = {}      # per set of rows: rebuilt only when it changes
         self._serial = 0
 
@@ -82,27 +94,39 @@ class ContinuousBatch:
         logits = self.slots.prefill(rows, ids, positions, mask, image_embeds, pre_image, pads=pads)   # [N, V]
         if self._seen is None:
             self._seen = torch.zeros(self.slots.slots, logits.shape[-1], dtype=torch.bool, device=device)
+            self._tokens = torch.full((self.slots.slots,), self.pad_id, dtype=torch.long, device=device)
         self._seen[rows] = False
         last = positions[:, :, -1].tolist()
+        seqs = []
         for b, (row, r) in enumerate(zip(rows, ready)):
             self._serial += 1
-            self.running[row] = _Sequence(RowProgress(r), self.pad_id, last[b][0], last[b][1],
-                                          ids.shape[1] - pads[b] - 1, self._serial)
-        return events + self._sample(rows, logits)
+            seqs.append(_Sequence(RowProgress(r), last[b][0], last[b][1] + 1, ids.shape[1] - pads[b], self._serial))
+            self.running[row] = seqs[-1]
+        return events + self._read(self._sample(rows, seqs, logits), list(zip(rows, seqs)))
 
     # -- decoding -------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> List[Event]:
-        """One decoding step for every running sequence."""
-        if not self.running:
-            return []
-        n = max(self.running) + 1
-        tokens, positions, index = [self.pad_id] * n, [(0, 0)] * n, [0] * n
-        for row, s in self.running.items():
-            tokens[row], positions[row], index[row] = s.token, (s.position, s.block), s.index
-        logits = self.slots.decode(tokens, positions, index)                         # [n, V]
-        rows = sorted(self.running)
-        return self._sample(rows, logits[rows])
+        """One decoding step for every running sequence: returns its events, or, running ahead, those of
+        the step before (this one is queued)."""
+        launch = [(row, s) for row, s in sorted(self.running.items())
+                  if (s.progress.may_go_on if s.pending else not s.progress.done)]
+        queued = None
+        if launch:
+            n = launch[-1][0] + 1
+            positions, index = [(0, 0)] * n, [0] * n             # slots not launched: anything in range
+            for row, s in launch:
+                positions[row], index[row] = (s.position, s.block), s.index
+            logits = self.slots.decode(self._tokens, positions, index)                   # [n, V]
+            rows = [row for row, _ in launch]
+            queued = (self._sample(rows, [s for _, s in launch], logits[rows]), launch)
+            for _, s in launch:
+                s.pending, s.index, s.block = True, s.index + 1, s.block + 1   # the mask position stays
+        events = self._read(*self._queued) if self._queued is not None else []
+        self._queued = queued
+        if not self.ahead and queued is not None:
+            events, self._queued = events + self._read(*queued), None
+        return events
 
     def cancel(self, request: Request) -> bool:
         """Take a request out of the batch (its slot is free for the next admit); False if not running."""
@@ -113,27 +137,33 @@ class ContinuousBatch:
         return False
 
     # -- mechanics ------------------------------------------------------------------------------------
-    def _sample(self, rows: List[int], logits: torch.Tensor) -> List[Event]:
-        """Sample a token for each of `rows` from their logits [N, V]; record it; end finished rows."""
-        seqs = [self.running[row] for row in rows]
-        settings = self._settings_for(rows, seqs, logits)
+    def _sample(self, rows: List[int], seqs: List[_Sequence], logits: torch.Tensor) -> HostCopy:
+        """Sample a token for each of `rows` from their logits [N, V] on the device, where it becomes the
+        slot's next input; start copying (token, nan, empty) to the host."""
+        settings = self._settings_for(seqs, logits)
         rows_t = torch.tensor(rows, device=logits.device)
         filtered, nan, empty = filter_logits(logits, self._seen[rows_t], settings)
         tokens = draw(filtered, settings, [s.progress.request.generator for s in seqs])           # [N]
         self._seen[rows_t, tokens] = True
-        host_tokens, host_nan, host_empty = to_host(torch.stack([tokens, nan.long(), empty.long()]))  # one sync
+        self._tokens[rows_t] = tokens
+        return HostCopy(torch.stack([tokens, nan.long(), empty.long()]))
+
+    def _read(self, copy: HostCopy, launched: List[tuple]) -> List[Event]:
+        """Wait for a sampled step's tokens; record them for the sequences still running in their slots
+        (not those that ended or were cancelled since it was queued); end finished ones."""
+        host_tokens, host_nan, host_empty = copy.wait()
         events = []
-        for b, (row, s) in enumerate(zip(rows, seqs)):
+        for b, (row, s) in enumerate(launched):
+            if self.running.get(row) is not s:
+                continue
+            s.pending = False
             token = s.progress.take(host_tokens[b], host_nan[b], host_empty[b], self.eos_ids, self.isolate_errors)
             events.append(Event(s.progress.request, token, s.progress.reason))
             if s.progress.done:
                 self._leave(row)
-                continue
-            s.token, s.index = token, s.index + 1
-            s.block += 1          # the next token's block position (the mask position stays)
         return events
 
-    def _settings_for(self, rows, seqs, logits) -> RowSettings:
+    def _settings_for(self, seqs, logits) -> RowSettings:
         key = tuple(s.serial for s in seqs)
         if key not in self._settings:
             if len(self._settings) > 64:

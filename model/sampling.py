@@ -121,7 +121,10 @@ def draw(filtered: torch.Tensor, rows: RowSettings, generators: Sequence[Optiona
     gives the same answer on any device)."""
     probs = torch.softmax(filtered, dim=-1)
     if any(g is not None for g in generators):
-        u = torch.stack([torch.rand((), generator=g) for g in generators]).to(filtered.device)
+        u = torch.stack([torch.rand((), generator=g) for g in generators])
+        if filtered.is_cuda:
+            u = u.pin_memory()          # so the copy does not wait for the GPU (a loop running ahead)
+        u = u.to(filtered.device, non_blocking=True)
     else:
         u = torch.rand(filtered.shape[0], device=filtered.device)
     cdf = probs.cumsum(-1)

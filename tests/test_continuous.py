@@ -69,10 +69,11 @@ def run(batch, arrivals):
     return answers, ended
 
 
-def test_greedy_answers_equal_one_at_a_time_with_arrivals_while_decoding(net, tiny_config, emb):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_greedy_answers_equal_one_at_a_time_with_arrivals_while_decoding(net, tiny_config, emb, ahead):
     reqs = make_requests(tiny_config, emb)
     ref = [alone(SatBackend(net), r) for r in reqs]
-    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=4, length=128), pad_id=3, eos_ids=[4])
+    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=4, length=128), pad_id=3, eos_ids=[4], ahead=ahead)
     # three at once, then newcomers while those decode (more than the 4 slots over the whole run)
     answers, ended = run(batch, [(0, reqs[:3]), (2, reqs[3:4]), (5, reqs[4:5]), (30, reqs[5:7])])
     assert [answers.get(id(r), []) for r in reqs] == ref
@@ -80,18 +81,35 @@ def test_greedy_answers_equal_one_at_a_time_with_arrivals_while_decoding(net, ti
     assert not batch.running and batch.free == 4
 
 
-def test_a_short_request_sent_after_a_long_one_finishes_first(net, tiny_config):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_running_ahead_steps_once_more_for_an_answer_that_ends_on_eos(net, tiny_config, ahead):
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    request = Request(ids=[20, 21, g, s], params=SamplingParams(max_length=60, top_k=1))
+    plain = alone(SatBackend(net), request)
+    end = next(i for i in range(3, len(plain)) if plain[i] not in plain[:i])
+    slots = FastSlots(FastBackend(net), slots=2, length=64)
+    calls, real = [], slots.decode
+    slots.decode = lambda *a: calls.append(1) or real(*a)
+    batch = ContinuousBatch(slots, pad_id=3, eos_ids=[plain[end]], ahead=ahead)
+    answers, ended = run(batch, [(0, [request])])
+    assert answers[id(request)] == plain[:end] and ended == [request] and request.error is None
+    assert len(calls) == end + (1 if ahead else 0)      # admission samples the first token; the eos is dropped
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_short_request_sent_after_a_long_one_finishes_first(net, tiny_config, ahead):
     g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
     long = Request(ids=[20, 21, g, s], params=SamplingParams(max_length=120, top_k=1, max_new_tokens=100))
     short = Request(ids=[22, 23, g, s], params=SamplingParams(max_length=120, top_k=1, max_new_tokens=3))
-    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=2, length=128), pad_id=3, eos_ids=[])
+    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=2, length=128), pad_id=3, eos_ids=[], ahead=ahead)
     _, ended = run(batch, [(0, [long]), (5, [short])])
     assert ended == [short, long]
 
 
-def test_slots_are_freed_on_finish_and_cancel_and_reused(net, tiny_config):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_slots_are_freed_on_finish_and_cancel_and_reused(net, tiny_config, ahead):
     g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
-    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=3, length=64), pad_id=3, eos_ids=[])
+    batch = ContinuousBatch(FastSlots(FastBackend(net), slots=3, length=64), pad_id=3, eos_ids=[], ahead=ahead)
     for round_ in range(8):
         reqs = [Request(ids=[20 + round_, 21, g, s], params=SamplingParams(max_length=64, top_k=1,
                                                                             max_new_tokens=2 + k))

@@ -24,12 +24,19 @@ def engine(tiny):
     return ChatEngine(FastBackend(model), tok, allow_image_paths=False, allow_image_urls=False)
 
 
-@pytest.fixture(scope="module")
-def worker(engine):
+@pytest.fixture(scope="module", params=[False, True], ids=["in-step", "ahead"])
+def worker(engine, request):
+    """ahead: the batch runs one step ahead, as it does on a GPU (model/continuous.py)."""
+    import functools
+    from model import continuous
+    real = continuous.ContinuousBatch.__init__
+    patch = pytest.MonkeyPatch()
+    patch.setattr(continuous.ContinuousBatch, "__init__", functools.partialmethod(real, ahead=request.param))
     w = Worker(engine, max_batch=4, max_queue=300, batch_wait=0.0).start()
     assert w.wait_ready(60)
     yield w
     w.stop()
+    patch.undo()
 
 
 def test_the_fast_backend_batches_continuously_and_sat_statically(worker, tiny):

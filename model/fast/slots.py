@@ -2,6 +2,7 @@
 
     prefill(rows, ids, positions, mask, image_embeds, pre_image) -> logits [N, V]   new prompts into slots
     decode(tokens, positions, index)                             -> logits [n, V]   one token for slots 0..n-1
+                                                                   (tokens stay on the device)
 
 Decoding always runs the first n slots (the scheduler hands out the lowest free slots, so the live ones
 crowd at the front), padded up to a bucket of slots and of attended length, so that there are few shapes;
@@ -129,19 +130,26 @@ class FastSlots:
         return self.glm(x, positions.to(dev), view, index, mask)
 
     @torch.inference_mode()
-    def decode(self, tokens: Sequence[int], positions: Sequence[Tuple[int, int]], index: Sequence[int]):
-        """For slots 0..n-1: the new token, its 2-D position and the cache index it goes to (its
-        sequence's length - 1; free slots pass anything, e.g. 0) -> logits [n, V] (fp32)."""
-        n = len(tokens)
+    def decode(self, tokens: torch.Tensor, positions: Sequence[Tuple[int, int]], index: Sequence[int]):
+        """For slots 0..n-1 (n = len(index)): their 2-D positions and the cache index the new token goes
+        to (its sequence's length - 1; free slots pass anything, e.g. 0) -> logits [n, V] (fp32). tokens:
+        each slot's next input, a tensor [slots] on the device (a continuous batch samples them there: no
+        copy through the host) or a list of n."""
+        n = len(index)
         rows = next(b for b in self.slot_buckets if b >= n)
+        if not torch.is_tensor(tokens):
+            tokens = torch.tensor(list(tokens) + [0] * (rows - n), device=self.device)
         span = next(s for s in self.span_buckets if s > max(index))
-        pad = rows - n
-        host = torch.tensor([[t, p, q, i] for t, (p, q), i in zip(tokens, positions, index)] + [[0, 0, 0, 0]] * pad)
-        inputs = host.to(self.device, non_blocking=True)                               # [rows, 4]
+        host = torch.tensor([[p, q, i] for (p, q), i in zip(positions, index)] + [[0, 0, 0]] * (rows - n))
+        if self.device.type == "cuda":
+            host = host.pin_memory()          # an asynchronous copy: the host does not wait for the GPU here
+        rest = host.to(self.device, non_blocking=True)                                  # [rows, 3]
         if not self.cuda_graph:
+            inputs = torch.cat([tokens[:rows, None], rest], dim=1)                       # [rows, 4]
             return self._step(inputs, self.pool.decode_view(rows, span))[:n]
         graph, static_in, static_out = self._graph(rows, span)
-        static_in.copy_(inputs)
+        static_in[:, 0].copy_(tokens[:rows])
+        static_in[:, 1:].copy_(rest)
         graph.replay()
         return static_out[:n].clone()          # before the next replay: the output is shared
 
