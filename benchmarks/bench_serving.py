@@ -183,15 +183,15 @@ async def run_level(url: str, n: int, new_tokens: int) -> dict:
     import httpx
     limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
     async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
+        bodies = [request_body(i, new_tokens) for i in range(n)]
         before = await server_steps(client, url)
         start = time.perf_counter()
-        bodies = [request_body(i, new_tokens) for i in range(n)]
         results = await asyncio.gather(*(conversation(client, url, body) for body in bodies))
         wall = time.perf_counter() - start
         await asyncio.sleep(0.3)                  # the engine process reports its step times every 0.1 s
         after = await server_steps(client, url)
     phases = {}
-    for phase in ("admit", "decode", "send"):
+    for phase in ("images", "admit", "decode", "send"):
         count = after.get((phase, "count"), 0) - before.get((phase, "count"), 0)
         total = after.get((phase, "sum"), 0) - before.get((phase, "sum"), 0)
         phases[f"{phase}_ms"] = round(total / count * 1e3, 2) if count else None

@@ -6,9 +6,10 @@
     visualglm_generated_tokens_total             answer tokens sent
     visualglm_time_to_first_token_seconds        histogram, from queueing to the first token
     visualglm_request_duration_seconds           histogram, from queueing to the end
-    visualglm_batch_step_seconds{phase}          histogram of the model thread's work per step: "admit"
-                                                 (images + prefill of newcomers), "decode" (one token for
-                                                 every running request), "send" (handing tokens out)
+    visualglm_batch_step_seconds{phase}          histogram of the model thread's work per step: "images"
+                                                 (encoding newcomers' images), "admit" (their prefill),
+                                                 "decode" (one token for every running request), "send"
+                                                 (handing tokens out)
     visualglm_queue_length                       requests waiting for a place in the batch
     visualglm_running_requests                   requests decoding (the running batch size)
     visualglm_kv_slots_in_use / _total           key/value slots (continuous batching; static: batch places)

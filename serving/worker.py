@@ -52,6 +52,8 @@ from .errors import GenerationError, ModelLoadError, NotReadyError, QueueFullErr
 
 log = logging.getLogger("visualglm.serving")
 
+BURST_WAIT = 0.2      # seconds an idle continuous batch may wait for the rest of a burst (_gather_burst)
+
 
 @dataclasses.dataclass
 class Finished:
@@ -387,13 +389,8 @@ class Worker:
                         self._finish(job, "error", NotReadyError("The server is shutting down."))
                     self._flush()
                     return
-                if not live:                         # idle: let requests sent together arrive together
-                    deadline = time.monotonic() + self.batch_wait
-                    while len(self._pending) < batch.free and not self._stopping:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(left)
+                if not live:
+                    self._gather_burst(batch.free)
                 newcomers = [self._pending.popleft() for _ in range(min(batch.free, len(self._pending)))]
                 for job in newcomers:
                     job.state = "running"
@@ -405,13 +402,14 @@ class Worker:
                     self._stats["cancelled"] += 1
                     self._finish(job, "cancelled")
             events = []
-            t0 = time.perf_counter()
             try:
                 newcomers = self._attach_images(newcomers)
+                t0 = time.perf_counter()
                 if newcomers:
                     events += batch.admit([job.request for job in newcomers])
                     live.update((id(job.request), job) for job in newcomers)
             except Exception as e:  # noqa: BLE001 - a failing prefill fails its newcomers only
+                t0 = time.perf_counter()
                 self._fail_jobs(newcomers, e)
                 for job in newcomers:
                     batch.cancel(job.request)
@@ -448,6 +446,32 @@ class Worker:
             with self._cond:
                 self._running = list(live.values())
                 self._free = batch.free
+
+    def _gather_burst(self, room: int) -> None:
+        """Idle, with self._cond held: wait for the rest of a burst before admitting it. Requests sent
+        together reach the worker over tens of milliseconds, and one prefill for all of them beats several
+        waves, each of which makes the later ones wait for the earlier. Waits until no request came for
+        batch_wait, the places are full, or BURST_WAIT passed; meanwhile encodes the images of those that
+        came (the GPU would idle), so admitting them is their prefill alone."""
+        start = quiet = time.monotonic()
+        count = len(self._pending)
+        while len(self._pending) < room and not self._stopping:
+            now = time.monotonic()
+            if len(self._pending) != count:
+                count, quiet = len(self._pending), now
+            left = min(quiet + self.batch_wait, start + BURST_WAIT) - now
+            if left <= 0:
+                return
+            fresh = [job for job in self._pending if job.pixels is not None]
+            if not fresh:
+                self._cond.wait(left)
+                continue
+            self._cond.release()                 # requests keep arriving meanwhile
+            try:
+                self._attach_images(fresh)
+            finally:
+                self._cond.acquire()
+            self._pending = collections.deque(job for job in self._pending if job.state != "done")  # failed
 
     def _fail_jobs(self, jobs: List[Job], e: Exception) -> None:
         log.exception("generation failed", exc_info=e)
@@ -526,8 +550,11 @@ class Worker:
         need = [job for job in batch if job.pixels is not None]
         if not need:
             return batch
+        start = time.perf_counter()
         try:
             embeds = self.engine.encode_images([job.pixels for job in need], [job.image_key for job in need])
+            if self.metrics is not None:
+                self.metrics.step("images", time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001
             log.exception("encoding images failed")
             error = GenerationError(f"Encoding the image failed: {type(e).__name__}: {e}")

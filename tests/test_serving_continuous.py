@@ -134,3 +134,31 @@ def test_metrics_parse_and_move(worker):
     from fastapi.testclient import TestClient
     with TestClient(public) as c:
         assert c.get("/metrics").status_code == 200
+
+
+def test_an_idle_worker_admits_a_staggered_burst_in_one_prefill_encoding_images_meanwhile(engine, monkeypatch):
+    """Requests arriving a few ms apart at an idle worker are admitted together (one prefill), not in
+    waves that make the later ones wait; their images are encoded while the rest arrive."""
+    from model import continuous
+    admitted, encoded = [], []
+    real_admit = continuous.ContinuousBatch.admit
+    monkeypatch.setattr(continuous.ContinuousBatch, "admit",
+                        lambda self, reqs: admitted.append(len(reqs)) or real_admit(self, reqs))
+    real_encode = engine.encode_images
+    monkeypatch.setattr(engine, "encode_images", lambda pixels, keys: encoded.append(
+        (len(pixels), len(admitted))) or real_encode(pixels, keys))
+    w = Worker(engine, max_batch=8, max_queue=8, batch_wait=0.1).start()
+    try:
+        cases = [(QUESTIONS[i], [RED, BLUE][i % 2], 3) for i in range(5)]
+
+        async def main():
+            async def run(i, q, img, n):
+                await asyncio.sleep(0.02 * i)          # 20 ms apart: within the 100 ms quiet window
+                return await collect(submit(w, q, img, n=n))
+            return await asyncio.gather(*(run(i, *c) for i, c in enumerate(cases)))
+        answers = asyncio.run(main())
+    finally:
+        w.stop()
+    assert admitted == [5] and all(len(a) == 3 for a in answers)
+    assert sum(n for n, _ in encoded) == 5 and len(encoded) > 1       # as they came, all before the prefill:
+    assert all(before == 0 for _, before in encoded)
