@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from model.fast import FastBackend
-from model.fast.quant import Int4Linear, Int8Linear, dequantize_int4_groups, group_size, quantize_int4_groups
+from model.fast.quant import (Int4Linear, Int8Linear, dequantize_int4_groups, group_size, pack_int4,
+                              quantize_int4_groups, unpack_int4)
 from model.generation import Request, generate
 from model.sampling import SamplingParams
 from model.sat.backend import SatBackend
@@ -81,39 +82,105 @@ def test_a_quantized_fast_backend_computes_its_dequantized_model(tiny_config, bi
     assert len(tokens) == 30 - len(ids)
 
 
+def gemv_tolerance(dtype, exact):
+    """fp32 in the interpreter; on a GPU, the rounding of an fp16 / bf16 output (and tl.dot's inputs)."""
+    return {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype] * max(exact.abs().max().item(), 1)
+
+
 def check_every_gemv_tile(device: str) -> None:
-    """fp32 in the interpreter; fp16 activations on a GPU (tl.dot's inputs there), with its rounding."""
-    from model.fast import quant
-    run = quant._int8_gemv_kernel()
+    """The int8 GEMV under each of its tiles against x @ (q * scale).T (+ bias)."""
+    from model.fast import kernels
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(3)
     for M, N, K in ((1, 40, 300), (3, 33, 1100), (17, 40, 200)):        # edges not multiples of any tile
         layer = Int8Linear(torch.randn(N, K, device=device, dtype=dtype), torch.randn(N, device=device, dtype=dtype))
         x = torch.randn(M, K, device=device, dtype=dtype)
         exact = x.float() @ (layer.qweight.float() * layer.scale.float()[:, None]).T              # [M, N]
-        tol = 1e-3 if dtype == torch.float32 else 2e-3 * exact.abs().max().item()
-        for config in quant.GEMV_CONFIGS:
+        tol = gemv_tolerance(dtype, exact)
+        for config in kernels.INT8_CONFIGS:
             for bias in (None, layer.bias):
                 want = exact if bias is None else exact + bias.float()
-                got = run(x, layer.qweight, layer.scale, bias, config=config).float()
+                got = kernels.int8_gemv(x, layer.qweight, layer.scale, bias, config=config).float()
                 assert (got - want).abs().max() <= tol, (config, M, (got - want).abs().max())
 
 
-def test_every_int8_gemv_tile_computes_the_dequantized_product():
-    """The Triton GEMV under each tile it may be tuned to (GEMV_CONFIGS). On a GPU it runs there; without
-    one, in Triton's interpreter (a fresh process: the interpreter must be chosen before Triton loads)."""
-    pytest.importorskip("triton", reason="Triton is not installed (the int8 GEMV runs on CUDA machines)")
-    if torch.cuda.is_available():
-        check_every_gemv_tile("cuda")
-        return
+def check_every_int4_gemv_tile(device: str) -> None:
+    """The int4 GEMV under each of its tiles against x @ dequantize_int4_groups(q, sz).T (+ bias): groups of
+    128, 32 and 64 columns, K shorter than most tiles, N and M not multiples of any tile."""
+    from model.fast import kernels
+    dtypes = (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,)
+    torch.manual_seed(5)
+    for dtype in dtypes:
+        for M, N, K in ((1, 40, 256), (3, 33, 96), (17, 40, 192)):
+            w = torch.randn(N, K, device=device) * torch.linspace(0.1, 3, K, device=device)   # groups differ
+            bias = torch.randn(N, device=device, dtype=dtype)
+            group = group_size(K)
+            q, sz = quantize_int4_groups(w, group)
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            exact = x.float() @ dequantize_int4_groups(q, sz, torch.float32).T                    # [M, N]
+            tol = gemv_tolerance(dtype, exact)
+            for config in kernels.INT4_CONFIGS:
+                for b in (None, bias):
+                    want = exact if b is None else exact + b.float()
+                    got = kernels.int4_gemv(x, pack_int4(q), sz, group, b, config=config).float()
+                    assert (got - want).abs().max() <= tol, (dtype, config, M, K, (got - want).abs().max())
+
+
+def check_int4_linear_triton(device: str) -> None:
+    """Int4Linear(kernel="triton") on a GPU: the tuned GEMV (<= SMALL_M rows) and the dequantized matmul
+    (more rows) both compute the dequantized weight, and only the [N, K/2] bytes are kept."""
+    from model.fast.quant import SMALL_M
+    torch.manual_seed(6)
+    w, b = torch.randn(96, 256, device=device, dtype=torch.float16), torch.randn(96, device=device, dtype=torch.float16)
+    layer = Int4Linear(w, b, kernel="triton")
+    assert layer.qweight.shape == (96, 128) and layer.qweight.dtype == torch.uint8
+    deq = layer.dequantized(torch.float32)
+    q, sz = quantize_int4_groups(w, 128)
+    assert torch.equal(deq, dequantize_int4_groups(q, sz, torch.float32))       # the same values as tinygemm's
+    for M in (1, 5, SMALL_M, SMALL_M + 1, 64):
+        x = torch.randn(M, 256, device=device, dtype=torch.float16)
+        exact = x.float() @ deq.T + b.float()
+        assert (layer(x).float() - exact).abs().max() <= gemv_tolerance(torch.float16, exact), M
+
+
+def check_triton_kernels(device: str) -> None:
+    check_every_gemv_tile(device)
+    check_every_int4_gemv_tile(device)
+    if device == "cuda":
+        check_int4_linear_triton(device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the Triton GEMVs run on the GPU only")
+def test_triton_gemvs_compute_the_dequantized_products_on_the_gpu():
+    """Both Triton GEMVs under every tile they may be tuned to, and Int4Linear's "triton" kernel."""
+    pytest.importorskip("triton", reason="Triton is not installed on this CUDA machine")
+    check_triton_kernels("cuda")
+
+
+def test_triton_gemvs_compute_the_dequantized_products_in_the_interpreter():
+    """The same check in Triton's interpreter on the CPU, in fp32 (a fresh process: the interpreter must be
+    chosen before Triton loads)."""
+    pytest.importorskip("triton", reason="Triton is not installed (CI has none): the interpreter check needs it")
     import os
     import subprocess
     import sys
     from pathlib import Path
     tests = Path(__file__).resolve().parent
-    code = "import test_fast_quant as t; t.check_every_gemv_tile('cpu')"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=600,
+    code = "import test_fast_quant as t; t.check_triton_kernels('cpu')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=1800,
                           env=dict(os.environ, TRITON_INTERPRET="1",
                                    PYTHONPATH=os.pathsep.join(filter(None, [str(tests.parent), str(tests),
                                                                             os.environ.get("PYTHONPATH")]))))
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_int4_packing_round_trips_and_the_cpu_ignores_the_kernel_choice():
+    torch.manual_seed(7)
+    q = torch.randint(0, 16, (6, 64), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (6, 32) and int(packed[0, 0]) == int(q[0, 0]) * 16 + int(q[0, 1])
+    assert torch.equal(unpack_int4(packed), q)
+    w, b, x = torch.randn(40, 128), torch.randn(40), torch.randn(3, 128)
+    assert torch.equal(Int4Linear(w, b, kernel="triton")(x), Int4Linear(w, b)(x))   # same numbers on the CPU
+    with pytest.raises(ValueError):
+        Int4Linear(w, b, kernel="marlin")

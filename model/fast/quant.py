@@ -1,11 +1,13 @@
 """Weight-only int8 / int4 layers for the fast path, and quantize_glm(), which swaps them into a FastGLM.
 
 int8  per output row, symmetric (the scheme of model/quant.py). On CUDA, inputs of at most SMALL_M rows
-      (decoding) go through a Triton GEMV that reads each int8 weight once (half the bytes of fp16) and
-      applies the row scale at the end. Larger inputs (prefill) dequantize and matmul.
+      (decoding) go through a Triton GEMV (kernels.py) that reads each int8 weight once (half the bytes of
+      fp16) and applies the row scale at the end. Larger inputs (prefill) dequantize and matmul.
 int4  per group of GROUP input columns (fewer for narrow layers), asymmetric: w ~ (q - 8) * scale + zero with q in [0, 15], the
-      layout of torch's tinygemm kernel. On CUDA the weight is packed by aten._convert_weight_to_int4pack
-      and multiplied by aten._weight_int4pack_mm (bf16 activations); elsewhere the same values are
+      layout of torch's tinygemm kernel. On CUDA, kernel "tinygemm": the weight is packed by
+      aten._convert_weight_to_int4pack and multiplied by aten._weight_int4pack_mm (bf16 activations);
+      kernel "triton": two values a byte ([N, K/2], pack_int4), inputs of at most SMALL_M rows through the
+      Triton int4 GEMV of kernels.py, larger ones dequantized and multiplied. Elsewhere the same values are
       dequantized and multiplied, so the CPU path computes the same function.
 """
 import torch
@@ -13,95 +15,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant import dequantize, quantize_weight
+from . import kernels                 # imports no Triton until a kernel is first run
 
 GROUP = 128            # int4: input columns per (scale, zero)
 INNER_K_TILES = 8      # int4: tinygemm's packing parameter
-SMALL_M = 16           # int8: rows of input that still take the GEMV kernel
+SMALL_M = 16           # rows of input that still take a Triton GEMV kernel (int8, int4 "triton")
+INT4_KERNEL = "tinygemm"   # int4 on CUDA: "tinygemm" (aten._weight_int4pack_mm) or "triton" (kernels.py)
 
 
 # -- int8 ------------------------------------------------------------------------------------------
-# Tiles, (BLOCK_M rows of x, BLOCK_N output features, BLOCK_K input columns, warps). BLOCK_M 1: one row
-# per program, products summed on CUDA cores (batch-1 decoding). BLOCK_M 16: up to 16 rows per program
-# through tl.dot, so each int8 weight is read once for all of them (batched decoding). Triton times every
-# tile on the first call for a weight shape and row-count bucket and keeps the fastest (tiles that suit a
-# 4096-wide layer do not suit the 130528-row LM head, nor one row sixteen).
-GEMV_CONFIGS = ((1, 4, 512, 2), (1, 8, 256, 2), (1, 8, 512, 4), (1, 8, 1024, 4), (1, 16, 256, 4),
-                (1, 16, 512, 4), (1, 16, 1024, 8), (1, 32, 128, 4), (1, 32, 256, 4), (1, 32, 256, 8),
-                (1, 64, 128, 4), (1, 64, 128, 8),
-                (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 256, 4))
-_gemv = None
-
-
-def _rows_bucket(m: int) -> int:
-    """The tuning key for m rows: 1, 2, 4, 8 or 16 (a batch of 5 runs the tile tuned for 8)."""
-    return 1 << max(m - 1, 0).bit_length()
-
-
-def _int8_gemv_kernel():
-    """The Triton kernel, compiled on first use (Triton is only imported on CUDA machines). Returns
-    run(x, w, scale, bias, config=None): config (one of GEMV_CONFIGS) skips the tuning."""
-    global _gemv
-    if _gemv is not None:
-        return _gemv
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gemv(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, HAS_BIAS: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # ROWS (_rows_bucket(M)) is only the tuning key
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)     # rows of x of this program
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)     # output features of this program
-        if BLOCK_M == 1:
-            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)     # summed over K once, after the loop
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
-                            other=0.0).to(tl.float32)                                       # [1, BK]
-                w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
-                            other=0, eviction_policy="evict_first").to(tl.float32)          # [BN, BK]
-                acc2 += w * x
-            acc = tl.sum(acc2, axis=1)[None, :]                                             # [1, BN]
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
-                            other=0.0)                                                      # [BM, BK]
-                w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=(cols[None, :] < N) & (ks[:, None] < K),
-                            other=0, eviction_policy="evict_first")                         # [BK, BN] int8
-                acc += tl.dot(x, w.to(x.dtype))                    # int8 values are exact in fp16 / bf16
-        y = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in GEMV_CONFIGS]
-    tuned = triton.autotune(configs=configs, key=["ROWS", "N", "K"])(gemv)
-
-    def run(x, w, scale, bias, config=None):
-        M, K = x.shape
-        N = w.shape[0]
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        args = (x, w, scale, bias if bias is not None else scale, y, M, N, K, _rows_bucket(M))
-        if config is None:
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-            tuned[grid](*args, HAS_BIAS=bias is not None)
-        else:
-            m, n, k, warps = config
-            gemv[(triton.cdiv(N, n), triton.cdiv(M, m))](*args, HAS_BIAS=bias is not None, BLOCK_M=m, BLOCK_N=n,
-                                                          BLOCK_K=k, num_warps=warps)
-        return y
-
-    _gemv = run
-    return run
-
-
 @torch.compiler.disable
 def _int8_gemv(x, w, scale, bias):
     """Called as it is inside a compiled step (inductor's own fusion of int8 -> matmul measured slower)."""
-    return _int8_gemv_kernel()(x, w, scale, bias)
+    return kernels.int8_gemv(x, w, scale, bias)
 
 
 class Int8Linear(nn.Module):
@@ -149,30 +75,61 @@ def dequantize_int4_groups(q: torch.Tensor, scales_and_zeros: torch.Tensor, dtyp
     return w.reshape(N, K).to(dtype)
 
 
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] uint8 in 0..15 -> [N, K/2] uint8, byte j = q[2j] << 4 | q[2j+1] (a GEMV reads K in order)."""
+    return (q[:, 0::2] << 4 | q[:, 1::2]).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: [N, K/2] -> [N, K]."""
+    return torch.stack([packed >> 4, packed & 15], -1).reshape(packed.shape[0], -1)
+
+
+@torch.compiler.disable
+def _int4_gemv(x, packed, scales_and_zeros, group, bias):
+    """Kept out of a compiled step, as the int8 GEMV is."""
+    return kernels.int4_gemv(x, packed, scales_and_zeros, group, bias)
+
+
 class Int4Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias):
+    """kernel (CUDA only; None: INT4_KERNEL): "tinygemm" or "triton". One packed weight is kept, in the
+    layout of the chosen kernel: tinygemm's on CUDA, pack_int4's for "triton", q unpacked otherwise."""
+
+    def __init__(self, weight: torch.Tensor, bias, kernel=None):
         super().__init__()
+        kernel = kernel or INT4_KERNEL
+        if kernel not in ("tinygemm", "triton"):
+            raise ValueError(f"int4 kernel must be 'tinygemm' or 'triton', got {kernel!r}")
         self.group = group_size(weight.shape[1])
         q, sz = quantize_int4_groups(weight, self.group)
         self.register_buffer("scales_and_zeros", sz)
-        self.cuda_kernel = weight.is_cuda
-        if self.cuda_kernel:
-            packed = (q[:, 0::2] << 4 | q[:, 1::2]).contiguous()          # [N, K/2] uint8, even index high
-            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack(packed, INNER_K_TILES))
+        self.kernel = kernel if weight.is_cuda else "dequantize"
+        if self.kernel == "tinygemm":
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack(pack_int4(q), INNER_K_TILES))
+        elif self.kernel == "triton":
+            self.register_buffer("qweight", pack_int4(q))       # [N, K/2] uint8
         else:
-            self.register_buffer("qweight", q)
+            self.register_buffer("qweight", q)                  # [N, K] uint8
         self.bias = bias
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        """The weight the layer computes with, [N, K] in dtype (not for the tinygemm layout)."""
+        q = unpack_int4(self.qweight) if self.kernel == "triton" else self.qweight
+        return dequantize_int4_groups(q, self.scales_and_zeros, dtype)
 
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.cuda_kernel:
+        if self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.group,
                                                    self.scales_and_zeros).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
+        elif (self.kernel == "triton" and x.is_cuda and x2.shape[0] <= SMALL_M
+              and x.dtype in (torch.float16, torch.bfloat16)):       # fp32 would meet tl.dot's tf32
+            y = _int4_gemv(x2.contiguous(), self.qweight, self.scales_and_zeros, self.group, self.bias)
         else:
-            y = F.linear(x2, dequantize_int4_groups(self.qweight, self.scales_and_zeros, x.dtype), self.bias)
+            y = F.linear(x2, self.dequantized(x.dtype), self.bias)
         return y.reshape(*shape[:-1], -1)
 
 
@@ -180,16 +137,17 @@ class Int4Linear(nn.Module):
 LAYERS = {8: Int8Linear, 4: Int4Linear}
 
 
-def quantize_glm(glm, bits: int, release=None, device=None) -> None:
+def quantize_glm(glm, bits: int, release=None, device=None, int4_kernel=None) -> None:
     """Replace the linears of every GLM block and the LM head of `glm` (a FastGLM) by `bits`-bit layers.
     release(weight) is called for each float weight once it is quantized, so a caller can free it
     (the float tensors belong to the loaded model, which may still need them).
     device: quantize onto this device: one float weight at a time is copied there, quantized, and the
     copy dropped before the next, so the device never holds more than one float matrix (a model loaded
-    on the CPU reaches the GPU quantized). Biases stay where they are (the caller moves the model)."""
+    on the CPU reaches the GPU quantized). Biases stay where they are (the caller moves the model).
+    int4_kernel: Int4Linear's kernel, "tinygemm" or "triton" (None: INT4_KERNEL)."""
     if bits not in LAYERS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-    make = LAYERS[bits]
+    make = LAYERS[bits] if bits == 8 else lambda w, b: Int4Linear(w, b, kernel=int4_kernel)
 
     def swap(owner, name):
         old = getattr(owner, name)
