@@ -7,6 +7,7 @@ from model.fast import FastBackend
 from model.fast.quant import (Int4Linear, Int8Linear, dequantize_int4_groups, group_size, pack_int4,
                               quantize_int4_groups, unpack_int4)
 from model.generation import Request, generate
+from model.quant import dequantize, quantize_weight
 from model.sampling import SamplingParams
 from model.sat.backend import SatBackend
 from model.sat.checkpoint import build_model
@@ -45,8 +46,8 @@ def test_int4_linear_matches_its_dequantized_weight_on_the_cpu():
 
 
 def dequantized_copy(net, tiny_config, bits):
-    """The float model with every GLM linear and the LM head replaced by the values its quantized
-    layer holds: the independent computation a quantized fast backend must reproduce."""
+    """The float model with every GLM linear, the LM head and the word embedding replaced by the values
+    its quantized layer holds: the independent computation a quantized fast backend must reproduce."""
     ref = build_model(tiny_config, device="cpu")
     ref.load_state_dict(net.state_dict())
     layers = [m for layer in ref.transformer.layers for m in (layer.attention.query_key_value, layer.attention.dense,
@@ -59,6 +60,8 @@ def dequantized_copy(net, tiny_config, bits):
             else:
                 q = Int4Linear(m.weight, None)
                 m.weight.copy_(dequantize_int4_groups(q.qweight, q.scales_and_zeros, torch.float32))
+        table = ref.transformer.word_embeddings.weight              # int8 per row under either --quant
+        table.copy_(dequantize(*quantize_weight(table, 8), 8, torch.float32))
     return ref.eval()
 
 

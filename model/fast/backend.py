@@ -20,6 +20,7 @@ import torch
 
 from ..backend_base import LoadedModelBackend
 from .cache import CacheOverflow, KVCache
+from .embedding import quantize_embedding
 from .glm import FastGLM
 from .graphs import record
 from .prefill import BucketedPrefill, bucket_for, pad_right, prefill_mask
@@ -50,8 +51,8 @@ class FastBackend(LoadedModelBackend):
     def __init__(self, model, *, cuda_graph: Optional[bool] = None, compile: Optional[bool] = None,
                  quant: Optional[int] = None, device=None, buckets: Optional[bool] = None):
         """model: a loaded VisualGLM model (its GLM and image encoder weights are shared, not copied).
-        quant 8 / 4: the GLM's linear weights and the LM head become int8 / int4 here, and the loaded
-        model's float copies of them are released (the loaded model's own GLM is unusable afterwards;
+        quant 8 / 4: the GLM's linear weights and the LM head become int8 / int4 here, the word
+        embedding int8 (model/fast/embedding.py), and the loaded model's float copies of them are released (the loaded model's own GLM is unusable afterwards;
         its image encoder keeps working). device: where to run, when the model is elsewhere (a model
         loaded on the CPU): the quantized weights are made on it one matrix at a time, then the rest
         of the model (embeddings, LayerNorms, biases, image encoder) moves there, so the device never
@@ -62,6 +63,7 @@ class FastBackend(LoadedModelBackend):
         self.glm = FastGLM(model).eval()
         if quant:
             quantize_glm(self.glm, quant, release=_release, device=device)
+            quantize_embedding(self.glm, release=_release, device=device)
         if device is not None:
             model.to(device)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -80,11 +82,11 @@ class FastBackend(LoadedModelBackend):
     # -- sizes --------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.glm.embed.device
+        return self.glm.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.glm.embed.dtype
+        return self.glm.dtype
 
     # -- the interface (sizes: LoadedModelBackend) ----------------------------------------------------
     @torch.inference_mode()

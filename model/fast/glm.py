@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..positions import inverse_frequencies
 from .cache import KVCache
+from .embedding import Embedding
 
 
 class Linear(nn.Module):
@@ -82,12 +83,21 @@ class FastGLM(nn.Module):
         self.heads, self.layers_n = config["num_attention_heads"], config["num_layers"]
         self.head_dim = config["hidden_size"] // self.heads
         alpha = math.sqrt(2 * self.layers_n)
-        self.embed = t.word_embeddings.weight                                      # [V, H]
+        self.word = Embedding(t.word_embeddings.weight)                           # [V, H] (int8 under --quant)
+        self.vocab_size = t.word_embeddings.weight.shape[0]
         self.blocks = nn.ModuleList(Block(layer, alpha, self.heads) for layer in t.layers)
         self.final_ln = t.final_layernorm
         self.lm_head = linear_of(model.mixins["chatglm-final"].lm_head)
         self.max_positions = int(config.get("max_sequence_length", 2048))
         self._rope = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_ln.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.word.dtype
 
     def rope_tables(self, dtype, device):
         """cos, sin [positions, hd/2] and the channel permutation and sign of rotate_half."""
@@ -99,7 +109,7 @@ class FastGLM(nn.Module):
     def embed_tokens(self, ids, image_embeds=None, pre_image=None):
         """ids [B, S] -> [B, S, H]; image_embeds [B, L, H] written over the slots from pre_image[b]
         (rows with pre_image < 0 have no image)."""
-        x = F.embedding(ids, self.embed)
+        x = self.word(ids)
         if image_embeds is None:
             return x
         L = image_embeds.shape[1]

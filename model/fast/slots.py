@@ -167,7 +167,7 @@ class FastSlots:
             require_cuda(self.pool.k[0])
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-                self._logits = torch.empty(self.slots, self.glm.embed.shape[0], dtype=torch.float32,
+                self._logits = torch.empty(self.slots, self.glm.vocab_size, dtype=torch.float32,
                                            device=self.device)                       # [slots, V]
             # Warm-up and capture run for real: they write at every slot's last index, which no live
             # sequence has reached (one that reaches it ends there) and which stays masked until then.
