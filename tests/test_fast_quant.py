@@ -160,6 +160,8 @@ def test_triton_gemvs_compute_the_dequantized_products_on_the_gpu():
     check_triton_kernels("cuda")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves (the test above); the "
+                                                  "interpreter takes minutes")
 def test_triton_gemvs_compute_the_dequantized_products_in_the_interpreter():
     """The same check in Triton's interpreter on the CPU, in fp32 (a fresh process: the interpreter must be
     chosen before Triton loads)."""
