@@ -31,7 +31,7 @@ import torch
 
 from .generation import Request, RowProgress, images_of
 from .positions import batch_inputs
-from .sampling import HostCopy, RowSettings, draw, filter_logits
+from .sampling import HostCopy, RowSettings, draw, rank_logits
 
 
 class Event(NamedTuple):
@@ -142,11 +142,11 @@ class ContinuousBatch:
         slot's next input; start copying (token, nan, empty) to the host."""
         settings = self._settings_for(seqs, logits)
         rows_t = torch.tensor(rows, device=logits.device)
-        filtered, nan, empty = filter_logits(logits, self._seen[rows_t], settings)
-        tokens = draw(filtered, settings, [s.progress.request.generator for s in seqs])           # [N]
+        ranked = rank_logits(logits, self._seen[rows_t], settings)
+        tokens = draw(ranked, settings, [s.progress.request.generator for s in seqs])             # [N]
         self._seen[rows_t, tokens] = True
         self._tokens[rows_t] = tokens
-        return HostCopy(torch.stack([tokens, nan.long(), empty.long()]))
+        return HostCopy(torch.stack([tokens, ranked.nan.long(), ranked.empty.long()]))
 
     def _read(self, copy: HostCopy, launched: List[tuple]) -> List[Event]:
         """Wait for a sampled step's tokens; record them for the sequences still running in their slots

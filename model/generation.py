@@ -16,7 +16,7 @@ import torch
 
 from .backend import as_backend
 from .positions import batch_inputs, next_positions
-from .sampling import EMPTY_ERROR, NAN_ERROR, HostCopy, RowSettings, SamplingParams, draw, filter_logits
+from .sampling import EMPTY_ERROR, NAN_ERROR, HostCopy, RowSettings, SamplingParams, draw, rank_logits
 
 
 @dataclass
@@ -124,10 +124,10 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
         return backend.decode_step(tokens, positions, key_mask, cache)
 
     while not all(p.done for p in progress):
-        filtered, nan, empty = filter_logits(logits, seen, rows)
-        tokens = draw(filtered, rows, [r.generator for r in requests])                          # [B]
+        ranked = rank_logits(logits, seen, rows)
+        tokens = draw(ranked, rows, [r.generator for r in requests])                            # [B]
         seen[torch.arange(batch, device=device), tokens] = True   # finished rows' marks are never read
-        copy = HostCopy(torch.stack([tokens, nan.long(), empty.long()]))
+        copy = HostCopy(torch.stack([tokens, ranked.nan.long(), ranked.empty.long()]))
         queued = next_step(tokens[:, None]) if ahead and any(p.may_go_on for p in progress) else None
         host_tokens, host_nan, host_empty = copy.wait()                                        # one sync
         step = [None if p.done else p.take(host_tokens[b], host_nan[b], host_empty[b], eos_ids, isolate_errors)

@@ -63,6 +63,7 @@ class RowSettings:
     top_p: torch.Tensor
     greedy: torch.Tensor         # bool
     ranks: int                   # how many of the best logits a step must rank: max top_k, or V if a row has none
+    penalises: bool              # a row's generated tokens get another divisor (repetition_penalty != 1)
     invalid: Optional[torch.Tensor] = None   # [B, V] bool: invalid_slices, or None when no row has any
 
     @classmethod
@@ -84,53 +85,77 @@ class RowSettings:
         ranks = vocab if any(p.top_k == 0 for p in params) else min(vocab, max(p.top_k for p in params))
         return cls(t(plain, torch.float32), t(penalised, torch.float32), t([p.top_k for p in params], torch.long),
                    t([p.top_p for p in params], torch.float32), t([p.greedy for p in params], torch.bool), ranks,
-                   invalid)
+                   penalised != plain, invalid)
+
+
+@dataclass
+class Ranked:
+    """A step's candidates: each row's best `RowSettings.ranks` logits after steps 1-4, best first."""
+    values: torch.Tensor         # [B, R] fp32, descending; removed ones -inf
+    tokens: torch.Tensor         # [B, R] their token ids
+    nan: torch.Tensor            # [B] bool: NaN in the row's logits
+    empty: torch.Tensor          # [B] bool: nothing left to sample
+
+
+def rank_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings) -> Ranked:
+    """logits [B, V], seen [B, V] bool (tokens each row generated) -> Ranked: steps 1-4 above for every
+    row at once, with no host synchronisation. Only what changes the order (the repetition penalty,
+    invalid slices) touches all V logits; the rest works on the R ranked ones: a decoding step of the
+    7.8B model on an H200 spent 1.6 ms sampling when every step ran over all 130,528 logits."""
+    x = logits.float()
+    nan = torch.isnan(x).any(-1)
+    certain = x.amax(-1, keepdim=True) == float("inf")         # [B, 1] a token is infinitely likely
+    if rows.penalises:                                          # generated tokens are divided by more
+        x = x / torch.where(seen, rows.penalised[:, None], rows.plain[:, None])
+    if rows.invalid is not None:
+        x = x.masked_fill(rows.invalid, float("-inf"))
+    if rows.ranks < x.shape[-1]:
+        values, tokens = torch.topk(x, rows.ranks, dim=-1)                         # [B, R], descending
+    else:
+        values, tokens = torch.sort(x, dim=-1, descending=True)                    # [B, V]
+    if not rows.penalises:                   # a positive divisor per row keeps the order: divide R, not V
+        values = values / rows.plain[:, None]
+    values = torch.where(torch.isinf(values), values, values.clamp(-FP32_MAX, FP32_MAX))   # -inf stays impossible
+    # +inf tokens, if any, are ranked first: only they stay in play, equally likely
+    values = torch.where(certain, torch.where(values == float("inf"), 0.0, float("-inf")), values)
+    use_k = (rows.top_k > 0)[:, None]
+    kth = values.gather(1, (rows.top_k.clamp(1, values.shape[-1]) - 1)[:, None])   # [B, 1]
+    values = torch.where(use_k & (values < kth), float("-inf"), values)
+    beyond_p = torch.softmax(values, dim=-1).cumsum(-1) > rows.top_p[:, None]
+    beyond_p = torch.cat([torch.zeros_like(beyond_p[:, :1]), beyond_p[:, :-1]], dim=1)  # keep the one crossing top_p
+    values = torch.where(use_k & (rows.top_p < 1.0)[:, None] & beyond_p, float("-inf"), values)
+    return Ranked(values, tokens, nan, ~torch.isfinite(values[:, 0]))
 
 
 def filter_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings):
-    """logits [B, V], seen [B, V] bool (tokens each row generated) -> (filtered fp32 logits [B, V],
-    nan [B] bool, empty [B] bool): steps 1-4 above for every row at once. Removed tokens are -inf;
-    `empty` marks rows where nothing is left to sample. No host synchronisation."""
-    x = logits.float()
-    nan = torch.isnan(x).any(-1)
-    certain = x == float("inf")                     # infinitely likely: nothing else can be drawn
-    x = torch.where(certain.any(-1, keepdim=True), torch.zeros_like(x).masked_fill(~certain, float("-inf")), x)
-    divisor = torch.where(seen, rows.penalised[:, None], rows.plain[:, None])
-    x = torch.where(torch.isinf(x), x, (x / divisor).clamp(-FP32_MAX, FP32_MAX))   # -inf stays impossible
-    if rows.invalid is not None:
-        x = x.masked_fill(rows.invalid, float("-inf"))
-    # Only the best `ranks` logits can survive top-k: ranking those (topk) is far cheaper than sorting V.
-    if rows.ranks < x.shape[-1]:
-        ranked, order = torch.topk(x, rows.ranks, dim=-1)                          # [B, ranks], descending
-    else:
-        ranked, order = torch.sort(x, dim=-1, descending=True)                     # [B, V]
-    use_k = (rows.top_k > 0)[:, None]
-    kth = ranked.gather(1, (rows.top_k.clamp(1, x.shape[-1]) - 1)[:, None])         # [B, 1]
-    ranked = torch.where(use_k & (ranked < kth), float("-inf"), ranked)
-    beyond_p = torch.softmax(ranked, dim=-1).cumsum(-1) > rows.top_p[:, None]
-    beyond_p = torch.cat([torch.zeros_like(beyond_p[:, :1]), beyond_p[:, :-1]], dim=1)  # keep the one crossing top_p
-    ranked = torch.where(use_k & (rows.top_p < 1.0)[:, None] & beyond_p, float("-inf"), ranked)
-    x = torch.full_like(x, float("-inf")).scatter_(1, order, ranked)
-    empty = ~torch.isfinite(x.max(-1).values)
-    return x, nan, empty
+    """rank_logits over the whole vocabulary: (filtered fp32 logits [B, V] with removed tokens -inf,
+    nan [B], empty [B])."""
+    ranked = rank_logits(logits, seen, rows)
+    filtered = torch.full_like(logits, float("-inf"), dtype=torch.float32).scatter_(1, ranked.tokens, ranked.values)
+    return filtered, ranked.nan, ranked.empty
 
 
-def draw(filtered: torch.Tensor, rows: RowSettings, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
-    """Filtered logits [B, V] -> tokens [B]: argmax for greedy rows, otherwise a draw from the softmax by
-    inverse CDF with one uniform number per row (from the row's own generator when it has one, so a seed
-    gives the same answer on any device)."""
-    probs = torch.softmax(filtered, dim=-1)
+def draw(ranked: Ranked, rows: RowSettings, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """Ranked candidates -> tokens [B]: for greedy rows the best (the lowest id among equal best, as
+    argmax over the row), otherwise a draw from the softmax by inverse CDF, in vocabulary order, with one
+    uniform number per row (from the row's own generator when it has one, so a seed gives the same answer
+    on any device)."""
+    values = ranked.values
+    device = values.device
     if any(g is not None for g in generators):
         u = torch.stack([torch.rand((), generator=g) for g in generators])
-        if filtered.is_cuda:
+        if values.is_cuda:
             u = u.pin_memory()          # so the copy does not wait for the GPU (a loop running ahead)
-        u = u.to(filtered.device, non_blocking=True)
+        u = u.to(device, non_blocking=True)
     else:
-        u = torch.rand(filtered.shape[0], device=filtered.device)
-    cdf = probs.cumsum(-1)
+        u = torch.rand(values.shape[0], device=device)
+    ids, order = ranked.tokens.sort(dim=-1)                                   # [B, R] vocabulary order
+    cdf = torch.softmax(values, dim=-1).gather(1, order).cumsum(-1)
     target = ((1.0 - u) * cdf[:, -1])[:, None]                       # in (0, total]: zero-probability
-    drawn = torch.searchsorted(cdf, target).squeeze(1).clamp_(max=filtered.shape[-1] - 1)  # tokens never win
-    return torch.where(rows.greedy, filtered.argmax(-1), drawn)
+    pick = torch.searchsorted(cdf, target).clamp_(max=values.shape[-1] - 1)  # tokens never win
+    drawn = ids.gather(1, pick).squeeze(1)
+    best = torch.where(values == values[:, :1], ranked.tokens, torch.iinfo(torch.long).max).amin(-1)
+    return torch.where(rows.greedy, best, drawn)
 
 
 NAN_ERROR = "NaN in the model's logits (fp16 overflow? try --quant none or fp32/bf16)."
@@ -166,19 +191,28 @@ def to_host(tensor: torch.Tensor) -> list:
 def process_logits(logits: torch.Tensor, generated: List[int], p: SamplingParams) -> torch.Tensor:
     """One row: logits [V] -> filtered logits [V] (fp32), steps 1-4 above. Removed tokens are -inf; at
     least one token is always left finite (ValueError otherwise)."""
-    seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
-    if generated:
-        seen[0, torch.tensor(sorted(set(generated)), device=logits.device)] = True
-    filtered, nan, empty = filter_logits(logits[None], seen, RowSettings.of([p], logits.shape[-1], logits.device))
-    if nan.item():
-        raise ValueError(NAN_ERROR)
-    if empty.item():
-        raise ValueError(EMPTY_ERROR)
+    filtered, nan, empty = filter_logits(logits[None], _seen_of(logits, generated), RowSettings.of([p], logits.shape[-1], logits.device))
+    _check(nan, empty)
     return filtered[0]
 
 
 def sample(logits: torch.Tensor, generated: List[int], p: SamplingParams, generator=None) -> int:
     """One row: logits [V] -> the next token."""
-    filtered = process_logits(logits, generated, p)
     rows = RowSettings.of([p], logits.shape[-1], logits.device)
-    return int(draw(filtered[None], rows, [generator])[0])
+    ranked = rank_logits(logits[None], _seen_of(logits, generated), rows)
+    _check(ranked.nan, ranked.empty)
+    return int(draw(ranked, rows, [generator])[0])
+
+
+def _seen_of(logits: torch.Tensor, generated: List[int]) -> torch.Tensor:
+    seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
+    if generated:
+        seen[0, torch.tensor(sorted(set(generated)), device=logits.device)] = True
+    return seen
+
+
+def _check(nan: torch.Tensor, empty: torch.Tensor) -> None:
+    if nan.item():
+        raise ValueError(NAN_ERROR)
+    if empty.item():
+        raise ValueError(EMPTY_ERROR)

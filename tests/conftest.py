@@ -102,15 +102,15 @@ def fail_rows(monkeypatch, which, at_step=None):
     the rows [B] bool (rows: model.sampling.RowSettings), at_step the decoding step (None: every step).
     Steps are counted per generate() call (each call builds its own RowSettings)."""
     from model import generation
-    real, steps = generation.filter_logits, {}
+    real, steps = generation.rank_logits, {}
 
     def flaky(logits, seen, rows):
-        filtered, nan, empty = real(logits, seen, rows)
+        ranked = real(logits, seen, rows)
         step = steps[id(rows)] = steps.get(id(rows), -1) + 1
         if at_step is None or step == at_step:
-            nan = nan | which(rows).to(nan.device)
-        return filtered, nan, empty
-    monkeypatch.setattr(generation, "filter_logits", flaky)
+            ranked.nan = ranked.nan | which(rows).to(ranked.nan.device)
+        return ranked
+    monkeypatch.setattr(generation, "rank_logits", flaky)
 
 
 def temperature_is(value):

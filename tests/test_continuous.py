@@ -138,16 +138,16 @@ def test_one_rows_sampling_failure_ends_that_row_alone(net, tiny_config, emb, mo
     from model import continuous
     reqs = make_requests(tiny_config, emb, n=3)
     ref = [alone(SatBackend(net), r) for r in reqs]
-    real, calls = continuous.filter_logits, []
+    real, calls = continuous.rank_logits, []
 
     def flaky(logits, seen, rows):        # NaN logits for the second request at its third token
-        filtered, nan, empty = real(logits, seen, rows)
+        ranked = real(logits, seen, rows)
         calls.append(1)
         if len(calls) == 3:
-            nan = nan.clone()
-            nan[1] = True
-        return filtered, nan, empty
-    monkeypatch.setattr(continuous, "filter_logits", flaky)
+            ranked.nan = ranked.nan.clone()
+            ranked.nan[1] = True
+        return ranked
+    monkeypatch.setattr(continuous, "rank_logits", flaky)
     batch = ContinuousBatch(FastSlots(FastBackend(net), slots=4, length=128), pad_id=3, eos_ids=[4])
     answers, _ = run(batch, [(0, reqs)])
     assert isinstance(reqs[1].error, ValueError)

@@ -126,3 +126,21 @@ def test_auto_picks_the_sat_path_on_the_cpu_and_for_models_the_fast_path_cannot_
     ptuned = build_model(dict(tiny_config, model_class="FineTuneVisualGLMModel", use_ptuning=True, pre_seq_len=4),
                          device="cpu")
     assert not backend_module._fast_suits(ptuned), "P-tuning prefixes would be lost on the fast path"
+
+
+def test_prompts_skip_cudnn_attention_and_decoding_keeps_the_default(net, tiny_config, monkeypatch):
+    """cuDNN's attention plans every new shape (1.1-1.7 s for a prompt of a new length on an H200): the
+    prefill of prompts runs with it off; one-token steps keep torch's default choice."""
+    from model.fast import glm as fast_glm
+    seen, real = [], fast_glm.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[2], torch.backends.cuda.cudnn_sdp_enabled()))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(fast_glm.F, "scaled_dot_product_attention", spy)
+    default = torch.backends.cuda.cudnn_sdp_enabled()
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    list(generate(FastBackend(net), [Request(ids=[20, 21, 22, g, s], params=SamplingParams(max_length=8, top_k=1))],
+                  3, []))
+    assert {on for n, on in seen if n > 1} == {False} and {on for n, on in seen if n == 1} == {default}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == default

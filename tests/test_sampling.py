@@ -3,7 +3,7 @@ import random
 
 import torch
 
-from model.sampling import RowSettings, SamplingParams, draw, filter_logits
+from model.sampling import Ranked, RowSettings, SamplingParams, draw, filter_logits, rank_logits
 
 
 def reference_filter(logits, generated, p):
@@ -56,7 +56,7 @@ def test_draw_follows_the_distribution_and_never_picks_a_removed_token():
     logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf")]]).expand(20000, -1)
     rows = RowSettings.of([SamplingParams(top_k=0, temperature=1.0)] * 20000, 4, "cpu")
     torch.manual_seed(0)
-    tokens = draw(logits, rows, [None] * 20000)
+    tokens = draw(rank_logits(logits, torch.zeros(20000, 4, dtype=torch.bool), rows), rows, [None] * 20000)
     counts = torch.bincount(tokens, minlength=4).float() / 20000
     assert counts[3] == 0
     assert torch.allclose(counts[:3], torch.softmax(logits[0, :3], 0), atol=0.015)
@@ -65,10 +65,11 @@ def test_draw_follows_the_distribution_and_never_picks_a_removed_token():
 def test_a_seeded_row_draws_the_same_tokens_on_its_own_or_in_a_batch():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
     rows = RowSettings.of([SamplingParams(top_k=0, temperature=1.0)] * 3, 50, "cpu")
-    alone = [draw(logits[1:2], RowSettings.of([SamplingParams(top_k=0, temperature=1.0)], 50, "cpu"),
+    one = RowSettings.of([SamplingParams(top_k=0, temperature=1.0)], 50, "cpu")
+    alone = [draw(rank_logits(logits[1:2], torch.zeros(1, 50, dtype=torch.bool), one), one,
                   [torch.Generator().manual_seed(7)]).item() for _ in range(2)]
-    batched = draw(logits, rows, [torch.Generator().manual_seed(3), torch.Generator().manual_seed(7),
-                                  torch.Generator().manual_seed(5)])
+    batched = draw(rank_logits(logits, torch.zeros(3, 50, dtype=torch.bool), rows), rows,
+                   [torch.Generator().manual_seed(3), torch.Generator().manual_seed(7), torch.Generator().manual_seed(5)])
     assert alone[0] == alone[1] == batched[1].item()
 
 
@@ -78,3 +79,46 @@ def test_nan_and_empty_rows_are_flagged_not_raised():
     params = [SamplingParams(), SamplingParams(), SamplingParams(invalid_slices=[slice(0, 10)])]
     _, nan, empty = filter_logits(logits, torch.zeros(3, 10, dtype=torch.bool), RowSettings.of(params, 10, "cpu"))
     assert nan.tolist() == [False, True, False] and empty[0].item() is False and empty[2].item() is True
+
+
+def test_greedy_takes_the_lowest_id_among_equal_best_logits_as_argmax_does():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0, 3.0], [5.0, 1.0, 5.0, 0.0, 2.0]])
+    for top_k in (1, 3, 0):                                   # topk and sort paths
+        rows = RowSettings.of([SamplingParams(top_k=top_k, temperature=0.0)] * 2, 5, "cpu")
+        tokens = draw(rank_logits(logits, torch.zeros(2, 5, dtype=torch.bool), rows), rows, [None, None])
+        assert tokens.tolist() == logits.argmax(-1).tolist() == [1, 0]
+    # whatever order a GPU's topk gives equal values in
+    ranked = Ranked(torch.tensor([[3.0, 3.0, 3.0, 1.0]]), torch.tensor([[4, 1, 3, 0]]), torch.tensor([False]),
+                    torch.tensor([False]))
+    assert draw(ranked, RowSettings.of([SamplingParams(top_k=1)], 5, "cpu"), [None]).tolist() == [1]
+
+
+def test_a_draw_is_the_inverse_cdf_over_the_whole_vocabulary_in_id_order():
+    """Only the ranked candidates are looked at, yet a uniform number u picks the token that the inverse
+    CDF of the full filtered row (ids in order, removed ones with probability 0) gives for it."""
+    torch.manual_seed(0)
+    vocab, batch = 300, 64
+    logits = torch.randn(batch, vocab) * 2
+    params = [SamplingParams(top_k=[5, 40, 0][b % 3], top_p=[0.5, 0.9, 1.0][b % 3], temperature=0.8,
+                             repetition_penalty=1.0) for b in range(batch)]
+    rows = RowSettings.of(params, vocab, "cpu")
+    seen = torch.zeros(batch, vocab, dtype=torch.bool)
+    seeds = [torch.Generator().manual_seed(100 + b) for b in range(batch)]
+    tokens = draw(rank_logits(logits, seen, rows), rows, seeds)
+    filtered, _, _ = filter_logits(logits, seen, rows)
+    for b in range(batch):
+        u = torch.rand((), generator=torch.Generator().manual_seed(100 + b)).item()
+        cdf = torch.softmax(filtered[b].double(), 0).cumsum(0)
+        expected = int(torch.searchsorted(cdf, torch.tensor([(1 - u) * cdf[-1].item()], dtype=torch.double)))
+        assert tokens[b].item() == expected, b
+        assert torch.isfinite(filtered[b, tokens[b]])
+
+
+def test_infinite_logits_leave_only_those_tokens_in_play():
+    logits = torch.zeros(400, 10)
+    logits[:, 3] = logits[:, 7] = float("inf")
+    rows = RowSettings.of([SamplingParams(top_k=5, top_p=1.0, temperature=0.5)] * 400, 10, "cpu")
+    ranked = rank_logits(logits, torch.zeros(400, 10, dtype=torch.bool), rows)
+    torch.manual_seed(1)
+    tokens = draw(ranked, rows, [None] * 400)
+    assert set(tokens.tolist()) == {3, 7} and not ranked.empty.any()
