@@ -7,8 +7,9 @@
 Every conversation sends one 224x224 image (as a data URL) and a question to /v1/chat/completions with
 stream=true and `--new-tokens` max_tokens, and measures time to first token (TTFT), the gaps between
 streamed chunks (inter-token latency, ITL) and the completion tokens from the usage record. Per level N,
-all N start together; the table gives aggregate tokens/s (all completion tokens / wall time), TTFT and
-ITL p50/p99.
+all N start together, spread over --clients processes (default 8: one Python process reading 64 streams
+lags behind them and measures itself); the table gives aggregate tokens/s (all completion tokens / wall
+time), TTFT and ITL p50/p99. --one-client-levels runs levels again from a single client process.
 
 With --model the script starts the server itself (a child process running serving.app on a free port):
 `random-7b` is the released architecture with random fp16 weights built on the GPU (as
@@ -159,7 +160,7 @@ async def conversation(client, url: str, body: bytes) -> dict:
                     gaps.append(now - last)
                 last = now
                 text.append(content)
-    return dict(ttft=first, gaps=gaps, tokens=tokens, text="".join(text))
+    return dict(ttft=first, gaps=gaps, tokens=tokens, text="".join(text), done_at=time.time())
 
 
 def pct(values, q):
@@ -179,17 +180,48 @@ async def server_steps(client, url: str) -> dict:
     return out
 
 
-async def run_level(url: str, n: int, new_tokens: int) -> dict:
-    import httpx
-    limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
-    async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
-        bodies = [request_body(i, new_tokens) for i in range(n)]
-        before = await server_steps(client, url)
-        start = time.perf_counter()
-        results = await asyncio.gather(*(conversation(client, url, body) for body in bodies))
-        wall = time.perf_counter() - start
-        await asyncio.sleep(0.3)                  # the engine process reports its step times every 0.1 s
-        after = await server_steps(client, url)
+def _client(url: str, bodies: list, ready, go, results) -> None:
+    """One client process: its share of a level's conversations, started when the parent says go."""
+    async def main():
+        import httpx
+        limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
+        async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
+            ready.put(True)
+            await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            return await asyncio.gather(*(conversation(client, url, body) for body in bodies))
+    try:
+        results.put(asyncio.run(main()))
+    except Exception as e:  # noqa: BLE001 - reported by the parent
+        results.put(repr(e))
+
+
+def run_level(url: str, n: int, new_tokens: int, clients: int = 1) -> dict:
+    """N conversations that start together, spread over `clients` processes: one Python process parsing
+    the streams of 64 conversations (thousands of chunks a second) lags behind them, and then measures
+    itself, not the server."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    bodies = [request_body(i, new_tokens) for i in range(n)]
+    before = asyncio.run(_steps(url))
+    ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    share = [bodies[k::clients] for k in range(min(clients, n))]
+    procs = [ctx.Process(target=_client, args=(url, part, ready, go, out), daemon=True) for part in share]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        ready.get(timeout=120)
+    start = time.time()
+    go.set()
+    parts = [out.get() for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    failed = [p for p in parts if isinstance(p, str)]
+    if failed:
+        raise RuntimeError(f"a client failed: {failed[0]}")
+    results = [r for part in parts for r in part]
+    wall = max(r["done_at"] for r in results) - start
+    time.sleep(0.3)                           # the engine process reports its step times every 0.1 s
+    after = asyncio.run(_steps(url))
     phases = {}
     for phase in ("images", "admit", "decode", "send"):
         count = after.get((phase, "count"), 0) - before.get((phase, "count"), 0)
@@ -199,9 +231,15 @@ async def run_level(url: str, n: int, new_tokens: int) -> dict:
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     gaps = [g for r in results for g in r["gaps"]]
-    return dict(n=n, tokens=tokens, seconds=wall, tok_s=tokens / wall, ttft_p50=pct(ttft, 0.5) * 1e3,
-                ttft_p99=pct(ttft, 0.99) * 1e3, itl_p50=pct(gaps, 0.5) * 1e3, itl_p99=pct(gaps, 0.99) * 1e3,
-                server=phases)
+    return dict(n=n, clients=len(procs), tokens=tokens, seconds=wall, tok_s=tokens / wall,
+                ttft_p50=pct(ttft, 0.5) * 1e3, ttft_p99=pct(ttft, 0.99) * 1e3, itl_p50=pct(gaps, 0.5) * 1e3,
+                itl_p99=pct(gaps, 0.99) * 1e3, server=phases)
+
+
+async def _steps(url: str) -> dict:
+    import httpx
+    async with httpx.AsyncClient(timeout=None, trust_env=False) as client:
+        return await server_steps(client, url)
 
 
 async def greedy_check(url: str, k: int, new_tokens: int) -> tuple:
@@ -280,6 +318,8 @@ def main(argv=None):
     p.add_argument("--max-batch", type=int, default=128, help="the server's --max-batch (slots)")
     p.add_argument("--baseline-levels", default="", help="levels to run on the reference path too, e.g. 64")
     p.add_argument("--greedy-check", type=int, default=0, metavar="K")
+    p.add_argument("--clients", type=int, default=8, help="client processes the conversations are spread over")
+    p.add_argument("--one-client-levels", default="", help="levels to run again from one client process, e.g. 64")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--in-process", action="store_true",
                    help="run the model on a thread of the server's process (default: in its own process)")
@@ -302,11 +342,15 @@ def main(argv=None):
             procs.append(proc)
         # warm-up (first connections, allocator): the server captured every CUDA graph at start-up
         # (FastSlots.warm_up), so no level, N=1 included, waits for a capture
-        asyncio.run(run_level(url, max(levels), 8))
+        run_level(url, max(levels), 8, args.clients)
         for n in levels:
-            r = asyncio.run(run_level(url, n, args.new_tokens))
+            r = run_level(url, n, args.new_tokens, args.clients)
             print(json.dumps(r), flush=True)
             results["levels"].append(r)
+        for n in [int(x) for x in args.one_client_levels.split(",") if x]:
+            r = run_level(url, n, args.new_tokens, 1)
+            print("one client process", json.dumps(r), flush=True)
+            results.setdefault("one_client", []).append(r)
         if args.greedy_check:
             same, k = asyncio.run(greedy_check(url, args.greedy_check, args.new_tokens))
             results["greedy"] = dict(identical=same, of=k)
@@ -319,7 +363,7 @@ def main(argv=None):
             proc, ref_url = start_server(args, reference=True)
             procs.append(proc)
             for n in base_levels:
-                r = asyncio.run(run_level(ref_url, n, args.new_tokens))
+                r = run_level(ref_url, n, args.new_tokens, args.clients)
                 print("reference", json.dumps(r), flush=True)
                 results["baseline"][n] = r
     finally:
