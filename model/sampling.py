@@ -171,10 +171,13 @@ class HostCopy:
     def __init__(self, tensor: torch.Tensor):
         self._done = None
         if tensor.is_cuda:
-            device = tensor.device
-            tensor = tensor.to("cpu", non_blocking=True)          # into pinned memory, asynchronously
+            # Only a copy into pinned memory is asynchronous: .to("cpu", non_blocking=True) blocked until
+            # the GPU got there (measured on an H200: the loop never ran ahead, 0.6 ms idle per token).
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
             self._done = torch.cuda.Event()
-            self._done.record(torch.cuda.current_stream(device))
+            self._done.record(torch.cuda.current_stream(tensor.device))
+            tensor = host
         self._host = tensor
 
     def wait(self) -> list:

@@ -46,6 +46,8 @@ def fake_graphs(monkeypatch):
         monkeypatch.setattr(module, "require_cuda", lambda tensor: None)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)   # on a GPU machine these
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)                 # refuse the CPU device
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     return log
 
