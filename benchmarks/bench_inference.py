@@ -7,8 +7,7 @@
 Each variant runs in its own process (so peak memory is its own): it builds the model from the released
 config (model/configs.py) with random weights directly on the GPU (no download), then answers one
 224x224 image + a short question with `--new-tokens` forced new tokens (eos ignored), sampling with
-top_p 0.4 / top_k 100 / temperature 0.8, batch 1, through the chat core's generate(). fast-int4 takes
-torch's tinygemm kernel (bf16), fast-int4t the Triton GEMV of model/fast/kernels.py (fp16). Reported:
+top_p 0.4 / top_k 100 / temperature 0.8, batch 1, through the chat core's generate(). Reported:
 time to first token and its two parts ("image ms": encoding the image; "prefill ms": prefill and the
 first sample), decode tokens/s after the first token, peak GPU memory, achieved GB/s (GLM + LM-head weight bytes read per step x tokens/s) and the fraction of
 the copy bandwidth measured in the same run, and the ratio to the reference (sat-fp16).
@@ -27,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("sat-fp16", "fast-fp16", "fast-bf16", "fast-int8", "fast-int4", "fast-int4t")
-LOAD_VARIANTS = ("load-int8", "load-int4", "load-int4t")                # not in the default run: each moves 15 GB to the CPU
+VARIANTS = ("sat-fp16", "fast-fp16", "fast-bf16", "fast-int8", "fast-int4")
+LOAD_VARIANTS = ("load-int8", "load-int4")                # not in the default run: each moves 15 GB to the CPU
 
 
 def copy_bandwidth() -> float:
@@ -82,10 +81,7 @@ def run_variant(name: str, new_tokens: int) -> dict:
     from model.sampling import SamplingParams
     path, kind = name.split("-")
     dtype = torch.bfloat16 if kind in ("bf16", "int4") else torch.float16     # tinygemm takes bf16
-    bits = {"int8": 8, "int4": 4, "int4t": 4}.get(kind)
-    if kind == "int4t":                                      # int4 through the Triton GEMV (kernels.py)
-        from model.fast import quant
-        quant.INT4_KERNEL = "triton"
+    bits = {"int8": 8, "int4": 4}.get(kind)
     model = random_model(dtype)
     load_gib = None
     if path == "sat":
@@ -163,11 +159,9 @@ def check_kernels() -> list:
             q4 = Int4Linear(w.to(torch.bfloat16), None)
             cpu4 = Int4Linear(w.to(torch.bfloat16).float().cpu(), None)  # same values, CPU layout
             ref4 = x.float() @ dequantize_int4_groups(cpu4.qweight, cpu4.scales_and_zeros, torch.float32).cuda().T
-            q4t = Int4Linear(w.to(torch.bfloat16), None, kernel="triton")      # the same values, fp16 inputs
             rows.append(dict(shape=f"{m}x{k} @ {k}x{n}",
                              int8=((q8(x).float() - ref8).norm() / ref8.norm()).item(),
-                             int4=((q4(x.to(torch.bfloat16)).float() - ref4).norm() / ref4.norm()).item(),
-                             int4t=((q4t(x).float() - ref4).norm() / ref4.norm()).item()))
+                             int4=((q4(x.to(torch.bfloat16)).float() - ref4).norm() / ref4.norm()).item()))
     return rows
 
 
@@ -217,8 +211,7 @@ def main(argv=None):
     bandwidth = copy_bandwidth()
     if args.check:
         for row in check_kernels():
-            print(f"kernel check {row['shape']:>24}: int8 rel. error {row['int8']:.2e}, int4 {row['int4']:.2e} "
-                  f"(tinygemm, bf16), {row['int4t']:.2e} (Triton, fp16)")
+            print(f"kernel check {row['shape']:>24}: int8 rel. error {row['int8']:.2e}, int4 {row['int4']:.2e}")
         for row in greedy_agreement(args.new_tokens):
             print(f"greedy agreement {row['image']}: {row['common_prefix']}/{row['tokens']} tokens identical "
                   f"before the first difference")

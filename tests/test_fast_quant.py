@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from model.fast import FastBackend
-from model.fast.quant import (Int4Linear, Int8Linear, dequantize_int4_groups, group_size, pack_int4,
-                              quantize_int4_groups, unpack_int4)
+from model.fast.quant import Int4Linear, Int8Linear, dequantize_int4_groups, group_size, quantize_int4_groups
 from model.generation import Request, generate
 from model.quant import dequantize, quantize_weight
 from model.sampling import SamplingParams
@@ -107,55 +106,13 @@ def check_every_gemv_tile(device: str) -> None:
                 assert (got - want).abs().max() <= tol, (config, M, (got - want).abs().max())
 
 
-def check_every_int4_gemv_tile(device: str) -> None:
-    """The int4 GEMV under each of its tiles against x @ dequantize_int4_groups(q, sz).T (+ bias): groups of
-    128, 32 and 64 columns, K shorter than most tiles, N and M not multiples of any tile."""
-    from model.fast import kernels
-    dtypes = (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float32,)
-    torch.manual_seed(5)
-    for dtype in dtypes:
-        for M, N, K in ((1, 40, 256), (3, 33, 96), (17, 40, 192)):
-            w = torch.randn(N, K, device=device) * torch.linspace(0.1, 3, K, device=device)   # groups differ
-            bias = torch.randn(N, device=device, dtype=dtype)
-            group = group_size(K)
-            q, sz = quantize_int4_groups(w, group)
-            x = torch.randn(M, K, device=device, dtype=dtype)
-            exact = x.float() @ dequantize_int4_groups(q, sz, torch.float32).T                    # [M, N]
-            tol = gemv_tolerance(dtype, exact)
-            for config in kernels.INT4_CONFIGS:
-                for b in (None, bias):
-                    want = exact if b is None else exact + b.float()
-                    got = kernels.int4_gemv(x, pack_int4(q), sz, group, b, config=config).float()
-                    assert (got - want).abs().max() <= tol, (dtype, config, M, K, (got - want).abs().max())
-
-
-def check_int4_linear_triton(device: str) -> None:
-    """Int4Linear(kernel="triton") on a GPU: the tuned GEMV (<= SMALL_M rows) and the dequantized matmul
-    (more rows) both compute the dequantized weight, and only the [N, K/2] bytes are kept."""
-    from model.fast.quant import SMALL_M
-    torch.manual_seed(6)
-    w, b = torch.randn(96, 256, device=device, dtype=torch.float16), torch.randn(96, device=device, dtype=torch.float16)
-    layer = Int4Linear(w, b, kernel="triton")
-    assert layer.qweight.shape == (96, 128) and layer.qweight.dtype == torch.uint8
-    deq = layer.dequantized(torch.float32)
-    q, sz = quantize_int4_groups(w, 128)
-    assert torch.equal(deq, dequantize_int4_groups(q, sz, torch.float32))       # the same values as tinygemm's
-    for M in (1, 5, SMALL_M, SMALL_M + 1, 64):
-        x = torch.randn(M, 256, device=device, dtype=torch.float16)
-        exact = x.float() @ deq.T + b.float()
-        assert (layer(x).float() - exact).abs().max() <= gemv_tolerance(torch.float16, exact), M
-
-
 def check_triton_kernels(device: str) -> None:
     check_every_gemv_tile(device)
-    check_every_int4_gemv_tile(device)
-    if device == "cuda":
-        check_int4_linear_triton(device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the Triton GEMVs run on the GPU only")
 def test_triton_gemvs_compute_the_dequantized_products_on_the_gpu():
-    """Both Triton GEMVs under every tile they may be tuned to, and Int4Linear's "triton" kernel."""
+    """The int8 Triton GEMV under every tile it may be tuned to."""
     pytest.importorskip("triton", reason="Triton is not installed on this CUDA machine")
     check_triton_kernels("cuda")
 
@@ -177,15 +134,3 @@ def test_triton_gemvs_compute_the_dequantized_products_in_the_interpreter():
                                    PYTHONPATH=os.pathsep.join(filter(None, [str(tests.parent), str(tests),
                                                                             os.environ.get("PYTHONPATH")]))))
     assert done.returncode == 0, done.stderr[-3000:]
-
-
-def test_int4_packing_round_trips_and_the_cpu_ignores_the_kernel_choice():
-    torch.manual_seed(7)
-    q = torch.randint(0, 16, (6, 64), dtype=torch.uint8)
-    packed = pack_int4(q)
-    assert packed.shape == (6, 32) and int(packed[0, 0]) == int(q[0, 0]) * 16 + int(q[0, 1])
-    assert torch.equal(unpack_int4(packed), q)
-    w, b, x = torch.randn(40, 128), torch.randn(40), torch.randn(3, 128)
-    assert torch.equal(Int4Linear(w, b, kernel="triton")(x), Int4Linear(w, b)(x))   # same numbers on the CPU
-    with pytest.raises(ValueError):
-        Int4Linear(w, b, kernel="marlin")

@@ -129,6 +129,7 @@ def test_infinite_logits_leave_only_those_tokens_in_play():
 def test_a_host_copy_starts_without_waiting_for_the_gpu():
     from model.sampling import HostCopy
     values = torch.arange(6, device="cuda")
+    HostCopy(values).wait()                            # the first pinned block is allocated (which may sync)
     torch.cuda._sleep(100_000_000)                     # the GPU is busy for a while (~50 ms)
     copy = HostCopy(values * 2)
     assert not copy._done.query(), "HostCopy waited for the GPU"   # the host got here first
