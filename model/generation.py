@@ -5,9 +5,10 @@ the backend's key/value cache, so nothing is recomputed. Each row keeps its own 
 (model/sampling.py) and ends on its own: at an eos id, at max_length tokens or at max_new_tokens.
 
 On a GPU the loop runs one step ahead: the sampled tokens stay on the device and feed the next step,
-which is queued before the host reads them (one copy per step) and hands them to the caller. So the GPU
-never waits for Python (measured: 0.7 ms of each 4.8 ms fp16 step on an H200 was that wait). A row that
-ends on an eos token has one more step computed for it, which is dropped: rows never attend to each other.
+which is queued before the host reads them (one copy per step) and hands them to the caller, so that the
+GPU need not wait for Python. (On an H200 a 4.7 ms fp16 token still holds ~0.5 ms of idle GPU: some wait
+remains elsewhere, see docs/benchmarks.md.) A row that ends on an eos token has one more step computed
+for it, which is dropped: rows never attend to each other.
 """
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence

@@ -100,8 +100,8 @@ class Ranked:
 def rank_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings) -> Ranked:
     """logits [B, V], seen [B, V] bool (tokens each row generated) -> Ranked: steps 1-4 above for every
     row at once, with no host synchronisation. Only what changes the order (the repetition penalty,
-    invalid slices) touches all V logits; the rest works on the R ranked ones: a decoding step of the
-    7.8B model on an H200 spent 1.6 ms sampling when every step ran over all 130,528 logits."""
+    invalid slices) touches all V logits (130,528 for VisualGLM-6B); the rest works on the R ranked ones,
+    so a step launches a few small kernels, not dozens over the whole vocabulary."""
     x = logits.float()
     nan = torch.isnan(x).any(-1)
     certain = x.amax(-1, keepdim=True) == float("inf")         # [B, 1] a token is infinitely likely
@@ -171,8 +171,8 @@ class HostCopy:
     def __init__(self, tensor: torch.Tensor):
         self._done = None
         if tensor.is_cuda:
-            # Only a copy into pinned memory is asynchronous: .to("cpu", non_blocking=True) blocked until
-            # the GPU got there (measured on an H200: the loop never ran ahead, 0.6 ms idle per token).
+            # Only a copy into pinned memory is asynchronous; an explicitly pinned buffer makes sure of it
+            # (a profile on an H200 showed the loop's copies holding the host until the GPU got there).
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             host.copy_(tensor, non_blocking=True)
             self._done = torch.cuda.Event()
