@@ -17,7 +17,7 @@ INT8_CONFIGS = ((1, 4, 512, 2), (1, 8, 256, 2), (1, 8, 512, 4), (1, 8, 1024, 4),
                 (1, 64, 128, 4), (1, 64, 128, 8),
                 (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 256, 4))
 
-_built = {}
+_built = None          # (triton, the kernel, its autotuned form), made on first use
 
 
 def rows_bucket(m: int) -> int:
@@ -69,9 +69,10 @@ def _build_int8():
 
 def _launch(args, M, N, config, **constants):
     """Run the kernel (built once) on grid (N / BLOCK_N, M / BLOCK_M): tuned, or with `config`."""
-    if "int8" not in _built:
-        _built["int8"] = _build_int8()
-    triton, plain, tuned = _built["int8"]
+    global _built
+    if _built is None:
+        _built = _build_int8()
+    triton, plain, tuned = _built
     if config is None:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
         tuned[grid](*args, **constants)
