@@ -31,7 +31,8 @@ import torch
 
 from .generation import Request, RowProgress, images_of
 from .positions import batch_inputs
-from .sampling import HostCopy, RowSettings, draw, rank_logits
+from .sampling import RowSettings, draw, rank_logits
+from .transfer import HostCopy, PinnedRing
 
 
 class Event(NamedTuple):
@@ -63,6 +64,7 @@ class ContinuousBatch:
         self._queued: Optional[tuple] = None               # the step not read yet: (HostCopy, [(slot, seq)])
         self._settings: Dict[tuple, RowSettings] = {}      # per set of rows: rebuilt only when it changes
         self._serial = 0
+        self._ring = PinnedRing()                          # host <-> device copies that do not wait
 
     @property
     def free(self) -> int:
@@ -95,7 +97,8 @@ class ContinuousBatch:
         if self._seen is None:
             self._seen = torch.zeros(self.slots.slots, logits.shape[-1], dtype=torch.bool, device=device)
             self._tokens = torch.full((self.slots.slots,), self.pad_id, dtype=torch.long, device=device)
-        self._seen[rows] = False
+            self._true = torch.ones((), dtype=torch.bool, device=device)   # a value on the device: no copy
+        self._seen.index_fill_(0, self._ring.to_device(rows, torch.long, device), False)
         last = positions[:, :, -1].tolist()
         seqs = []
         for b, (row, r) in enumerate(zip(rows, ready)):
@@ -119,7 +122,7 @@ class ContinuousBatch:
                 positions[row], index[row] = (s.position, s.block), s.index
             logits = self.slots.decode(self._tokens, positions, index)                   # [n, V]
             rows = [row for row, _ in launch]
-            queued = (self._sample(rows, [s for _, s in launch], logits[rows]), launch)
+            queued = (self._sample(rows, [s for _, s in launch], logits), launch)
             for _, s in launch:
                 s.pending, s.index, s.block = True, s.index + 1, s.block + 1   # the mask position stays
         events = self._read(*self._queued) if self._queued is not None else []
@@ -138,15 +141,18 @@ class ContinuousBatch:
 
     # -- mechanics ------------------------------------------------------------------------------------
     def _sample(self, rows: List[int], seqs: List[_Sequence], logits: torch.Tensor) -> HostCopy:
-        """Sample a token for each of `rows` from their logits [N, V] on the device, where it becomes the
-        slot's next input; start copying (token, nan, empty) to the host."""
+        """Sample a token for each of `rows` (slots) from logits [n, V] (row r's at index r, or [N, V] in
+        the order of `rows` when N == len(rows)) on the device, where it becomes the slot's next input;
+        start copying (token, nan, empty) to the host. Nothing here waits for the GPU."""
         settings = self._settings_for(seqs, logits)
-        rows_t = torch.tensor(rows, device=logits.device)
-        ranked = rank_logits(logits, self._seen[rows_t], settings)
-        tokens = draw(ranked, settings, [s.progress.request.generator for s in seqs])             # [N]
-        self._seen[rows_t, tokens] = True
-        self._tokens[rows_t] = tokens
-        return HostCopy(torch.stack([tokens, ranked.nan.long(), ranked.empty.long()]))
+        rows_t = self._ring.to_device(rows, torch.long, logits.device)                          # [N]
+        if logits.shape[0] != len(rows):
+            logits = logits.index_select(0, rows_t)
+        ranked = rank_logits(logits, self._seen.index_select(0, rows_t), settings)
+        tokens = draw(ranked, settings, [s.progress.request.generator for s in seqs], self._ring)   # [N]
+        self._seen.index_put_((rows_t, tokens), self._true)
+        self._tokens.index_copy_(0, rows_t, tokens)
+        return self._ring.to_host(torch.stack([tokens, ranked.nan.long(), ranked.empty.long()]))
 
     def _read(self, copy: HostCopy, launched: List[tuple]) -> List[Event]:
         """Wait for a sampled step's tokens; record them for the sequences still running in their slots
@@ -169,7 +175,7 @@ class ContinuousBatch:
             if len(self._settings) > 64:
                 self._settings.clear()
             self._settings[key] = RowSettings.of([s.progress.request.params for s in seqs], logits.shape[-1],
-                                                 logits.device)
+                                                 logits.device, self._ring)
         return self._settings[key]
 
     def _leave(self, row: int) -> None:

@@ -5,10 +5,10 @@ the backend's key/value cache, so nothing is recomputed. Each row keeps its own 
 (model/sampling.py) and ends on its own: at an eos id, at max_length tokens or at max_new_tokens.
 
 On a GPU the loop runs one step ahead: the sampled tokens stay on the device and feed the next step,
-which is queued before the host reads them (one copy per step) and hands them to the caller, so that the
-GPU need not wait for Python. (On an H200 a 4.7 ms fp16 token still holds ~0.5 ms of idle GPU: some wait
-remains elsewhere, see docs/benchmarks.md.) A row that ends on an eos token has one more step computed
-for it, which is dropped: rows never attend to each other.
+which is queued before the host reads them (one copy per step, model/transfer.py) and hands them to the
+caller, so that the GPU need not wait for Python. Nothing else in a step may wait for the GPU (a GPU test
+checks it). A row that ends on an eos token has one more step computed for it, which is dropped: rows
+never attend to each other.
 """
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
@@ -17,7 +17,8 @@ import torch
 
 from .backend import as_backend
 from .positions import batch_inputs, next_positions
-from .sampling import EMPTY_ERROR, NAN_ERROR, HostCopy, RowSettings, SamplingParams, draw, rank_logits
+from .sampling import EMPTY_ERROR, NAN_ERROR, RowSettings, SamplingParams, draw, rank_logits
+from .transfer import PinnedRing
 
 
 @dataclass
@@ -112,10 +113,11 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
     logits, cache = backend.prefill(ids, positions, mask, image_embeds, pre_image, capacity=capacity)  # [B, V]
 
     batch = len(requests)
-    rows = RowSettings.of([r.params for r in requests], logits.shape[-1], device)
+    ring = PinnedRing()
+    rows = RowSettings.of([r.params for r in requests], logits.shape[-1], device, ring)
     seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)   # generated tokens per row
     progress = [RowProgress(r) for r in requests]
-    key_mask = torch.arange(ids.shape[1], device=device)[None] >= torch.tensor(pads, device=device)[:, None]
+    key_mask = torch.arange(ids.shape[1], device=device)[None] >= ring.to_device(pads, torch.long, device)[:, None]
     positions = positions[:, :, -1:]                                                             # [B, 2, 1]
 
     def next_step(tokens):                                         # tokens [B, 1] on the device
@@ -126,9 +128,9 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
 
     while not all(p.done for p in progress):
         ranked = rank_logits(logits, seen, rows)
-        tokens = draw(ranked, rows, [r.generator for r in requests])                            # [B]
-        seen[torch.arange(batch, device=device), tokens] = True   # finished rows' marks are never read
-        copy = HostCopy(torch.stack([tokens, ranked.nan.long(), ranked.empty.long()]))
+        tokens = draw(ranked, rows, [r.generator for r in requests], ring)                      # [B]
+        seen.scatter_(1, tokens[:, None], True)                   # finished rows' marks are never read
+        copy = ring.to_host(torch.stack([tokens, ranked.nan.long(), ranked.empty.long()]))
         queued = next_step(tokens[:, None]) if ahead and any(p.may_go_on for p in progress) else None
         host_tokens, host_nan, host_empty = copy.wait()                                        # one sync
         step = [None if p.done else p.take(host_tokens[b], host_nan[b], host_empty[b], eos_ids, isolate_errors)
@@ -138,5 +140,5 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
         if all(p.done for p in progress):
             break
         if queued is None:       # finished rows feed pad, as they would any token: nothing reads their results
-            queued = next_step(torch.tensor([[t if t is not None else pad_id] for t in step], device=device))
+            queued = next_step(ring.to_device([[t if t is not None else pad_id] for t in step], torch.long, device))
         logits, cache = queued

@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .defaults import CHAT_SAMPLING
+from .transfer import PinnedRing
 
 MIN_TEMPERATURE = 1e-5         # below this a temperature acts as this (0 itself means greedy)
 MIN_DIVISOR, MAX_DIVISOR = 1e-30, 1e30   # |fp16 logit| / 1e-30 stays well inside fp32
@@ -67,7 +68,8 @@ class RowSettings:
     invalid: Optional[torch.Tensor] = None   # [B, V] bool: invalid_slices, or None when no row has any
 
     @classmethod
-    def of(cls, params: Sequence[SamplingParams], vocab: int, device) -> "RowSettings":
+    def of(cls, params: Sequence[SamplingParams], vocab: int, device, ring: Optional[PinnedRing] = None) -> "RowSettings":
+        """ring: copy through its page-locked buffers, so a loop running ahead does not wait here."""
         # Divisors are clamped in Python floats, so temperature x penalty can neither underflow to 0
         # nor overflow to inf in fp32 (logits / 0 gave inf and NaN).
         plain = [min(max(p.temperature, MIN_TEMPERATURE), MAX_DIVISOR) for p in params]
@@ -79,13 +81,13 @@ class RowSettings:
                 for sl in p.invalid_slices:
                     invalid[b, sl] = True
             invalid = invalid.to(device)
-
-        def t(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
         ranks = vocab if any(p.top_k == 0 for p in params) else min(vocab, max(p.top_k for p in params))
-        return cls(t(plain, torch.float32), t(penalised, torch.float32), t([p.top_k for p in params], torch.long),
-                   t([p.top_p for p in params], torch.float32), t([p.greedy for p in params], torch.bool), ranks,
-                   penalised != plain, invalid)
+        # one copy: float64 holds every value exactly (top_k < 2^53), each row rounds to fp32 as before
+        table = [plain, penalised, [p.top_k for p in params], [p.top_p for p in params], [p.greedy for p in params]]
+        t = ring.to_device(table, torch.float64, device) if ring is not None else \
+            torch.tensor(table, dtype=torch.float64).to(device)                                  # [5, B]
+        return cls(t[0].float(), t[1].float(), t[2].long(), t[3].float(), t[4].bool(), ranks, penalised != plain,
+                   invalid)
 
 
 @dataclass
@@ -135,18 +137,17 @@ def filter_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings):
     return filtered, ranked.nan, ranked.empty
 
 
-def draw(ranked: Ranked, rows: RowSettings, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+def draw(ranked: Ranked, rows: RowSettings, generators: Sequence[Optional[torch.Generator]],
+         ring: Optional[PinnedRing] = None) -> torch.Tensor:
     """Ranked candidates -> tokens [B]: for greedy rows the best (the lowest id among equal best, as
     argmax over the row), otherwise a draw from the softmax by inverse CDF, in vocabulary order, with one
     uniform number per row (from the row's own generator when it has one, so a seed gives the same answer
-    on any device)."""
+    on any device; ring: their copy to the device does not wait for the GPU)."""
     values = ranked.values
     device = values.device
     if any(g is not None for g in generators):
-        u = torch.stack([torch.rand((), generator=g) for g in generators])
-        if values.is_cuda:
-            u = u.pin_memory()          # so the copy does not wait for the GPU (a loop running ahead)
-        u = u.to(device, non_blocking=True)
+        u = [torch.rand((), generator=g).item() for g in generators]
+        u = ring.to_device(u, torch.float32, device) if ring is not None else torch.tensor(u).to(device)
     else:
         u = torch.rand(values.shape[0], device=device)
     ids, order = ranked.tokens.sort(dim=-1)                                   # [B, R] vocabulary order
@@ -160,35 +161,6 @@ def draw(ranked: Ranked, rows: RowSettings, generators: Sequence[Optional[torch.
 
 NAN_ERROR = "NaN in the model's logits (fp16 overflow? try --quant none or fp32/bf16)."
 EMPTY_ERROR = "No token can be sampled: every logit is -inf or masked by invalid_slices."
-
-
-class HostCopy:
-    """A device tensor's values on the host, copied without waiting: the copy starts now, wait() returns
-    them. A decoding loop queues its next step on the GPU before it waits, so the GPU computes while the
-    host reads tokens and streams text. wait() releases the GIL while the GPU finishes (a server's event
-    loop thread keeps running; .tolist() alone holds the GIL for the whole wait)."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self._done = None
-        if tensor.is_cuda:
-            # Only a copy into pinned memory is asynchronous; an explicitly pinned buffer makes sure of it
-            # (a profile on an H200 showed the loop's copies holding the host until the GPU got there).
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            self._done = torch.cuda.Event()
-            self._done.record(torch.cuda.current_stream(tensor.device))
-            tensor = host
-        self._host = tensor
-
-    def wait(self) -> list:
-        if self._done is not None:
-            self._done.synchronize()
-        return self._host.tolist()
-
-
-def to_host(tensor: torch.Tensor) -> list:
-    """tensor.tolist(), waiting for the GPU with the GIL released (HostCopy)."""
-    return HostCopy(tensor).wait()
 
 
 def process_logits(logits: torch.Tensor, generated: List[int], p: SamplingParams) -> torch.Tensor:

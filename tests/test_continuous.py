@@ -169,3 +169,27 @@ def test_graph_captured_decoding_equals_eager_on_the_gpu(net, tiny_config):
         answers.append([got.get(id(r), []) for r in reqs])
         assert graph == bool(batch.slots._graphs)
     assert answers[0] == answers[1] and sum(map(len, answers[0])) > 80
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: only there can a step wait for the device")
+def test_decoding_steps_never_wait_for_the_gpu(net, tiny_config):
+    """As generate()'s test: after admission (which reads the first tokens at once), a step of the running
+    batch must not make the host wait for the GPU, also when a sequence leaves (new row settings) and with
+    graphs captured. Under CUDA's sync debug mode any such wait raises."""
+    gpu = build_model(tiny_config, device="cuda")
+    gpu.load_state_dict(net.state_dict())
+    emb = gpu.eval().encode_image(torch.randn(2, 3, 224, 224, device="cuda"))
+    batch = ContinuousBatch(FastSlots(FastBackend(gpu, compile=False), slots=8, length=256), pad_id=3, eos_ids=[])
+    reqs = make_requests(tiny_config, emb, n=5)
+    for r in reqs[1::2]:
+        r.params = dataclasses.replace(r.params, top_k=7, temperature=0.8)
+    reqs[2].generator = torch.Generator().manual_seed(1)
+    events = batch.admit(reqs)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while batch.running:
+            events += batch.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ends = [e.reason for e in events if e.reason is not None]
+    assert len(ends) == len(reqs) and set(ends) == {"length"}

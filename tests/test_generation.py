@@ -203,3 +203,26 @@ def test_running_one_step_ahead_gives_the_same_answers(net, tiny_config, flavour
     (behind, steps), (ahead, steps_ahead) = run(False, eos, rows=1), run(True, eos, rows=1)
     assert [st[0] for st in ahead] == row0[:end] and ahead == behind
     assert steps_ahead == steps + 1                            # ends on an eos: one step dropped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: only there can a step wait for the device")
+def test_decoding_steps_never_wait_for_the_gpu(net, tiny_config):
+    """Running ahead helps only if nothing in a step makes the host wait for the GPU (one `t[i] = True`
+    did, on every token). Under CUDA's sync debug mode any such wait raises; waiting for a step's tokens
+    (an event) is allowed. Rows sample, use a seed, a penalty, and end at different lengths."""
+    from model.fast import FastBackend
+    gpu = build_model(tiny_config, device="cuda")
+    gpu.load_state_dict(net.state_dict())
+    backend = FastBackend(gpu.eval(), compile=False)
+    g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]
+    reqs = [Request(ids=[20, 21, 22, g, s], params=SamplingParams(top_k=5, temperature=0.9, max_length=30)),
+            Request(ids=[23, g, s], params=SamplingParams(top_k=1, repetition_penalty=1.3, max_length=18),
+                    generator=torch.Generator().manual_seed(0))]
+    steps = generate(backend, reqs, 3, [])
+    next(steps)                                   # the prompt: its first tokens are read at once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = list(steps)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(rest) == (30 - 5) - 1 and sum(t is not None for _, t in rest) == (18 - 3) - 1   # all but the first

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..transfer import PinnedRing
 from .graphs import record, require_cuda
 from .pool import SlotPool
 
@@ -55,6 +56,7 @@ class FastSlots:
         self._graphs: Dict[Tuple[int, int], tuple] = {}
         self._graph_pool = None                   # made with the first graph (needs CUDA)
         self._logits: Optional[torch.Tensor] = None   # [slots, V] fp32, every graph's output (see _graph)
+        self._ring = PinnedRing()                     # step inputs reach the device without waiting for it
 
     @property
     def slots(self) -> int:
@@ -138,12 +140,10 @@ class FastSlots:
         n = len(index)
         rows = next(b for b in self.slot_buckets if b >= n)
         if not torch.is_tensor(tokens):
-            tokens = torch.tensor(list(tokens) + [0] * (rows - n), device=self.device)
+            tokens = self._ring.to_device(list(tokens) + [0] * (rows - n), torch.long, self.device)
         span = next(s for s in self.span_buckets if s > max(index))
-        host = torch.tensor([[p, q, i] for (p, q), i in zip(positions, index)] + [[0, 0, 0]] * (rows - n))
-        if self.device.type == "cuda":
-            host = host.pin_memory()          # an asynchronous copy: the host does not wait for the GPU here
-        rest = host.to(self.device, non_blocking=True)                                  # [rows, 3]
+        rest = self._ring.to_device([[p, q, i] for (p, q), i in zip(positions, index)] + [[0, 0, 0]] * (rows - n),
+                                    torch.long, self.device)                             # [rows, 3]
         if not self.cuda_graph:
             inputs = torch.cat([tokens[:rows, None], rest], dim=1)                       # [rows, 4]
             return self._step(inputs, self.pool.decode_view(rows, span))[:n]
