@@ -168,8 +168,12 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
+WAITS = ("queue_wait", "handoff")          # histograms of per-request waits (serving/metrics.py)
+
+
 async def server_steps(client, url: str) -> dict:
-    """Sum and count of the server's model-thread time per phase (visualglm_batch_step_seconds)."""
+    """Sum and count of the server's model-thread time per phase (visualglm_batch_step_seconds), and the
+    cumulative buckets of its per-request waits: {(phase, "sum"|"count"): v, (wait, le): count}."""
     from prometheus_client.parser import text_string_to_metric_families
     out = {}
     text = (await client.get(url + "/metrics")).text
@@ -177,7 +181,23 @@ async def server_steps(client, url: str) -> dict:
         for s in family.samples:
             if s.name in ("visualglm_batch_step_seconds_sum", "visualglm_batch_step_seconds_count"):
                 out[(s.labels["phase"], s.name.rsplit("_", 1)[1])] = s.value
+            for wait in WAITS:
+                if s.name == f"visualglm_{wait}_seconds_bucket":
+                    out[(wait, float(s.labels["le"]))] = s.value
+                elif s.name in (f"visualglm_{wait}_seconds_sum", f"visualglm_{wait}_seconds_count"):
+                    out[(wait, s.name.rsplit("_", 1)[1])] = s.value
     return out
+
+
+def wait_summary(before: dict, after: dict, wait: str) -> dict:
+    """Mean and the bucket bound under which 99% of a level's waits fell (ms), from the histogram's growth."""
+    count = after.get((wait, "count"), 0) - before.get((wait, "count"), 0)
+    if not count:
+        return {}
+    mean = (after[(wait, "sum")] - before.get((wait, "sum"), 0)) / count
+    bounds = sorted(k[1] for k in after if k[0] == wait and isinstance(k[1], float))
+    p99 = next(le for le in bounds if after[(wait, le)] - before.get((wait, le), 0) >= 0.99 * count)
+    return {f"{wait}_mean_ms": round(mean * 1e3, 1), f"{wait}_p99_under_ms": p99 * 1e3}
 
 
 def _client(url: str, bodies: list, ready, go, results) -> None:
@@ -228,6 +248,8 @@ def run_level(url: str, n: int, new_tokens: int, clients: int = 1) -> dict:
         total = after.get((phase, "sum"), 0) - before.get((phase, "sum"), 0)
         phases[f"{phase}_ms"] = round(total / count * 1e3, 2) if count else None
         phases[f"{phase}_n"] = int(count)
+    for wait in WAITS:
+        phases.update(wait_summary(before, after, wait))
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     gaps = [g for r in results for g in r["gaps"]]

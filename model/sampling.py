@@ -105,8 +105,9 @@ def rank_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings) -> 
     invalid slices) touches all V logits (130,528 for VisualGLM-6B); the rest works on the R ranked ones,
     so a step launches a few small kernels, not dozens over the whole vocabulary."""
     x = logits.float()
-    nan = torch.isnan(x).any(-1)
-    certain = x.amax(-1, keepdim=True) == float("inf")         # [B, 1] a token is infinitely likely
+    top = x.amax(-1, keepdim=True)                              # [B, 1] NaN if the row has one: one pass
+    nan = torch.isnan(top[:, 0])
+    certain = top == float("inf")                               # a token is infinitely likely
     if rows.penalises:                                          # generated tokens are divided by more
         x = x / torch.where(seen, rows.penalised[:, None], rows.plain[:, None])
     if rows.invalid is not None:

@@ -93,20 +93,25 @@ class _Outlet:
 
 
 class _StepTimes:
-    """The child's stand-in for ServingMetrics: it keeps the step phases for the parent (which counts
-    tokens and outcomes itself, from the messages it receives)."""
+    """The child's stand-in for ServingMetrics: it keeps the step phases and the queue waits for the
+    parent (which counts tokens and outcomes itself, from the messages it receives)."""
 
     def __init__(self):
-        self._steps, self._lock = [], threading.Lock()
+        self._events, self._lock = [], threading.Lock()
 
     def step(self, phase: str, seconds: float) -> None:
         with self._lock:
-            self._steps.append((phase, seconds))
+            self._events.append(("step", (phase, seconds)))
+
+    def admitted(self, waited: float, handoff) -> None:
+        with self._lock:
+            self._events.append(("admitted", (waited, handoff)))
 
     def take(self) -> list:
+        """[(ServingMetrics method, its arguments)] since the last take."""
         with self._lock:
-            steps, self._steps = self._steps, []
-        return steps
+            events, self._events = self._events, []
+        return events
 
     def token(self, count: int = 1) -> None:
         pass
@@ -131,7 +136,7 @@ def _child_main(loader: Callable, options: dict, commands, events, log_level: in
     lock, jobs = threading.Lock(), {}
     loop = _PipeLoop(events, lock, jobs)
     worker = Worker(loader=loader, **options)
-    worker.metrics = steps = _StepTimes()
+    worker.metrics = observed = _StepTimes()
     worker.start()
     if not worker.wait_ready():
         _send(events, lock, ("failed", worker.error))
@@ -141,10 +146,10 @@ def _child_main(loader: Callable, options: dict, commands, events, log_level: in
     while True:
         if time.monotonic() >= due:                 # on time even while commands keep coming
             due = time.monotonic() + STATS_INTERVAL
-            report, taken = dict(queued=worker.queued, running=worker.running, stats=worker.stats), steps.take()
+            report, taken = dict(queued=worker.queued, running=worker.running, stats=worker.stats), observed.take()
             if report != last or taken:
                 last = report
-                _send(events, lock, ("stats", dict(report, steps=taken)))
+                _send(events, lock, ("stats", dict(report, observed=taken)))
         if not commands.poll(max(0.0, due - time.monotonic())):
             continue
         try:
@@ -153,8 +158,9 @@ def _child_main(loader: Callable, options: dict, commands, events, log_level: in
             break                                    # the parent is gone
         kind = message[0]
         if kind == "submit":
-            _, job_id, request, pixels, key = message
+            _, job_id, request, pixels, key, submitted_at = message
             job = Job(request, pixels, key)
+            job.submitted_at = submitted_at          # the parent's: time.monotonic() is one clock for both
             job.loop, job.queue = loop, _Outlet(loop, job_id)
             jobs[job_id] = job
             try:
@@ -331,7 +337,8 @@ class ProcessWorker:
             job.submitted_at = time.monotonic()
             self._jobs[id(job)] = job
             try:
-                _send(self._commands, self._send_lock, ("submit", id(job), job.request, job.pixels, job.image_key))
+                _send(self._commands, self._send_lock, ("submit", id(job), job.request, job.pixels, job.image_key,
+                                                     job.submitted_at))
             except (OSError, ValueError):        # the child just died; the reader is about to say so
                 del self._jobs[id(job)]
                 raise NotReadyError("The model process is not running.") from None
@@ -377,8 +384,9 @@ class ProcessWorker:
         elif kind == "stats":
             self._report = body
             if self.metrics is not None:
-                for phase, seconds in body["steps"]:
-                    self.metrics.step(phase, seconds)
+                for method, args in body["observed"]:
+                    if method in ("step", "admitted"):          # what _StepTimes records
+                        getattr(self.metrics, method)(*args)
         elif kind == "ready":
             self._become_ready(body)
         elif kind == "failed":

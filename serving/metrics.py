@@ -6,6 +6,11 @@
     visualglm_generated_tokens_total             answer tokens sent
     visualglm_time_to_first_token_seconds        histogram, from queueing to the first token
     visualglm_request_duration_seconds           histogram, from queueing to the end
+    visualglm_queue_wait_seconds                 histogram, from queueing to leaving the queue for the batch
+                                                 (then come its image and prefill: the rest of the time to
+                                                 first token)
+    visualglm_handoff_seconds                    histogram, from queueing on the server to the model
+                                                 process's own queue (only with the model in its own process)
     visualglm_batch_step_seconds{phase}          histogram of the model thread's work per step: "images"
                                                  (encoding newcomers' images), "admit" (their prefill),
                                                  "decode" (one token for every running request), "send"
@@ -17,12 +22,14 @@
 Each app has its own registry (several apps may live in one process, as in the tests).
 """
 import time
+from typing import Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # seconds; first tokens are fast, whole answers take up to minutes
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -38,6 +45,10 @@ class ServingMetrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.duration = Histogram("visualglm_request_duration_seconds", "Time from queueing to the last token",
                                   buckets=DURATION_BUCKETS, registry=r)
+        self.queue_wait = Histogram("visualglm_queue_wait_seconds", "Time from queueing to leaving the queue for the batch",
+                                    buckets=WAIT_BUCKETS, registry=r)
+        self.handoff = Histogram("visualglm_handoff_seconds", "Time from queueing to the model process's queue",
+                                 buckets=WAIT_BUCKETS, registry=r)
         self.steps = Histogram("visualglm_batch_step_seconds", "Model thread time per step, by phase", ["phase"],
                                buckets=STEP_BUCKETS, registry=r)
         Gauge("visualglm_queue_length", "Requests waiting", registry=r).set_function(lambda: worker.queued)
@@ -59,6 +70,13 @@ class ServingMetrics:
 
     def step(self, phase: str, seconds: float) -> None:
         self.steps.labels(phase).observe(seconds)
+
+    def admitted(self, waited: float, handoff: Optional[float]) -> None:
+        """A request leaves the queue for the batch, `waited` seconds after it was queued (handoff of them
+        on the way to the model process; None when the model runs in this one)."""
+        self.queue_wait.observe(waited)
+        if handoff is not None:
+            self.handoff.observe(handoff)
 
     def token(self, count: int = 1) -> None:
         self.tokens.inc(count)

@@ -77,6 +77,7 @@ class Job:
         self.queue: Optional[asyncio.Queue] = None
         self.submitted_at: Optional[float] = None      # time.monotonic() of submit, of the first token
         self.first_token_at: Optional[float] = None
+        self.handoff: Optional[float] = None           # seconds from submit to the model process's queue
 
     @property
     def prompt_tokens(self) -> int:
@@ -280,7 +281,11 @@ class Worker:
                 raise QueueFullError(f"The server is busy: {len(self._pending)} requests are already waiting. "
                                      f"Try again shortly.")
             job.state = "queued"
-            job.submitted_at = time.monotonic()
+            now = time.monotonic()
+            if job.submitted_at is None:
+                job.submitted_at = now
+            else:                                # queued by the server first (serving/engine_process.py)
+                job.handoff = now - job.submitted_at
             self._pending.append(job)
             self._stats["requests"] += 1
             self._cond.notify_all()
@@ -353,8 +358,7 @@ class Worker:
                 if self._stopping:
                     return
                 batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-                for job in batch:
-                    job.state = "running"
+                self._start(batch)
                 self._running = batch
                 self._free = 0
             try:
@@ -392,8 +396,7 @@ class Worker:
                 if not live:
                     self._gather_burst(batch.free)
                 newcomers = [self._pending.popleft() for _ in range(min(batch.free, len(self._pending)))]
-                for job in newcomers:
-                    job.state = "running"
+                self._start(newcomers)
                 self._running = list(live.values()) + newcomers
             for key, job in list(live.items()):
                 if job.cancelled.is_set():
@@ -603,6 +606,14 @@ class Worker:
         self._observe(reason, job)
         if job.loop is not None:
             self._push(job, Finished(reason, error))
+
+    def _start(self, jobs: List[Job]) -> None:
+        """Jobs leave the queue for the batch (with self._cond held)."""
+        now = time.monotonic()
+        for job in jobs:
+            job.state = "running"
+            if self.metrics is not None and job.submitted_at is not None:
+                self.metrics.admitted(now - job.submitted_at, job.handoff)
 
     def _observe(self, outcome: str, job: Optional[Job] = None) -> None:
         if self.metrics is not None:

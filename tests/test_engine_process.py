@@ -158,6 +158,13 @@ def test_metrics_move(servers):
     assert after[tokens] - before[tokens] == r.json()["usage"]["completion_tokens"] > 0
     ttft = "visualglm_time_to_first_token_seconds_count[]"
     assert after[ttft] - before[ttft] == 1 and after["visualglm_kv_slots_total[]"] == 4
+    # the child measured the wait from the parent's queueing: the handoff is part of it, the whole wait
+    # comes before the first token
+    count, total = "visualglm_{}_seconds_count[]", "visualglm_{}_seconds_sum[]"
+    for name in ("queue_wait", "handoff"):
+        assert after[count.format(name)] - before.get(count.format(name), 0) == 1
+    delta = {name: after[total.format(name)] - before.get(total.format(name), 0) for name in ("queue_wait", "handoff", "time_to_first_token")}
+    assert 0 < delta["handoff"] <= delta["queue_wait"] < delta["time_to_first_token"], delta
 
 
 def test_a_killed_child_fails_its_requests_with_5xx_and_health_says_failed(loader):

@@ -130,6 +130,9 @@ def test_metrics_parse_and_move(worker):
     assert after["visualglm_time_to_first_token_seconds_count[]"] - before["visualglm_time_to_first_token_seconds_count[]"] == 1
     assert after["visualglm_kv_slots_total[]"] == 4
     assert after["visualglm_http_responses_total[('status', '401')]"] >= 1
+    waited = "visualglm_queue_wait_seconds_count[]"
+    assert after[waited] - before[waited] == 1
+    assert after["visualglm_handoff_seconds_count[]"] == 0          # the model runs in this process
     public = create_app(worker, api_key="k", metrics_public=True)
     from fastapi.testclient import TestClient
     with TestClient(public) as c:
