@@ -168,7 +168,7 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-WAITS = ("queue_wait", "handoff")          # histograms of per-request waits (serving/metrics.py)
+WAITS = ("request_prepare", "queue_wait", "handoff")          # histograms of per-request waits (serving/metrics.py)
 
 
 async def server_steps(client, url: str) -> dict:

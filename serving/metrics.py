@@ -6,6 +6,9 @@
     visualglm_generated_tokens_total             answer tokens sent
     visualglm_time_to_first_token_seconds        histogram, from queueing to the first token
     visualglm_request_duration_seconds           histogram, from queueing to the end
+    visualglm_request_prepare_seconds            histogram, from the request's arrival to its queueing
+                                                 (reading and parsing the body, decoding the image,
+                                                 tokenizing)
     visualglm_queue_wait_seconds                 histogram, from queueing to leaving the queue for the batch
                                                  (then come its image and prefill: the rest of the time to
                                                  first token)
@@ -45,6 +48,8 @@ class ServingMetrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.duration = Histogram("visualglm_request_duration_seconds", "Time from queueing to the last token",
                                   buckets=DURATION_BUCKETS, registry=r)
+        self.prepare = Histogram("visualglm_request_prepare_seconds", "Time from a request's arrival to its queueing",
+                                 buckets=WAIT_BUCKETS, registry=r)
         self.queue_wait = Histogram("visualglm_queue_wait_seconds", "Time from queueing to leaving the queue for the batch",
                                     buckets=WAIT_BUCKETS, registry=r)
         self.handoff = Histogram("visualglm_handoff_seconds", "Time from queueing to the model process's queue",
@@ -70,6 +75,9 @@ class ServingMetrics:
 
     def step(self, phase: str, seconds: float) -> None:
         self.steps.labels(phase).observe(seconds)
+
+    def prepared(self, seconds: float) -> None:
+        self.prepare.observe(seconds)
 
     def admitted(self, waited: float, handoff: Optional[float]) -> None:
         """A request leaves the queue for the batch, `waited` seconds after it was queued (handoff of them

@@ -41,6 +41,7 @@ class ChatCall:
     stop: List[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    received_at: Optional[float] = None     # time.monotonic() when the server began reading the request
 
 
 def loads(body: bytes) -> dict:

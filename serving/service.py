@@ -88,6 +88,7 @@ class ApiService:
 
     async def parse(self, request: Request, parser) -> ChatCall:
         """Auth, content type, readiness, then the body through `parser` (parse_original/parse_openai)."""
+        received = time.monotonic()
         self.check_auth(request)
         check_json(request)
         self.worker.require_ready()
@@ -95,9 +96,9 @@ class ApiService:
 
         def run():
             return parser(loads(body), self.limits, self.worker.max_context)
-        if len(body) > _THREAD_PARSE_BYTES:
-            return await anyio.to_thread.run_sync(run)
-        return run()
+        call = await anyio.to_thread.run_sync(run) if len(body) > _THREAD_PARSE_BYTES else run()
+        call.received_at = received
+        return call
 
     async def start(self, call: ChatCall) -> Stream:
         """Fetch and decode the image, tokenize, queue: every failure here is the client's (or 503)."""
@@ -115,7 +116,11 @@ class ApiService:
                 job = await anyio.to_thread.run_sync(prepare)
         else:
             job = await anyio.to_thread.run_sync(prepare)
-        return self.worker.submit(job)
+        stream = self.worker.submit(job)
+        metrics = getattr(self.worker, "metrics", None)
+        if metrics is not None and call.received_at is not None:
+            metrics.prepared(job.submitted_at - call.received_at)
+        return stream
 
     async def complete(self, stream: Stream, call: ChatCall):
         """Run to the end: (text, finish_reason)."""

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -146,9 +147,22 @@ def _metrics(text):
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def _settled_metrics(url):
+    """The metrics once the child's reports (every 0.1 s) of earlier tests' requests have all come in."""
+    last = None
+    for _ in range(50):
+        now = {k: v for k, v in _metrics(httpx.get(url + "/metrics", trust_env=False).text).items()
+               if "_created" not in k and "http_responses" not in k}          # this GET is counted
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.3)
+    raise AssertionError("the metrics kept changing with no requests running")
+
+
 def test_metrics_move(servers):
     there, _ = servers
-    before = _metrics(httpx.get(there.url + "/metrics", trust_env=False).text)
+    before = _settled_metrics(there.url)
     r = post(there.url, "/v1/chat/completions", chat_body("What is in the picture?", max_tokens=5))
     wait_for(lambda: _metrics(httpx.get(there.url + "/metrics", trust_env=False).text).get(
         "visualglm_batch_step_seconds_count[('phase', 'decode')]", 0) >

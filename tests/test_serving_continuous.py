@@ -130,8 +130,9 @@ def test_metrics_parse_and_move(worker):
     assert after["visualglm_time_to_first_token_seconds_count[]"] - before["visualglm_time_to_first_token_seconds_count[]"] == 1
     assert after["visualglm_kv_slots_total[]"] == 4
     assert after["visualglm_http_responses_total[('status', '401')]"] >= 1
-    waited = "visualglm_queue_wait_seconds_count[]"
-    assert after[waited] - before[waited] == 1
+    for name in ("queue_wait", "request_prepare"):
+        counted = f"visualglm_{name}_seconds_count[]"
+        assert after[counted] - before[counted] == 1, name
     assert after["visualglm_handoff_seconds_count[]"] == 0          # the model runs in this process
     public = create_app(worker, api_key="k", metrics_public=True)
     from fastapi.testclient import TestClient
