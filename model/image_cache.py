@@ -11,10 +11,17 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .image import normalize
+
 
 def pixels_key(pixels: torch.Tensor) -> str:
-    """A digest of preprocessed pixels [.., 3, H, W]: equal keys mean equal model input."""
-    return hashlib.sha1(pixels.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    """A digest of preprocessed pixels [.., 3, H, W], normalised (float) or still bytes (uint8, see
+    model.image.pixels_uint8): equal keys mean equal model input. Bytes hash as they are (a quarter of
+    the float tensor's size)."""
+    pixels = pixels.detach().cpu().contiguous()
+    if pixels.dtype == torch.uint8:
+        return "u8:" + hashlib.sha1(pixels.numpy().tobytes()).hexdigest()
+    return hashlib.sha1(pixels.float().numpy().tobytes()).hexdigest()
 
 
 class ImageEncoder:
@@ -25,7 +32,8 @@ class ImageEncoder:
         self.stats = dict(images_encoded=0, image_cache_hits=0)
 
     def encode(self, pixels: Sequence[torch.Tensor], keys: Optional[Sequence[str]] = None) -> List[torch.Tensor]:
-        """pixels: one [1, 3, H, W] (or [3, H, W]) tensor per image -> one embedding [L, hidden] each.
+        """pixels: one [1, 3, H, W] (or [3, H, W]) tensor per image, normalised or uint8 (normalised here, on
+        the model's device) -> one embedding [L, hidden] each.
         keys (from pixels_key) may be passed when the caller computed them already."""
         pixels = [p if p.dim() == 4 else p[None] for p in pixels]
         keys = list(keys) if keys is not None else [pixels_key(p) for p in pixels]
@@ -39,7 +47,9 @@ class ImageEncoder:
             elif key not in found:
                 missing.setdefault(key, p)
         if missing:
-            encoded = self.backend.encode_image(torch.cat(list(missing.values())))   # [N, L, hidden]
+            device = self.backend.device
+            batch = [p if p.is_floating_point() else normalize(p.to(device)) for p in missing.values()]
+            encoded = self.backend.encode_image(torch.cat([p.to(device) for p in batch]))   # [N, L, hidden]
             self.stats["images_encoded"] += len(missing)
             for key, emb in zip(missing, encoded):
                 found[key] = emb

@@ -7,9 +7,10 @@ Here the model runs in a child process with an ordinary Worker, and the server's
 with it.
 
     parent (HTTP)                                         child (model)
-    prepare(): tokenize, preprocess the image             Worker(loader=...): load, batch, decode
+    prepare(): tokenize, resize the image (uint8)         Worker(loader=...): load, batch, decode
     submit(job)   --- ("submit", id, request, pixels) -->  worker.enqueue(job)
     stream.cancel() --- ("cancel", id) ---------------->  worker.cancel(job)
+    (commands go through a sender thread, in order: the event loop never waits for the pipe)
     reader thread <-- ("items", [(id, ids | Finished)]) -- one message per step (the Worker's _flush)
                   <-- ("stats", {queued, running, ...}) -- every STATS_INTERVAL when something changed
 
@@ -23,6 +24,7 @@ import asyncio
 import logging
 import multiprocessing
 import pickle
+import queue
 import signal
 import threading
 import time
@@ -232,6 +234,7 @@ class ProcessWorker:
         self._jobs: Dict[int, Job] = {}          # id(job) -> unfinished job
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
+        self._outbox: "queue.SimpleQueue" = queue.SimpleQueue()   # commands for the sender thread
         self._settled = threading.Event()
         self._stopping = False
         self._process = self._commands = self._events = None
@@ -253,6 +256,7 @@ class ProcessWorker:
             events_out.close()
             weakref.finalize(self, _end_process, self._process)
             threading.Thread(target=self._read, name="visualglm-engine-reader", daemon=True).start()
+            threading.Thread(target=self._send_commands, name="visualglm-engine-sender", daemon=True).start()
         return self
 
     @property
@@ -271,10 +275,7 @@ class ProcessWorker:
         self._stopping = True
         process = self._process
         if process is not None:
-            try:
-                _send(self._commands, self._send_lock, ("stop",))
-            except (OSError, ValueError):
-                pass
+            self._outbox.put(("stop",))          # after every command queued before it
             process.join(timeout)
             _end_process(process)
             self._commands.close()
@@ -336,13 +337,8 @@ class ProcessWorker:
             job.state = "queued"
             job.submitted_at = time.monotonic()
             self._jobs[id(job)] = job
-            try:
-                _send(self._commands, self._send_lock, ("submit", id(job), job.request, job.pixels, job.image_key,
-                                                     job.submitted_at))
-            except (OSError, ValueError):        # the child just died; the reader is about to say so
-                del self._jobs[id(job)]
-                raise NotReadyError("The model process is not running.") from None
-        job.pixels = None                        # the child has them
+            self._outbox.put(("submit", id(job), job.request, job.pixels, job.image_key, job.submitted_at))
+        job.pixels = None                        # the message holds them
         return Stream(self, job)
 
     def cancel(self, job: Job) -> None:
@@ -350,10 +346,22 @@ class ProcessWorker:
             unfinished = self._jobs.get(id(job)) is job and not job.cancelled.is_set()
             job.cancelled.set()
             if unfinished:
-                try:
-                    _send(self._commands, self._send_lock, ("cancel", id(job)))
-                except (OSError, ValueError):
-                    pass                         # the child is gone: the reader fails the job
+                self._outbox.put(("cancel", id(job)))
+
+    # -- the sender thread ------------------------------------------------------------------------------
+    def _send_commands(self) -> None:
+        """Pickle and send the queued commands in order, off the event loop and outside the job lock: a
+        request's pixels fill the pipe, and a write blocks until the child reads, which held up the event
+        loop (and, through the job lock, the reader thread) while a burst of requests came in. If the
+        child is gone, the reader fails the unfinished jobs and commands are dropped."""
+        while True:
+            message = self._outbox.get()
+            try:
+                _send(self._commands, self._send_lock, message)
+            except (OSError, ValueError):
+                pass
+            if message[0] == "stop":
+                return
 
     # -- the reader thread ------------------------------------------------------------------------------
     def _read(self) -> None:

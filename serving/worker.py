@@ -44,7 +44,9 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+from PIL import Image
 
+from model.image import pixels_uint8
 from model.image_cache import pixels_key
 from model.sampling import SamplingParams
 
@@ -134,8 +136,11 @@ def prepare_job(engine, query: str, history, image=None, english: bool = False,
     """Worker.prepare's work on a given engine (the process worker prepares on its own side too)."""
     params = dataclasses.replace(params or SamplingParams())   # the job's own copy
     pixels = key = None
-    if image is not None:
+    if isinstance(image, Image.Image):    # resized bytes [1, 3, H, W]: normalised when encoded, on the device
+        pixels = pixels_uint8(image, engine.backend.image_size)[None]
+    elif image is not None:
         pixels = engine.pixels(image).float().cpu().contiguous()   # [1, 3, H, W]
+    if pixels is not None:
         key = pixels_key(pixels)
     request = engine.make_request(query, list(history or []), None, english, params, generator,
                                   has_image=pixels is not None)

@@ -235,3 +235,34 @@ def test_stop_ends_the_child_and_its_streams(remote):
     assert remote.state == "stopped" and not remote._process.is_alive()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_submitting_never_waits_for_the_model_process_to_read(loader):
+    """A request's pixels are more than a pipe holds, and writing them blocks until the child reads. While
+    the child is frozen (SIGSTOP), submit() must still return at once (the sender thread waits instead);
+    once it runs again, every request is answered."""
+    from PIL import Image
+    remote = ProcessWorker(loader, **OPTIONS).start()
+    assert remote.wait_ready(120), remote.error
+    params = SamplingParams(max_new_tokens=3, top_k=1, max_length=2048)
+    images = [Image.new("RGB", (224, 224), (40 * i, 90, 200)) for i in range(4)]
+    jobs = [remote.prepare("What is it?", [], img, True, params) for img in images]
+    try:
+        async def main():
+            os.kill(remote.pid, signal.SIGSTOP)
+            wake = threading.Timer(2.0, os.kill, (remote.pid, signal.SIGCONT))   # if submit blocks after all
+            wake.start()
+            try:
+                start = time.monotonic()
+                streams = [remote.submit(job) for job in jobs]         # 4 x 150 KB into a 64 KB pipe
+                took = time.monotonic() - start
+            finally:
+                wake.cancel()
+                os.kill(remote.pid, signal.SIGCONT)
+            answers = [[i async for ids in s for i in ids] for s in streams]
+            return took, answers, [s.finish_reason for s in streams]
+        took, answers, reasons = asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        remote.stop()
+    assert took < 0.5, f"submit waited {took:.2f} s for the frozen model process"
+    assert reasons == ["length"] * 4 and all(len(a) == 3 for a in answers)
