@@ -3,9 +3,9 @@
 A decoding loop that runs ahead (generation.py, continuous.py) keeps the GPU busy only if nothing in a
 step blocks the host until the GPU has caught up. Three ordinary idioms do block: `torch.tensor(list,
 device="cuda")` and `t[index] = True` (each copies from pageable host memory, which waits for the GPU),
-and `.tolist()` of a GPU tensor. On an H200 the first of them in the batch-1 loop made the host wait on
-every token: 4.66 ms per fp16 token, of which the host spent all but 0.01 ms behind a stream
-synchronisation (torch.profiler, docs/benchmarks.md).
+and `.tolist()` of a GPU tensor. On an H200 the second of them in the batch-1 loop made the host wait on
+every token: of a 4.66 ms fp16 token the host spent 0.01 ms waiting for the sampled tokens, i.e. it never
+got ahead of the GPU (CUDA's sync debug mode found the line; docs/benchmarks.md).
 
 PinnedRing owns a few page-locked host buffers, allocated once and used in turn: a list goes to the
 device through one of them (an asynchronous copy), and a device tensor comes back into one (HostCopy,
