@@ -168,7 +168,9 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-WAITS = ("request_prepare", "queue_wait", "handoff")          # histograms of per-request waits (serving/metrics.py)
+# per-request histograms of the server (serving/metrics.py); its time to first token runs from queueing to
+# the first token reaching the HTTP side, so the client's TTFT minus it is parsing before and streaming after
+WAITS = ("request_prepare", "queue_wait", "handoff", "time_to_first_token")
 
 
 async def server_steps(client, url: str) -> dict:
@@ -206,6 +208,7 @@ def _client(url: str, bodies: list, ready, go, results) -> None:
         import httpx
         limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
         async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
+            await client.get(url + "/health")    # httpx imports and sets up on its first request: not timed
             ready.put(True)
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
             return await asyncio.gather(*(conversation(client, url, body) for body in bodies))
