@@ -68,7 +68,8 @@ class RowSettings:
     invalid: Optional[torch.Tensor] = None   # [B, V] bool: invalid_slices, or None when no row has any
 
     @classmethod
-    def of(cls, params: Sequence[SamplingParams], vocab: int, device, ring: Optional[PinnedRing] = None) -> "RowSettings":
+    def of(cls, params: Sequence[SamplingParams], vocab: int, device,
+           ring: Optional[PinnedRing] = None) -> "RowSettings":
         """ring: copy through its page-locked buffers, so a loop running ahead does not wait here."""
         # Divisors are clamped in Python floats, so temperature x penalty can neither underflow to 0
         # nor overflow to inf in fp32 (logits / 0 gave inf and NaN).

@@ -32,7 +32,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 # seconds; first tokens are fast, whole answers take up to minutes
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
-WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                30.0)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -50,8 +51,9 @@ class ServingMetrics:
                                   buckets=DURATION_BUCKETS, registry=r)
         self.prepare = Histogram("visualglm_request_prepare_seconds", "Time from a request's arrival to its queueing",
                                  buckets=WAIT_BUCKETS, registry=r)
-        self.queue_wait = Histogram("visualglm_queue_wait_seconds", "Time from queueing to leaving the queue for the batch",
-                                    buckets=WAIT_BUCKETS, registry=r)
+        self.queue_wait = Histogram("visualglm_queue_wait_seconds",
+                                    "Time from queueing to leaving the queue for the batch", buckets=WAIT_BUCKETS,
+                                    registry=r)
         self.handoff = Histogram("visualglm_handoff_seconds", "Time from queueing to the model process's queue",
                                  buckets=WAIT_BUCKETS, registry=r)
         self.steps = Histogram("visualglm_batch_step_seconds", "Model thread time per step, by phase", ["phase"],

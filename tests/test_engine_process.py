@@ -177,7 +177,8 @@ def test_metrics_move(servers):
     count, total = "visualglm_{}_seconds_count[]", "visualglm_{}_seconds_sum[]"
     for name in ("queue_wait", "handoff"):
         assert after[count.format(name)] - before.get(count.format(name), 0) == 1
-    delta = {name: after[total.format(name)] - before.get(total.format(name), 0) for name in ("queue_wait", "handoff", "time_to_first_token")}
+    delta = {name: after[total.format(name)] - before.get(total.format(name), 0)
+             for name in ("queue_wait", "handoff", "time_to_first_token")}
     assert 0 < delta["handoff"] <= delta["queue_wait"] < delta["time_to_first_token"], delta
 
 
