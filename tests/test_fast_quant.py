@@ -90,20 +90,26 @@ def gemv_tolerance(dtype, exact):
 
 
 def check_every_gemv_tile(device: str) -> None:
-    """The int8 GEMV under each of its tiles against x @ (q * scale).T (+ bias)."""
+    """The Triton GEMV under each of its tiles against x @ W.T (+ bias), for int8 weights (every value
+    -128..127, with row scales) and for weights in x's dtype."""
     from model.fast import kernels
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(3)
     for M, N, K in ((1, 40, 300), (3, 33, 1100), (17, 40, 200)):        # edges not multiples of any tile
-        layer = Int8Linear(torch.randn(N, K, device=device, dtype=dtype), torch.randn(N, device=device, dtype=dtype))
         x = torch.randn(M, K, device=device, dtype=dtype)
-        exact = x.float() @ (layer.qweight.float() * layer.scale.float()[:, None]).T              # [M, N]
-        tol = gemv_tolerance(dtype, exact)
-        for config in kernels.INT8_CONFIGS:
-            for bias in (None, layer.bias):
-                want = exact if bias is None else exact + bias.float()
-                got = kernels.int8_gemv(x, layer.qweight, layer.scale, bias, config=config).float()
-                assert (got - want).abs().max() <= tol, (config, M, (got - want).abs().max())
+        bias = torch.randn(N, device=device, dtype=dtype)
+        q = torch.randint(-128, 128, (N, K), device=device, dtype=torch.int8)
+        q[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)            # both ends of the range
+        scale = (torch.rand(N, device=device) * 0.02).to(dtype)
+        float_w = (torch.randn(N, K, device=device) * 0.05).to(dtype)
+        for w, s, exact in ((q, scale, x.float() @ (q.float() * scale.float()[:, None]).T),
+                            (float_w, None, x.float() @ float_w.float().T)):             # exact [M, N]
+            tol = gemv_tolerance(dtype, exact)
+            for config in kernels.CONFIGS:
+                for b in (None, bias):
+                    want = exact if b is None else exact + b.float()
+                    got = kernels.gemv(x, w, s, b, config=config).float()
+                    assert (got - want).abs().max() <= tol, (config, M, w.dtype, (got - want).abs().max())
 
 
 def check_triton_kernels(device: str) -> None:
@@ -112,7 +118,7 @@ def check_triton_kernels(device: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the Triton GEMVs run on the GPU only")
 def test_triton_gemvs_compute_the_dequantized_products_on_the_gpu():
-    """The int8 Triton GEMV under every tile it may be tuned to."""
+    """The Triton GEMV (int8 and float weights) under every tile it may be tuned to."""
     pytest.importorskip("triton", reason="Triton is not installed on this CUDA machine")
     check_triton_kernels("cuda")
 

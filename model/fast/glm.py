@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..positions import inverse_frequencies
+from . import kernels
 from .cache import KVCache
 from .embedding import Embedding
 
@@ -28,13 +29,18 @@ PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 
 class Linear(nn.Module):
-    """y = x W^T + b over existing tensors; quantized variants replace it (model/fast/quant.py)."""
+    """y = x W^T + b over existing tensors; quantized variants replace it (model/fast/quant.py).
+    One row on a GPU (decoding at batch 1) goes through the Triton GEMV (kernels.py), faster there than
+    cuBLAS at every layer shape of the 7.8B model; anything else through F.linear."""
 
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
         self.weight, self.bias = weight, bias
 
     def forward(self, x):
+        if x.is_cuda and x.numel() == x.shape[-1] and kernels.AVAILABLE:
+            y = kernels.gemv_op(x.reshape(1, -1).contiguous(), self.weight, None, self.bias)     # [1, N]
+            return y.view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -1,23 +1,33 @@
-"""The Triton GEMV kernel of the fast path's int8 layers (model/fast/quant.py), for decoding: a few rows of x
-against a whole quantized weight, each weight byte read once.
+"""The Triton GEMV of the fast path's decoding: a few rows of x against a whole weight, each weight byte
+read once. It serves fp16 / bf16 weights at one row (decoding at batch 1: measured faster than cuBLAS on
+every layer shape of the 7.8B model on an H200, see docs/benchmarks.md) and the int8 layers of
+model/fast/quant.py at up to 16 rows.
 
-Triton exists only on CUDA machines, so nothing here imports it at module load: int8_gemv() builds its
-kernel on first call, and tunes its tile per (rows bucket, N, K) on the first call of a shape (tiles that
-suit a 4096-wide layer do not suit the 130528-row LM head, nor one row sixteen).
+Triton exists only on CUDA machines, so nothing here imports it at module load: gemv() builds its kernel
+on first call, and tunes its tile per (rows bucket, N, K, weight kind) on the first call of a shape (tiles
+that suit a 4096-wide layer do not suit the 130528-row LM head, nor one row sixteen). torch.compile sees
+it as one opaque op, visualglm::gemv, so a compiled decoding step has no graph break at each layer.
 
 Tiles are (BLOCK_M rows of x, BLOCK_N output features, BLOCK_K input columns, warps). BLOCK_M 1: one row per
 program, products summed on CUDA cores (batch-1 decoding). BLOCK_M 16: up to 16 rows per program through
 tl.dot, so each weight is read once for all of them (batched decoding).
 """
+import importlib.util
+from typing import Optional
+
 import torch
 
-# -- int8: w = q * scale[n], q int8 [N, K] -------------------------------------------------------------
-INT8_CONFIGS = ((1, 4, 512, 2), (1, 8, 256, 2), (1, 8, 512, 4), (1, 8, 1024, 4), (1, 16, 256, 4),
-                (1, 16, 512, 4), (1, 16, 1024, 8), (1, 32, 128, 4), (1, 32, 256, 4), (1, 32, 256, 8),
-                (1, 64, 128, 4), (1, 64, 128, 8),
-                (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 256, 4))
+CONFIGS = ((1, 4, 512, 2), (1, 4, 512, 4), (1, 4, 512, 8), (1, 4, 1024, 4), (1, 8, 256, 2), (1, 8, 512, 4),
+           (1, 8, 1024, 4), (1, 16, 256, 4), (1, 16, 512, 4), (1, 16, 1024, 8), (1, 32, 128, 4), (1, 32, 256, 4),
+           (1, 32, 256, 8), (1, 32, 512, 4), (1, 64, 128, 4), (1, 64, 128, 8),
+           (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 256, 4))
 
 _built = None          # (triton, the kernel, its autotuned form), made on first use
+
+
+# Whether Triton is installed (CUDA builds of torch bring it; a CPU machine may not have it). A constant,
+# so that a compiled step reads it without tracing a lookup (which would break its graph at every layer).
+AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def rows_bucket(m: int) -> int:
@@ -25,18 +35,20 @@ def rows_bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
-def _configs(triton, tiles):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in tiles]
+def _prune(configs, named_args, **kwargs):
+    """One row: only the one-row tiles (a 16-row tile would waste 15/16 of its loads of x)."""
+    rows = named_args.get("ROWS", kwargs.get("ROWS"))
+    return [c for c in configs if c.kwargs["BLOCK_M"] == 1] if rows == 1 else configs
 
 
-def _build_int8():
+def _build():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def gemv(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, HAS_BIAS: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # ROWS (rows_bucket(M)) is only the tuning key
+    def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # ROWS (rows_bucket(M)) is only the tuning key; QUANT: w is int8 with a scale per output row
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)     # rows of x of this program
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)     # output features of this program
         if BLOCK_M == 1:
@@ -46,8 +58,15 @@ def _build_int8():
                 x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
                             other=0.0).to(tl.float32)                                       # [1, BK]
                 w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
-                            other=0, eviction_policy="evict_first").to(tl.float32)          # [BN, BK]
-                acc2 += w * x
+                            other=0, eviction_policy="evict_first")                         # [BN, BK]
+                if QUANT:
+                    # q + 128 in 0..255 as the low bits of 2^23's mantissa: integer ops and one subtraction
+                    # instead of int->float conversions, which run at a quarter of the rate (measured
+                    # 2.725 -> 2.617 ms for the step's GEMVs on an H200)
+                    wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+                else:
+                    wf = w.to(tl.float32)
+                acc2 += wf * x
             acc = tl.sum(acc2, axis=1)[None, :]                                             # [1, BN]
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -56,23 +75,38 @@ def _build_int8():
                 x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
                             other=0.0)                                                      # [BM, BK]
                 w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=(cols[None, :] < N) & (ks[:, None] < K),
-                            other=0, eviction_policy="evict_first")                         # [BK, BN] int8
+                            other=0, eviction_policy="evict_first")                         # [BK, BN]
                 acc += tl.dot(x, w.to(x.dtype))                    # int8 values are exact in fp16 / bf16
-        y = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y = acc
+        if QUANT:
+            y = y * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
-    return triton, gemv, triton.autotune(configs=_configs(triton, INT8_CONFIGS), key=["ROWS", "N", "K"])(gemv)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in CONFIGS]
+    tuned = triton.autotune(configs=configs, key=["ROWS", "N", "K", "QUANT"],
+                            prune_configs_by={"early_config_prune": _prune})(kernel)
+    return triton, kernel, tuned
 
 
-def _launch(args, M, N, config, **constants):
-    """Run the kernel (built once) on grid (N / BLOCK_N, M / BLOCK_M): tuned, or with `config`."""
+def gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+         config=None) -> torch.Tensor:
+    """x [M, K] fp16/bf16 (contiguous), w [N, K] in x's dtype, or int8 with scale [N]; bias [N] or None
+    -> y [M, N] in x's dtype. config (one of CONFIGS) skips the tuning."""
     global _built
     if _built is None:
-        _built = _build_int8()
+        _built = _build()
     triton, plain, tuned = _built
+    M, K = x.shape
+    N = w.shape[0]
+    quant = w.dtype == torch.int8
+    if quant != (scale is not None):
+        raise ValueError("an int8 weight needs its row scales, and only an int8 weight takes them")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    args = (x, w, scale if quant else w, bias if bias is not None else w, y, M, N, K, rows_bucket(M))
+    constants = dict(QUANT=quant, HAS_BIAS=bias is not None)
     if config is None:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
         tuned[grid](*args, **constants)
@@ -80,14 +114,16 @@ def _launch(args, M, N, config, **constants):
         m, n, k, warps = config
         plain[(triton.cdiv(N, n), triton.cdiv(M, m))](*args, **constants, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
                                                         num_warps=warps)
-
-
-def int8_gemv(x, w, scale, bias, config=None):
-    """x [M, K] fp16/bf16 (contiguous), w [N, K] int8, scale [N], bias [N] or None -> y [M, N] in x's dtype.
-    config (one of INT8_CONFIGS) skips the tuning."""
-    M, K = x.shape
-    N = w.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    args = (x, w, scale, bias if bias is not None else scale, y, M, N, K, rows_bucket(M))
-    _launch(args, M, N, config, HAS_BIAS=bias is not None)
     return y
+
+
+# torch.compile traces through this as one op (the kernel itself is launched by gemv() at run time)
+@torch.library.custom_op("visualglm::gemv", mutates_args=())
+def gemv_op(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return gemv(x, w, scale, bias)
+
+
+@gemv_op.register_fake
+def _(x, w, scale, bias):
+    return x.new_empty(x.shape[0], w.shape[0])

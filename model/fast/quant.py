@@ -22,12 +22,6 @@ SMALL_M = 16           # int8: rows of input that still take the Triton GEMV ker
 
 
 # -- int8 ------------------------------------------------------------------------------------------
-@torch.compiler.disable
-def _int8_gemv(x, w, scale, bias):
-    """Called as it is inside a compiled step (inductor's own fusion of int8 -> matmul measured slower)."""
-    return kernels.int8_gemv(x, w, scale, bias)
-
-
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
@@ -40,7 +34,8 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x.is_cuda and x2.shape[0] <= SMALL_M:
-            y = _int8_gemv(x2.contiguous(), self.qweight, self.scale, self.bias)
+            # an opaque op inside a compiled step (inductor's own fusion of int8 -> matmul measured slower)
+            y = kernels.gemv_op(x2.contiguous(), self.qweight, self.scale, self.bias)
         else:
             y = F.linear(x2, dequantize(self.qweight, self.scale, 8, x.dtype), self.bias)
         return y.reshape(*shape[:-1], -1)
