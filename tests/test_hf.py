@@ -12,6 +12,7 @@ from model.chat import ChatEngine
 from model.configs import VISUALGLM_6B
 from model.convert import ConvertError, hf_to_sat, main as convert_main, sat_state_to_hf, sat_to_hf
 from model.generation import Request, generate
+from model.hf.modeling import CACHE_FIELD
 from model.hf import HFBackend, VisualGLMConfig, VisualGLMForConditionalGeneration
 from model.positions import batch_inputs
 from model.sampling import SamplingParams
@@ -83,11 +84,11 @@ def test_cached_decoding_equals_a_full_pass(hf_model, tiny_config):
     with torch.no_grad():
         full = hf_model(torch.tensor([ids]), pixel_values=pixels, pre_image_length=2).logits
         out = hf_model(x, pixel_values=pixels, pre_image_length=2)
-        cache = out.cache
+        cache = getattr(out, CACHE_FIELD)      # `cache` or `past_key_values`, by transformers version
         c = len(ids) - 4                                      # index of <sop>
         for n, token in enumerate(ids[-3:]):
             step = hf_model(torch.tensor([[token]]), position_ids=torch.tensor([[[c - 1], [n + 2]]]), cache=cache)
-            cache = step.cache
+            cache = getattr(step, CACHE_FIELD)
             assert torch.allclose(step.logits[0, -1], full[0, c + 1 + n], atol=1e-5, rtol=1e-5)
 
 
