@@ -35,7 +35,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .errors import GenerationError, NotReadyError, QueueFullError, ServingError
-from .worker import Finished, Job, Stream, Worker, _deliver, prepare_job
+from .worker import Finished, Job, Stream, Worker, _deliver, prepare_job, quick_gil_handoffs
 
 log = logging.getLogger("visualglm.serving")
 
@@ -257,6 +257,7 @@ class ProcessWorker:
             weakref.finalize(self, _end_process, self._process)
             threading.Thread(target=self._read, name="visualglm-engine-reader", daemon=True).start()
             threading.Thread(target=self._send_commands, name="visualglm-engine-sender", daemon=True).start()
+            quick_gil_handoffs()
         return self
 
     @property
