@@ -20,14 +20,20 @@ FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}   # ha
 PLACEHOLDERS = {"[[训练时间]]": "2023年"}                                  # strings replaced in answers
 
 
+# per mark, in FULL_WIDTH's order: the mark, then (pattern, replacement) after and before a Chinese character; compiled
+# once: a streaming server runs process_response on the whole answer for every chunk it sends
+_MARK_RULES = [(half, re.compile(f"({_CJK}){re.escape(half)}"), f"\\1{full}", re.compile(f"{re.escape(half)}({_CJK})"),
+                f"{full}\\1") for half, full in FULL_WIDTH.items()]
+
+
 def process_response(text: str) -> str:
     """Post-processing of the original model: full-width punctuation next to Chinese characters."""
     text = text.strip()
     for placeholder, value in PLACEHOLDERS.items():
         text = text.replace(placeholder, value)
-    for half, full in FULL_WIDTH.items():
-        text = re.sub(rf"({_CJK}){re.escape(half)}", rf"\1{full}", text)
-        text = re.sub(rf"{re.escape(half)}({_CJK})", rf"{full}\1", text)
+    for half, after_cjk, as_after, before_cjk, as_before in _MARK_RULES:
+        if half in text:                      # most answers lack most marks: skip their two passes
+            text = before_cjk.sub(as_before, after_cjk.sub(as_after, text))
     return text
 
 

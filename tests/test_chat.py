@@ -26,6 +26,30 @@ def test_encode_prompt_splits_around_image_slots(tokenizer):
     assert pre == -1 and text_ids[-2:] == [tokenizer.gmask_token_id, tokenizer.bos_token_id]
 
 
+def test_process_response_equals_one_pass_per_mark_and_side_on_random_text():
+    """The compiled, skip-absent-marks process_response against the plain definition: for each mark in
+    turn, full-width after a Chinese character, then before one."""
+    import random
+    import re
+
+    from model.prompts import FULL_WIDTH, PLACEHOLDERS
+
+    def plain(text):
+        text = text.strip()
+        for placeholder, value in PLACEHOLDERS.items():
+            text = text.replace(placeholder, value)
+        for half, full in FULL_WIDTH.items():
+            text = re.sub("([\u4e00-\u9fff])" + re.escape(half), lambda m: m.group(1) + full, text)
+            text = re.sub(re.escape(half) + "([\u4e00-\u9fff])", lambda m: full + m.group(1), text)
+        return text
+
+    rng = random.Random(0)
+    pieces = list(",!:;?，。a 中文[]训练时间2\n") + ["[[训练时间]]"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 24)))
+        assert process_response(text) == plain(text), text
+
+
 def test_process_response():
     assert process_response(" 你好,世界!ok, fine? [[训练时间]] ") == "你好，世界！ok, fine? 2023年"
     assert process_response("a:b") == "a:b" and process_response("是:") == "是："
