@@ -61,6 +61,22 @@ class ModuloDecoding:
         size = self._tok.vocab_size
         return self._tok.decode([i % size for i in ids])
 
+    def streaming_decoder(self):
+        return _ModuloStream(self._tok.streaming_decoder(), self._tok.vocab_size)
+
+
+class _ModuloStream:
+    """The tokenizer's streaming decoder for ids taken modulo its size (mapping only the new ones)."""
+
+    def __init__(self, inner, size: int):
+        self.inner, self.size, self.ids = inner, size, []
+
+    def decode(self, ids):
+        if len(ids) < len(self.ids):
+            self.ids = []
+        self.ids += [i % self.size for i in ids[len(self.ids):]]
+        return self.inner.decode(self.ids)
+
 
 def build_engine(model_kind: str, backend: str):
     import torch

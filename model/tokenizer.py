@@ -214,12 +214,20 @@ class ChatGLMTokenizer:
             ids = ids.tolist()
         if isinstance(ids, int):
             ids = [ids]
+        return postprocess(self.sp.decode(self._pieces(ids, skip_special_tokens)))
+
+    def _pieces(self, ids, skip_special_tokens: bool = False) -> List[int]:
+        """Token ids -> the SentencePiece ids that carry their text. The model has more rows (130528) than
+        the vocabulary (130344): such ids, image ids and pads carry no text, so they are dropped instead of
+        failing in SentencePiece."""
         drop = set(self.all_special_ids) if skip_special_tokens else {self.pad_token_id}
         size = self.sp.get_piece_size()
-        # The model has more rows (130528) than the vocabulary (130344): such ids, image ids
-        # and pads carry no text, so they are dropped instead of failing in SentencePiece.
         raw = [i - self.num_image_tokens for i in map(int, ids) if i not in drop]
-        return postprocess(self.sp.decode([i for i in raw if 0 <= i < size]))
+        return [i for i in raw if 0 <= i < size]
+
+    def streaming_decoder(self) -> "StreamingDecoder":
+        """decode() for one answer while it grows (see StreamingDecoder)."""
+        return StreamingDecoder(self)
 
     def batch_decode(self, batch, skip_special_tokens: bool = False) -> List[str]:
         return [self.decode(ids, skip_special_tokens) for ids in batch]
@@ -259,3 +267,64 @@ def train_tokenizer(texts: Iterable[str], out_dir: Union[str, os.PathLike], voca
         json.dump(config, f, indent=2, ensure_ascii=False)
         f.write("\n")
     return ChatGLMTokenizer.from_pretrained(out_dir)
+
+
+class StreamingDecoder:
+    """tokenizer.decode(ids) for one list of ids that only grows (a streamed answer: each call passes the
+    whole list so far), at a cost per call that does not grow with the list. A server decoding every
+    answer in full for every chunk spent most of its event loop there (docs/serving.md).
+
+    The SentencePiece text of all but the last few pieces is kept (decoded in full when it is extended,
+    every SETTLE pieces, so what is kept is exact), and only the pieces after it are decoded, behind the
+    last kept piece: SentencePiece drops the space in front of the first piece of a text, and the piece
+    in front keeps the newer ones from being first. The join is taken only where it is safe: behind a
+    plain piece (no byte, control or unknown piece) whose text ends in a whole character, and when the
+    decoded continuation starts with that piece's own text; anywhere else the whole list is decoded.
+    Postprocessing (newlines, runs of blanks) runs on the whole text, since a run may cross the join."""
+
+    SETTLE = 16         # pieces decoded behind the kept text before it is extended
+    KEEP = 4            # pieces left out of the kept text when it is extended (a byte sequence may go on)
+
+    def __init__(self, tokenizer: ChatGLMTokenizer):
+        self.tok = tokenizer
+        self._pieces: List[int] = []      # SentencePiece ids of the ids seen so far
+        self._seen = 0                    # how many ids those are
+        self._kept = 0                    # leading pieces whose text is kept ...
+        self._text = ""                   # ... and that text (SentencePiece's, before postprocess)
+        self._retry = 0                   # no new try to extend it before this many pieces
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if len(ids) < self._seen:         # not the same growing list: start over
+            self.__init__(self.tok)
+        self._pieces += self.tok._pieces(ids[self._seen:])
+        self._seen = len(ids)
+        if len(self._pieces) - self._kept > self.SETTLE and len(self._pieces) >= self._retry:
+            self._settle()
+        rest = self._continuation(self._pieces[self._kept:])
+        if rest is None:
+            return postprocess(self.tok.sp.decode(self._pieces))
+        return postprocess(self._text + rest)
+
+    def _continuation(self, pieces: List[int]) -> Optional[str]:
+        """The text `pieces` add after the kept text, or None when they cannot be joined there."""
+        sp = self.tok.sp
+        if not self._kept:
+            return sp.decode(pieces)
+        anchor = self._pieces[self._kept - 1]
+        head = sp.decode([anchor])
+        both = sp.decode([anchor] + pieces)
+        return both[len(head):] if both.startswith(head) else None
+
+    def _settle(self) -> None:
+        """Keep the text of the pieces up to the last plain one before the final KEEP, when it ends in a
+        whole character; otherwise try again KEEP pieces later (each try decodes the kept pieces once)."""
+        sp = self.tok.sp
+        self._retry = len(self._pieces) + self.KEEP
+        upto = len(self._pieces) - self.KEEP
+        while upto > self._kept and any(f(self._pieces[upto - 1]) for f in (sp.is_byte, sp.is_control, sp.is_unknown)):
+            upto -= 1
+        if upto <= self._kept:
+            return
+        text, head = sp.decode(self._pieces[:upto]), sp.decode([self._pieces[upto - 1]])
+        if head and not text.endswith("\ufffd") and not head.endswith("\ufffd"):
+            self._kept, self._text = upto, text

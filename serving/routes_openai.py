@@ -71,7 +71,7 @@ class Completion:
         stream, call = self.stream, self.call
         try:
             yield self.event({"role": "assistant", "content": ""})
-            text = TextAssembler(self.service.worker.engine.decode, call.stop)
+            text = TextAssembler(self.service.worker.engine.streaming_decode(), call.stop)
             async for ids in stream:
                 delta = text.add(ids)
                 if delta:

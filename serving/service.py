@@ -124,7 +124,7 @@ class ApiService:
 
     async def complete(self, stream: Stream, call: ChatCall):
         """Run to the end: (text, finish_reason)."""
-        text = TextAssembler(self.worker.engine.decode, call.stop)
+        text = TextAssembler(self.worker.engine.streaming_decode(), call.stop)
         try:
             async for ids in stream:
                 if call.stop:

@@ -5,7 +5,8 @@ The text of an answer is `engine.decode(all_ids)`, which post-processes the whol
 A later token can therefore still change the end of the text decoded so far: a half-width mark
 becomes full-width when a Chinese character follows it, a partial "[[训练时间]]" is replaced once
 complete, and a stop string is cut away. TextAssembler holds back such a tail until it is settled,
-so that the concatenated deltas equal the final text.
+so that the concatenated deltas equal the final text. Servers pass `engine.streaming_decode()`, which
+gives the same text as engine.decode without decoding the whole answer again for every chunk.
 """
 from typing import Callable, List, Optional, Sequence
 

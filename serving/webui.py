@@ -137,7 +137,7 @@ class ChatHandler:
             # inside the try: a Stop (or Clear) that closes this generator at the first, empty output
             # must cancel the stream too, or its row keeps generating for nobody
             yield _turn(chat, history, query, "")
-            text = TextAssembler(self.worker.engine.decode)
+            text = TextAssembler(self.worker.engine.streaming_decode())
             async for ids in stream:
                 if text.add(ids):
                     yield _turn(chat, history, query, text.text)

@@ -130,3 +130,28 @@ def test_server_engine_refuses_paths_and_urls(tiny, image_file):
     with pytest.raises(ImageLoadError, match="disabled"):
         engine.encode_image("http://127.0.0.1:9/x.png")
     assert engine.encode_image(image_file.read_bytes()).dim() == 3
+
+
+def test_streaming_decode_equals_decode_at_every_length(tiny):
+    """engine.streaming_decode() (the server's and stream_chat's) against engine.decode, unfinished and
+    final, at every length of an id list mixing answers' pieces; a tokenizer without a streaming decoder
+    gets decode itself."""
+    import random
+
+    model, tok = tiny
+    engine = ChatEngine(model, tok)
+    rng = random.Random(0)
+    words = tok.encode("描述这张图片。The sky is blue,天空是蓝色的! 🙂  two  spaces\nnew line", add_special_tokens=False)
+    ids = [rng.choice(words + [rng.randrange(tok.vocab_size)]) for _ in range(150)]
+    decode = engine.streaming_decode()
+    for n in range(1, len(ids) + 1):
+        assert decode(ids[:n], final=False) == engine.decode(ids[:n], final=False)
+    assert decode(ids) == engine.decode(ids)
+
+    class Plain:                                   # a tokenizer with decode only
+        def __getattr__(self, name):
+            if name == "streaming_decoder":
+                raise AttributeError(name)
+            return getattr(tok, name)
+    plain = ChatEngine(model, Plain())
+    assert plain.streaming_decode() == plain.decode

@@ -280,7 +280,7 @@ def test_streamed_text_from_the_worker_equals_decoding_at_the_end(engine):
     try:
         async def main():
             stream = submit(worker, "描述这张图片。", RED, 40)
-            text, ids, deltas = TextAssembler(engine.decode), [], []
+            text, ids, deltas = TextAssembler(engine.streaming_decode()), [], []   # as the server does
             async for new in stream:
                 ids += new
                 deltas.append(text.add(new))

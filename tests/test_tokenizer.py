@@ -215,3 +215,58 @@ def test_batch_call_left_pads(tok):
     assert tok("短", return_tensors="pt").input_ids.shape == (1, len(plain[0]))
     with pytest.raises(ValueError):
         tok(texts, return_tensors="pt")
+
+
+# -- streaming decoder ---------------------------------------------------------------------------------
+def streams(tok, seed):
+    """Growing id lists as answers look: encoded text (Chinese, English, code with blanks and tabs, emoji
+    that only byte pieces spell), runs of random pieces of every kind (bytes, controls, unknown, specials),
+    pads and ids past the vocabulary."""
+    rng = random.Random(seed)
+    texts = corpus(seed, 20) + ["漢字ünïcødé 🙂🙂 never seen", "a" + " " * 37 + "b\n\n\tc"]
+    for _ in range(60):
+        ids = []
+        while len(ids) < rng.randrange(5, 120):
+            kind = rng.randrange(4)
+            if kind < 2:
+                ids += tok.encode(rng.choice(texts), add_special_tokens=False)
+            elif kind == 2:
+                ids += [rng.randrange(tok.sp.get_piece_size()) for _ in range(rng.randrange(1, 6))]
+            else:
+                ids += [rng.choice([tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.vocab_size + 7])]
+        yield ids
+
+
+@pytest.mark.parametrize("settle, keep", [(16, 4), (2, 1), (1, 0)])
+def test_streaming_decoder_equals_decoding_the_whole_list_after_every_token(tok, settle, keep):
+    """At every length: the same text as tok.decode of the whole list, with the kept text extended often
+    (settle 1, keep 0: a join after nearly every piece) or as shipped."""
+    joined = 0
+    for ids in streams(tok, settle):
+        stream = tok.streaming_decoder()
+        stream.SETTLE, stream.KEEP = settle, keep
+        for n in range(1, len(ids) + 1):
+            assert stream.decode(ids[:n]) == tok.decode(ids[:n]), (ids[:n], stream._kept)
+        joined += stream._kept > 0
+    assert joined > 30                     # the joins were exercised, not skipped for the full decode
+
+
+def test_streaming_decoder_cost_does_not_grow_with_the_answer(tok, monkeypatch):
+    """SentencePiece sees the last few pieces per call, plus the kept text once per extension: for a
+    400-piece answer, well under what decoding the whole list every time costs (n^2 / 2 pieces)."""
+    rng = random.Random(1)
+    ids = []
+    while len(ids) < 400:
+        ids += tok.encode(rng.choice(EN + ZH), add_special_tokens=False)
+    ids = ids[:400]
+    seen = []
+    stream = tok.streaming_decoder()
+    decode = tok.sp.decode
+    monkeypatch.setattr(tok.sp, "decode", lambda pieces: seen.append(len(pieces)) or decode(pieces))
+    for n in range(1, 401):
+        stream.decode(ids[:n])
+    whole = sum(range(1, 401))
+    assert sum(seen) < whole / 4, (sum(seen), whole)
+    restart = tok.streaming_decoder()                       # and a shorter list starts over, still right
+    monkeypatch.undo()
+    assert restart.decode(ids[:50]) == tok.decode(ids[:50]) and restart.decode(ids[:10]) == tok.decode(ids[:10])
