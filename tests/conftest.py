@@ -15,6 +15,9 @@ import model.sat  # noqa: E402,F401  (applies the sat compatibility fixes before
 # sat's logger keeps the sys.stderr of the moment sat is first imported: import it now, not inside a test
 # whose captured stream is closed afterwards (later tests then failed with "I/O operation on closed file")
 import sat  # noqa: E402,F401
+import model.fast.slot_prefill  # noqa: E402
+import model.fast.slots  # noqa: E402
+import model.fast.vision  # noqa: E402
 
 CORPUS_ZH = ["这张图片的背景是什么颜色？", "图中有一个红色的圆形。", "描述这张图片。", "左上角有一个蓝色的三角形。",
              "图片里有几个形状？", "有两个形状。", "你好，请问你是谁？", "我是一个视觉语言模型。"]
@@ -173,3 +176,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- CUDA graphs stood in for on the CPU ----------------------------------------------------------------
+# the modules whose record / require_cuda fake_graphs replaces
+GRAPH_MODULES = (model.fast.slots, model.fast.slot_prefill, model.fast.vision)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """CUDA graphs on the CPU: recording runs once and logs its pool, replay reruns over the static
+    tensors and logs itself."""
+    log = dict(pools=[], replays=[])
+
+    class Replayed:
+        def __init__(self, run, out):
+            self.run, self.out = run, out
+
+        def replay(self):
+            log["replays"].append(self)
+            self.out.copy_(self.run())
+
+    def record(run, warmups=1, pool=None):
+        log["pools"].append(pool)
+        out = run()
+        return Replayed(run, out), out
+    for module in GRAPH_MODULES:
+        monkeypatch.setattr(module, "record", record)
+        monkeypatch.setattr(module, "require_cuda", lambda tensor: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)   # on a GPU machine these
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)                 # refuse the CPU device
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    return log

@@ -81,6 +81,21 @@ def test_greedy_answers_equal_one_at_a_time_with_arrivals_while_decoding(net, ti
     assert not batch.running and batch.free == 4
 
 
+def test_greedy_answers_equal_one_at_a_time_through_captured_graphs(net, tiny_config, emb, fake_graphs):
+    """The same run with every prefill wave and decode step replaying a graph captured at warm-up (CUDA
+    graphs stood in for on the CPU, see conftest.fake_graphs): waves of 3, 1, 1 and 2 prompts in buckets
+    of 4, 1, 1 and 2 rows."""
+    reqs = make_requests(tiny_config, emb)
+    ref = [alone(SatBackend(net), r) for r in reqs]
+    slots = FastSlots(FastBackend(net), slots=4, length=128, cuda_graph=True)
+    slots.warm_up()
+    captured = len(fake_graphs["pools"])
+    batch = ContinuousBatch(slots, pad_id=3, eos_ids=[4], ahead=False)
+    answers, _ = run(batch, [(0, reqs[:3]), (2, reqs[3:4]), (5, reqs[4:5]), (30, reqs[5:7])])
+    assert [answers.get(id(r), []) for r in reqs] == ref
+    assert len(fake_graphs["pools"]) == captured and len(fake_graphs["replays"]) > 80   # replays, no captures
+
+
 @pytest.mark.parametrize("ahead", [False, True])
 def test_running_ahead_steps_once_more_for_an_answer_that_ends_on_eos(net, tiny_config, ahead):
     g, s = tiny_config["gmask_token_id"], tiny_config["bos_token_id"]

@@ -6,14 +6,12 @@ the real captures run in the GPU test, which skips here with a message."""
 import pytest
 import torch
 
-import model.fast.slots as slots_module
-import model.fast.vision as vision_module
 from model.backend import open_slots
 from model.fast import FastBackend
 from model.fast.slots import FastSlots
 from model.fast.vision import BATCHES, FastImageEncoder, shared_image_encoder
 from model.sat.checkpoint import build_model
-from conftest import randomize
+from conftest import GRAPH_MODULES, randomize
 
 NO_GPU = "CUDA graph capture needs an NVIDIA GPU; benchmarks/bench_serving.py runs the warm-up there"
 
@@ -23,39 +21,10 @@ def net(tiny_config):
     return randomize(build_model(tiny_config, device="cpu"), seed=5).eval()
 
 
-@pytest.fixture
-def fake_graphs(monkeypatch):
-    """CUDA graphs on the CPU: recording runs once and logs its pool, replay reruns over the static
-    tensors and logs itself."""
-    log = dict(pools=[], replays=[])
-
-    class Replayed:
-        def __init__(self, run, out):
-            self.run, self.out = run, out
-
-        def replay(self):
-            log["replays"].append(self)
-            self.out.copy_(self.run())
-
-    def record(run, warmups=1, pool=None):
-        log["pools"].append(pool)
-        out = run()
-        return Replayed(run, out), out
-    for module in (slots_module, vision_module):
-        monkeypatch.setattr(module, "record", record)
-        monkeypatch.setattr(module, "require_cuda", lambda tensor: None)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)   # on a GPU machine these
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)                 # refuse the CPU device
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    return log
-
-
 def no_more_captures(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("captured after warm_up")
-    for module in (slots_module, vision_module):
+    for module in GRAPH_MODULES:
         monkeypatch.setattr(module, "record", refuse)
 
 
@@ -95,8 +64,9 @@ def test_after_warm_up_every_bucket_replays_and_equals_eager(net, fake_graphs, m
     eager = FastSlots(backend, slots=5, length=300, cuda_graph=False)
     backend.vision.capture = True
     buckets = len(graphs.slot_buckets) * len(graphs.span_buckets)           # 4 x 3
-    assert graphs.warm_up() == buckets + len(BATCHES) == len(fake_graphs["pools"])
-    assert len(set(map(id, fake_graphs["pools"][:buckets]))) == 1            # one pool for the decode graphs
+    waves = len(graphs.prefiller.buckets())                                  # slots 1, 2, 4, 5 x 64, 128, 256
+    assert waves == 12 and graphs.warm_up() == buckets + waves + len(BATCHES) == len(fake_graphs["pools"])
+    assert len(set(map(id, fake_graphs["pools"][:buckets + waves]))) == 1    # one pool: decode and prefill
     no_more_captures(monkeypatch)
     with torch.inference_mode():
         got, want = decode_every_bucket(graphs), decode_every_bucket(eager)
@@ -117,7 +87,8 @@ def test_warm_up_on_the_gpu_captures_every_bucket_once_and_replays_equal_eager(n
     eager = FastSlots(backend, slots=4, length=256, cuda_graph=False)
     encoder = FastImageEncoder(backend.vision.encoder, capture=True)
     backend.vision = encoder
-    assert graphs.warm_up() == 3 * 2 + len(BATCHES) and len(graphs._graphs) == 6
+    assert graphs.warm_up() == 3 * 2 + 3 * 3 + len(BATCHES) and len(graphs._graphs) == 6
+    assert sorted(graphs.prefiller.graphs) == [(r, n) for r in (1, 2, 4) for n in (64, 128, 256)]
     no_more_captures(monkeypatch)
     with torch.inference_mode():
         got, want = decode_every_bucket(graphs), decode_every_bucket(eager)
@@ -125,3 +96,69 @@ def test_warm_up_on_the_gpu_captures_every_bucket_once_and_replays_equal_eager(n
         pixels = torch.randn(19, 3, 224, 224, device="cuda")
         assert torch.allclose(encoder(pixels), encoder.encoder(pixels), atol=1e-4, rtol=1e-4)
     assert len(graphs._graphs) == 6 and sorted(encoder.graphs) == list(BATCHES)
+
+
+def prefill_waves(slots, config):
+    """Waves of left-padded prompts (with and without image slots) into chosen slots, as admission does
+    -> the logits of each wave and, per wave, each row's keys and values at its real cache indices."""
+    from model.positions import batch_inputs
+    g, b, L = config["gmask_token_id"], config["bos_token_id"], config["image_length"]
+    torch.manual_seed(0)
+    image = torch.randn(L, config["hidden_size"])
+    out = []
+    for rows, lengths in (([0], [7]), ([1, 3, 2], [5, 40, 12]), ([4], [70]), ([0, 1, 2, 3, 4], [3, 9, 4, 30, 6])):
+        ids = [[20 + (j * 5 + len(rows)) % 30 for j in range(n)] + [g, b] for n in lengths]
+        if len(rows) == 3:                                       # one row has image slots
+            ids[1] = [20, 21] + [3] * L + ids[1]
+        x, positions, mask, pads = batch_inputs(ids, 3, dtype=torch.bool)
+        embeds = torch.stack([image] * len(rows)) if len(rows) == 3 else None
+        pre = torch.tensor([-1, 2, -1]) if len(rows) == 3 else None
+        logits = slots.prefill(rows, x, positions, mask, embeds, pre, pads=pads).clone()
+        kv = [(slots.pool.k[layer][row, :, :len(q)].clone(), slots.pool.v[layer][row, :, :len(q)].clone())
+              for layer in (0, len(slots.pool.k) - 1) for row, q in zip(rows, ids)]
+        out.append((logits, kv))
+    return out
+
+
+def test_prefill_waves_replay_their_bucket_and_equal_eager(net, tiny_config, fake_graphs, monkeypatch):
+    """After warm_up, waves of 1 to 5 prompts (one past the 64-position bucket) replay a captured bucket:
+    the same logits, and the same keys and values in their slots, as the eager prefill; a later wave's pad
+    rows leave earlier slots as they were."""
+    backend = FastBackend(net)
+    graphs = FastSlots(backend, slots=5, length=300, cuda_graph=True)
+    eager = FastSlots(backend, slots=5, length=300, cuda_graph=False)
+    graphs.warm_up()
+    no_more_captures(monkeypatch)
+    replays = len(fake_graphs["replays"])
+    with torch.inference_mode():
+        got, want = prefill_waves(graphs, tiny_config), prefill_waves(eager, tiny_config)
+    assert len(fake_graphs["replays"]) == replays + 4                       # every wave replayed a graph
+    assert_same_waves(got, want, graphs, eager, 1e-5)
+
+
+def assert_same_waves(got, want, graphs, eager, atol):
+    """Same logits and keys / values per wave; and nothing written anywhere else: right pads, and the pad
+    row of the 3-prompt wave (bucket of 4), went only to the masked last index of their slots (the eager
+    run's left pads go there too)."""
+    for (logits, kv), (logits_e, kv_e) in zip(got, want):
+        assert torch.allclose(logits, logits_e, atol=1e-4, rtol=1e-4)
+        assert all(torch.allclose(a, b, atol=atol) and torch.allclose(c, d, atol=atol)
+                   for (a, c), (b, d) in zip(kv, kv_e))
+    for cache, cache_e in ((graphs.pool.k, eager.pool.k), (graphs.pool.v, eager.pool.v)):
+        assert all(torch.allclose(a[:, :, :-1], b[:, :, :-1], atol=atol) for a, b in zip(cache, cache_e))
+
+
+def test_prefill_waves_replay_captured_graphs_on_the_gpu(net, tiny_config, monkeypatch):
+    """The same waves through real CUDA graphs (fp32, tiny model)."""
+    if not torch.cuda.is_available():
+        pytest.skip(NO_GPU)
+    gpu = build_model(tiny_config, device="cuda").eval()
+    gpu.load_state_dict(net.state_dict())
+    backend = FastBackend(gpu, cuda_graph=False, compile=False)
+    graphs = FastSlots(backend, slots=5, length=300, cuda_graph=True)
+    eager = FastSlots(backend, slots=5, length=300, cuda_graph=False)
+    graphs.warm_up()
+    no_more_captures(monkeypatch)
+    with torch.inference_mode():
+        got, want = prefill_waves(graphs, tiny_config), prefill_waves(eager, tiny_config)
+    assert_same_waves(got, want, graphs, eager, 1e-4)

@@ -6,9 +6,9 @@
 
 Decoding always runs the first n slots (the scheduler hands out the lowest free slots, so the live ones
 crowd at the front), padded up to a bucket of slots and of attended length, so that there are few shapes;
-on CUDA each (slots, length) bucket is captured once in a CUDA graph and replayed. warm_up() captures
-them all (and the image encoder's batch sizes) when a server opens its slots, so that no request waits for
-a capture. Prefill runs eagerly.
+on CUDA each (slots, length) bucket is captured once in a CUDA graph and replayed. Prefill does the same
+per bucket of prompts and positions (slot_prefill.py). warm_up() captures them all (and the image
+encoder's batch sizes) when a server opens its slots, so that no request waits for a capture.
 """
 import logging
 import time
@@ -19,6 +19,7 @@ import torch
 from ..transfer import PinnedRing
 from .graphs import record, require_cuda
 from .pool import SlotPool
+from .slot_prefill import SlotPrefill
 
 log = logging.getLogger("visualglm.fast")
 
@@ -27,8 +28,10 @@ MIN_SPAN = 128                  # smallest attended length bucket
 # 8 slot x 5 span buckets) this still holds: the graphs share one memory pool, replayed one at a time,
 # so their intermediates take the room of the largest one (estimated ~0.2 GB at 128 slots of VisualGLM-6B),
 # and they share one logits output [slots, V] fp32 (67 MB at 128 slots) instead of one each (~0.7 GB).
-# The image encoder's graphs (batches of 1-8) share a pool too (estimated ~0.1 GB). Eager prefill of a
-# wave of prompts takes the rest. warm_up logs what the captures took.
+# The prefill graphs (waves of up to 4096 positions, slot_prefill.py) join that pool and are its largest
+# (estimated ~0.5 GB of intermediates for VisualGLM-6B). The image encoder's graphs (batches of 1-8) share a
+# pool too (estimated ~0.1 GB). Eager prefill of a larger wave takes the rest. warm_up logs what the
+# captures took.
 RESERVE_BYTES = 2 * 2**30
 
 
@@ -57,6 +60,7 @@ class FastSlots:
         self._graph_pool = None                   # made with the first graph (needs CUDA)
         self._logits: Optional[torch.Tensor] = None   # [slots, V] fp32, every graph's output (see _graph)
         self._ring = PinnedRing()                     # step inputs reach the device without waiting for it
+        self.prefiller = SlotPrefill(self)
 
     @property
     def slots(self) -> int:
@@ -90,9 +94,9 @@ class FastSlots:
         return cls(backend, slots, length)
 
     def warm_up(self) -> int:
-        """Capture the decode step of every (slots, span) bucket and the image encoder's batch sizes now,
-        rather than on the first request that needs each (a capture takes tens of milliseconds, paid
-        inside that request's latency). Returns the number of graphs captured: 0 without CUDA graphs.
+        """Capture the decode step of every (slots, span) bucket, the prefill of every (prompts, positions)
+        bucket and the image encoder's batch sizes now, rather than on the first request that needs each (a
+        capture takes tens of milliseconds, paid inside that request's latency). Returns the number of graphs captured: 0 without CUDA graphs.
         Raises RuntimeError when CUDA graphs are asked for off a GPU."""
         if not self.cuda_graph:
             return 0
@@ -103,6 +107,8 @@ class FastSlots:
             for span in self.span_buckets:
                 self._graph(rows, span)
         count = len(self._graphs) - count
+        with torch.inference_mode():
+            count += self.prefiller.warm_up()
         vision = getattr(self.backend, "vision", None)
         if vision is not None:       # normalised pixels are float32 (model/image.py preprocess)
             count += vision.warm_up((3, *self.backend.image_size), torch.float32, self.device)
@@ -127,9 +133,8 @@ class FastSlots:
         mask = mask.to(dev).clone()
         mask[:, 0].diagonal(dim1=-2, dim2=-1).fill_(True)   # pad positions see themselves: no all-masked row
         index = self.pool.prefill_index(pads if pads is not None else [0] * N, S, dev)      # [N, S]
-        view = self.pool.prefill_view(torch.as_tensor(list(rows), device=dev))
-        x = self.glm.embed_tokens(ids.to(dev), image_embeds, pre_image)
-        return self.glm(x, positions.to(dev), view, index, mask)
+        x = self.glm.embed_tokens(ids.to(dev), image_embeds, pre_image)                   # [N, S, H]
+        return self.prefiller(rows, x, positions.to(dev), index, mask)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: Sequence[Tuple[int, int]], index: Sequence[int]):
@@ -153,6 +158,20 @@ class FastSlots:
         graph.replay()
         return static_out[:n].clone()          # before the next replay: the output is shared
 
+    # -- graph memory, shared by the decode and prefill graphs ---------------------------------------
+    def graph_pool(self):
+        """One memory pool for every captured graph: they replay one at a time."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
+
+    def logits_buffer(self) -> torch.Tensor:
+        """[slots, V] fp32: every graph writes its logits here (one output instead of one per graph);
+        callers copy them out before the next replay."""
+        if self._logits is None:
+            self._logits = torch.empty(self.slots, self.glm.vocab_size, dtype=torch.float32, device=self.device)
+        return self._logits
+
     # -- mechanics -----------------------------------------------------------------------------------
     def _step(self, inputs: torch.Tensor, view) -> torch.Tensor:
         """inputs [n, 4] (token, position, block position, cache index) -> logits [n, V]."""
@@ -165,16 +184,12 @@ class FastSlots:
         key = (rows, span)
         if key not in self._graphs:
             require_cuda(self.pool.k[0])
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-                self._logits = torch.empty(self.slots, self.glm.vocab_size, dtype=torch.float32,
-                                           device=self.device)                       # [slots, V]
             # Warm-up and capture run for real: they write at every slot's last index, which no live
             # sequence has reached (one that reaches it ends there) and which stays masked until then.
             static_in = torch.zeros(rows, 4, dtype=torch.long, device=self.device)
             static_in[:, 3] = self.length - 1
             view = self.pool.decode_view(rows, span)
-            out = self._logits[:rows]          # one output for all graphs: decode copies it out at once
-            graph, _ = record(lambda: out.copy_(self._step(static_in, view)), pool=self._graph_pool)
+            out = self.logits_buffer()[:rows]          # decode copies it out at once
+            graph, _ = record(lambda: out.copy_(self._step(static_in, view)), pool=self.graph_pool())
             self._graphs[key] = (graph, static_in, out)
         return self._graphs[key]
