@@ -77,12 +77,18 @@ def test_after_warm_up_every_bucket_replays_and_equals_eager(net, fake_graphs, m
     assert graphs.warm_up() == 0                                             # captured once
 
 
-def test_warm_up_on_the_gpu_captures_every_bucket_once_and_replays_equal_eager(net, tiny_config, monkeypatch):
+def gpu_backend(net, config) -> FastBackend:
+    """The tiny model's weights on the GPU behind a FastBackend that captures nothing itself (skips
+    without a GPU)."""
     if not torch.cuda.is_available():
         pytest.skip(NO_GPU)
-    gpu = build_model(tiny_config, device="cuda").eval()
+    gpu = build_model(config, device="cuda").eval()
     gpu.load_state_dict(net.state_dict())
-    backend = FastBackend(gpu, cuda_graph=False, compile=False)
+    return FastBackend(gpu, cuda_graph=False, compile=False)
+
+
+def test_warm_up_on_the_gpu_captures_every_bucket_once_and_replays_equal_eager(net, tiny_config, monkeypatch):
+    backend = gpu_backend(net, tiny_config)
     graphs = FastSlots(backend, slots=4, length=256, cuda_graph=True)
     eager = FastSlots(backend, slots=4, length=256, cuda_graph=False)
     encoder = FastImageEncoder(backend.vision.encoder, capture=True)
@@ -150,11 +156,7 @@ def assert_same_waves(got, want, graphs, eager, atol):
 
 def test_prefill_waves_replay_captured_graphs_on_the_gpu(net, tiny_config, monkeypatch):
     """The same waves through real CUDA graphs (fp32, tiny model)."""
-    if not torch.cuda.is_available():
-        pytest.skip(NO_GPU)
-    gpu = build_model(tiny_config, device="cuda").eval()
-    gpu.load_state_dict(net.state_dict())
-    backend = FastBackend(gpu, cuda_graph=False, compile=False)
+    backend = gpu_backend(net, tiny_config)
     graphs = FastSlots(backend, slots=5, length=300, cuda_graph=True)
     eager = FastSlots(backend, slots=5, length=300, cuda_graph=False)
     graphs.warm_up()
