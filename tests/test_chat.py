@@ -141,7 +141,8 @@ def test_streaming_decode_equals_decode_at_every_length(tiny):
     model, tok = tiny
     engine = ChatEngine(model, tok)
     rng = random.Random(0)
-    words = tok.encode("描述这张图片。The sky is blue,天空是蓝色的! 🙂  two  spaces\nnew line", add_special_tokens=False)
+    text = "描述这张图片。The sky is blue,天空是蓝色的! 🙂  two  spaces\nnew line"
+    words = tok.encode(text, add_special_tokens=False)
     ids = [rng.choice(words + [rng.randrange(tok.vocab_size)]) for _ in range(150)]
     decode = engine.streaming_decode()
     for n in range(1, len(ids) + 1):

@@ -6,8 +6,8 @@ int8  per output row, symmetric (the scheme of model/quant.py). On CUDA, inputs 
 int4  per group of GROUP input columns (fewer for narrow layers), asymmetric: w ~ (q - 8) * scale + zero with q in [0, 15], the
       layout of torch's tinygemm kernel. On CUDA the weight is packed by aten._convert_weight_to_int4pack
       and multiplied by aten._weight_int4pack_mm (bf16 activations); elsewhere the same values are
-      dequantized and multiplied, so the CPU path computes the same function. (A Triton int4 GEMV was tried:
-      2.6x slower than tinygemm at every layer shape on an H200; it is in the git history.)
+      dequantized and multiplied, so the CPU path computes the same function. (Triton int4 GEMVs were tried
+      twice on an H200: 2.6x, then, redesigned, 1.3x slower than tinygemm; see docs/benchmarks.md.)
 """
 import torch
 import torch.nn as nn

@@ -96,8 +96,8 @@ class FastSlots:
     def warm_up(self) -> int:
         """Capture the decode step of every (slots, span) bucket, the prefill of every (prompts, positions)
         bucket and the image encoder's batch sizes now, rather than on the first request that needs each (a
-        capture takes tens of milliseconds, paid inside that request's latency). Returns the number of graphs captured: 0 without CUDA graphs.
-        Raises RuntimeError when CUDA graphs are asked for off a GPU."""
+        capture takes tens of milliseconds, paid inside that request's latency). Returns the number of
+        graphs captured: 0 without CUDA graphs. Raises RuntimeError when CUDA graphs are asked for off a GPU."""
         if not self.cuda_graph:
             return 0
         require_cuda(self.pool.k[0])
