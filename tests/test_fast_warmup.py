@@ -164,3 +164,16 @@ def test_prefill_waves_replay_captured_graphs_on_the_gpu(net, tiny_config, monke
     with torch.inference_mode():
         got, want = prefill_waves(graphs, tiny_config), prefill_waves(eager, tiny_config)
     assert_same_waves(got, want, graphs, eager, 1e-4)
+
+
+def test_a_failed_prefill_capture_warns_and_runs_eagerly(net, tiny_config, caplog):
+    """Captures asked for on the CPU fail: a wave warns once and is prefilled eagerly, with the eager
+    results, as are the waves after it (no new attempt)."""
+    backend = FastBackend(net)
+    graphs = FastSlots(backend, slots=5, length=300, cuda_graph=True)
+    eager = FastSlots(backend, slots=5, length=300, cuda_graph=False)
+    with torch.inference_mode():
+        got, want = prefill_waves(graphs, tiny_config), prefill_waves(eager, tiny_config)
+    assert_same_waves(got, want, graphs, eager, 1e-6)
+    assert not graphs.prefiller.capture and not graphs.prefiller.graphs
+    assert caplog.text.count("prefill of a wave: CUDA graph capture failed") == 1

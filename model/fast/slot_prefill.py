@@ -17,12 +17,15 @@ dwarfs the launches, and capturing them would hold their activations for good.
 Every bucket's graph reads the same static input buffers (views of the largest shapes) and writes the
 logits into the decode graphs' output, so the captures add no memory per bucket beyond their shared pool.
 """
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .graphs import record, require_cuda
 from .prefill import BUCKETS, prefill_mask
+
+log = logging.getLogger("visualglm.fast")
 
 MAX_TOKENS = 4096        # rows x positions of the largest captured bucket (64 prompts of up to 64 tokens)
 
@@ -32,6 +35,7 @@ class SlotPrefill:
         """slots: the FastSlots whose GLM, pool, row buckets and graph memory this uses."""
         self.slots = slots
         self.graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
+        self.capture = True                  # off after a failed capture: eager from then on, with a warning
         self._buffers: Optional[dict] = None
 
     def buckets(self) -> List[Tuple[int, int]]:
@@ -49,10 +53,19 @@ class SlotPrefill:
         """rows [N] slots, x [N, S, H], positions [N, 2, S], index [N, S] cache indices, mask [N, 1, S, S]
         -> logits at position S - 1 [N, V] (fp32): replayed when capturing and the wave fits a bucket."""
         N, S = index.shape
-        key = self.bucket_for(N, S) if self.slots.cuda_graph else None
-        if key is None:
-            last = torch.full((1,), S - 1, device=x.device)
-            return self._forward(x, positions, index, torch.as_tensor(list(rows), device=x.device), mask, last)
+        key = self.bucket_for(N, S) if self.slots.cuda_graph and self.capture else None
+        if key is not None:
+            self._load(key, list(rows), x, positions, index, mask)
+            # a bucket not captured yet is captured over this wave: its runs write the wave's keys and values
+            if key in self.graphs or self._record(key):
+                self.graphs[key].replay()
+                return self.slots.logits_buffer()[:N].clone()   # the next replay (prefill or decode) reuses it
+        last = torch.full((1,), S - 1, device=x.device)
+        return self._forward(x, positions, index, torch.as_tensor(list(rows), device=x.device), mask, last)
+
+    def _load(self, key, rows: List[int], x, positions, index, mask) -> None:
+        """Copy a wave into bucket `key`'s static inputs (see the module's docstring for the pads)."""
+        N, S = index.shape
         Nb, Sb = key
         b = self._fill(key, list(rows) + [rows[0]] * (Nb - N))
         b["x"][:N, :S].copy_(x)
@@ -60,21 +73,15 @@ class SlotPrefill:
         b["index"][:N, :S].copy_(index)
         b["mask"][:N].copy_(prefill_mask(mask, Sb, Sb))
         b["last"].fill_(S - 1)
-        graph = self.graphs.get(key)
-        if graph is None:          # captured over these inputs: its runs write this wave's keys and values
-            graph = self._record(key)
-        graph.replay()
-        return self.slots.logits_buffer()[:N].clone()       # the next replay (prefill or decode) reuses it
 
     def warm_up(self) -> int:
         """Capture every bucket now (nothing is running: their runs write at slot 0's masked last index);
         returns how many were captured."""
         count = 0
         for key in self.buckets():
-            if key not in self.graphs:
+            if key not in self.graphs and self.capture:
                 self._fill(key, [0] * key[0])
-                self._record(key)
-                count += 1
+                count += self._record(key)
         return count
 
     # -- mechanics -----------------------------------------------------------------------------------
@@ -115,13 +122,19 @@ class SlotPrefill:
                     index=buf["index"][:Nb * Sb].view(Nb, Sb), rows=buf["rows"][:Nb],
                     mask=buf["mask"][:Nb * Sb * Sb].view(Nb, 1, Sb, Sb), last=buf["last"])
 
-    def _record(self, key):
-        """Capture bucket `key` over its static inputs as they are (see warm_up and __call__)."""
+    def _record(self, key) -> bool:
+        """Capture bucket `key` over its static inputs as they are (see warm_up and __call__); False if the
+        capture failed."""
         s = self.slots
-        require_cuda(s.pool.k[0])
         b = self._views(key)
         out = s.logits_buffer()[:key[0]]
-        graph, _ = record(lambda: out.copy_(self._forward(b["x"], b["positions"], b["index"], b["rows"], b["mask"],
-                                                          b["last"])), pool=s.graph_pool())
+        try:
+            require_cuda(s.pool.k[0])
+            graph, _ = record(lambda: out.copy_(self._forward(b["x"], b["positions"], b["index"], b["rows"],
+                                                              b["mask"], b["last"])), pool=s.graph_pool())
+        except (RuntimeError, AssertionError) as e:           # slower, never wrong: eager from now on
+            log.warning("prefill of a wave: CUDA graph capture failed, running eagerly (%s)", e)
+            self.capture = False
+            return False
         self.graphs[key] = graph
-        return graph
+        return True
