@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -187,6 +188,30 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
+def cpu_seconds(pid: int) -> dict:
+    """CPU seconds (user + system) so far of process `pid` ("api") and of its children together ("model":
+    the engine process, beside an idle resource tracker), from Linux's /proc; {} elsewhere. A level's
+    growth over its wall time says how busy each was: the API process runs on one core (one GIL)."""
+    def stat(p):
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()          # after the name: state, ppid, ...
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        own = stat(pid)
+        children = 0.0
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    fields = stat(entry)
+                except OSError:                                # ended meanwhile
+                    continue
+                if int(fields[1]) == pid:
+                    children += (int(fields[11]) + int(fields[12])) / tick
+        return {"api": (int(own[11]) + int(own[12])) / tick, "model": children}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
 # per-request histograms of the server (serving/metrics.py); its time to first token runs from queueing to
 # the first token reaching the HTTP side, so the client's TTFT minus it is parsing before and streaming after
 WAITS = ("request_prepare", "queue_wait", "handoff", "time_to_first_token")
@@ -237,7 +262,7 @@ def _client(url: str, bodies: list, ready, go, results) -> None:
         results.put(repr(e))
 
 
-def run_level(url: str, n: int, new_tokens: int, clients: int = 1) -> dict:
+def run_level(url: str, n: int, new_tokens: int, clients: int = 1, server_pid: Optional[int] = None) -> dict:
     """N conversations that start together, spread over `clients` processes: one Python process parsing
     the streams of 64 conversations (thousands of chunks a second) lags behind them, and then measures
     itself, not the server."""
@@ -252,6 +277,7 @@ def run_level(url: str, n: int, new_tokens: int, clients: int = 1) -> dict:
         proc.start()
     for _ in procs:
         ready.get(timeout=120)
+    cpu_before = cpu_seconds(server_pid) if server_pid else {}
     start = time.time()
     go.set()
     parts = [out.get() for _ in procs]
@@ -262,6 +288,7 @@ def run_level(url: str, n: int, new_tokens: int, clients: int = 1) -> dict:
         raise RuntimeError(f"a client failed: {failed[0]}")
     results = [r for part in parts for r in part]
     wall = max(r["done_at"] for r in results) - start
+    cpu_after = cpu_seconds(server_pid) if server_pid else {}
     time.sleep(0.3)                           # the engine process reports its step times every 0.1 s
     after = asyncio.run(_steps(url))
     phases = {}
@@ -272,6 +299,8 @@ def run_level(url: str, n: int, new_tokens: int, clients: int = 1) -> dict:
         phases[f"{phase}_n"] = int(count)
     for wait in WAITS:
         phases.update(wait_summary(before, after, wait))
+    for part in cpu_after:                 # cores kept busy over the level (1.0: one core all the time)
+        phases[f"{part}_cpu"] = round((cpu_after[part] - cpu_before[part]) / wall, 2)
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     gaps = [g for r in results for g in r["gaps"]]
@@ -340,16 +369,21 @@ def engine_only(args) -> None:
 
 
 def table(rows, baseline) -> str:
-    lines = ["| N | tokens | seconds | tokens/s | vs reference | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | tokens | seconds | tokens/s | vs reference | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
+             "| API / model process cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cores(r):
+        server = r.get("server", {})
+        return f"{server['api_cpu']:.2f} / {server['model_cpu']:.2f}" if "api_cpu" in server else "-"
     for r in rows:
         ref = baseline.get(r["n"])
         ratio = f"{r['tok_s'] / ref['tok_s']:.1f}x" if ref else "-"
         lines.append(f"| {r['n']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} | {ratio} | "
-                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} |")
+                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} | {cores(r)} |")
     for n, r in sorted(baseline.items()):
         lines.append(f"| {n} (reference: sat, static batching) | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} "
-                     f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} |")
+                     f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} "
+                     f"| {cores(r)} |")
     return "\n".join(lines)
 
 
@@ -380,15 +414,16 @@ def main(argv=None):
     levels = [int(x) for x in args.levels.split(",") if x]
     procs, results = [], {"levels": [], "baseline": {}, "greedy": None}
     try:
-        url = args.url
+        url, pid = args.url, None
         if url is None:
             proc, url = start_server(args, reference=False)
             procs.append(proc)
+            pid = proc.pid
         # warm-up (first connections, allocator): the server captured every CUDA graph at start-up
         # (FastSlots.warm_up), so no level, N=1 included, waits for a capture
         run_level(url, max(levels), 8, args.clients)
         for n in levels:
-            r = run_level(url, n, args.new_tokens, args.clients)
+            r = run_level(url, n, args.new_tokens, args.clients, pid)
             print(json.dumps(r), flush=True)
             results["levels"].append(r)
         for n in [int(x) for x in args.one_client_levels.split(",") if x]:
