@@ -15,9 +15,8 @@ import model.sat  # noqa: E402,F401  (applies the sat compatibility fixes before
 # sat's logger keeps the sys.stderr of the moment sat is first imported: import it now, not inside a test
 # whose captured stream is closed afterwards (later tests then failed with "I/O operation on closed file")
 import sat  # noqa: E402,F401
-import model.fast.slot_prefill  # noqa: E402
+import model.fast.graphs  # noqa: E402
 import model.fast.slots  # noqa: E402
-import model.fast.vision  # noqa: E402
 
 CORPUS_ZH = ["这张图片的背景是什么颜色？", "图中有一个红色的圆形。", "描述这张图片。", "左上角有一个蓝色的三角形。",
              "图片里有几个形状？", "有两个形状。", "你好，请问你是谁？", "我是一个视觉语言模型。"]
@@ -179,8 +178,8 @@ def free_port() -> int:
 
 
 # -- CUDA graphs stood in for on the CPU ----------------------------------------------------------------
-# the modules whose record / require_cuda fake_graphs replaces
-GRAPH_MODULES = (model.fast.slots, model.fast.slot_prefill, model.fast.vision)
+# the modules whose record / require_cuda fake_graphs replaces (graphs.try_record serves the others)
+GRAPH_MODULES = (model.fast.slots, model.fast.graphs)
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
 """Recording a CUDA graph, the one way every captured part of the fast path does it."""
-from typing import Callable, Dict, Tuple
+import logging
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+log = logging.getLogger("visualglm.fast")
 
 # One warm-up stream per device for every recording. Why: the caching allocator keeps the blocks freed on
 # a stream for that stream; with a new stream per recording, the warm-ups of the 39 graphs captured at a
@@ -36,3 +39,16 @@ def require_cuda(tensor: torch.Tensor) -> None:
     """On a GPU machine, capturing work on CPU tensors records an empty graph: refuse it."""
     if tensor.device.type != "cuda":
         raise RuntimeError(f"CUDA graphs capture CUDA work only, not {tensor.device}")
+
+
+def try_record(run: Callable[[], torch.Tensor], on: torch.Tensor, what: str,
+               pool: Optional[Callable] = None) -> Optional[Tuple["torch.cuda.CUDAGraph", torch.Tensor]]:
+    """record(run) for a part that can also run eagerly: None, with a warning naming `what`, when `on`
+    (a tensor of its) is not on CUDA or the capture fails; the caller then runs eagerly from now on
+    (slower, never wrong). pool: gives the memory pool to share, asked for only once CUDA is known."""
+    try:
+        require_cuda(on)
+        return record(run, pool=pool() if pool is not None else None)
+    except (RuntimeError, AssertionError) as e:
+        log.warning("%s: CUDA graph capture failed, running eagerly (%s)", what, e)
+        return None

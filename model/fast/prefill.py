@@ -18,16 +18,13 @@ this on a tiny model). What a conversation does reuse is the image: its embeddin
 model/image_cache.py (and chat() hands them back for the next turn), so a second turn re-runs only
 the GLM prefill, never the image encoder.
 """
-import logging
 from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 
 from .cache import KVCache
-from .graphs import record, require_cuda
-
-log = logging.getLogger("visualglm.fast")
+from .graphs import try_record
 
 BUCKETS = (64, 128, 256, 512)
 
@@ -97,13 +94,11 @@ class BucketedPrefill:
         """Warm up once on a side stream, then capture. Both write the cache slots 0..Sb-1, which the
         replay (or eager run) that follows overwrites."""
         x, positions, mask, last = (t.clone() for t in (x, positions, mask, last))
-        try:
-            require_cuda(x)
-            graph, logits = record(lambda: self._run(x, positions, mask, last), pool=self.pool)
-        except (RuntimeError, AssertionError) as e:           # slower, never wrong: eager from now on
-            log.warning("prefill: CUDA graph capture failed, running eagerly (%s)", e)
+        recorded = try_record(lambda: self._run(x, positions, mask, last), x, "prefill", lambda: self.pool)
+        if recorded is None:
             self.capture = False
             return None
+        graph, logits = recorded
         self.pool = graph.pool()
         g = self.graphs[x.shape[1]] = _Graph(graph, x, positions, mask, last, logits)
         return g

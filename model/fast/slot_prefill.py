@@ -17,15 +17,12 @@ dwarfs the launches, and capturing them would hold their activations for good.
 Every bucket's graph reads the same static input buffers (views of the largest shapes) and writes the
 logits into the decode graphs' output, so the captures add no memory per bucket beyond their shared pool.
 """
-import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .graphs import record, require_cuda
+from .graphs import try_record
 from .prefill import BUCKETS, prefill_mask
-
-log = logging.getLogger("visualglm.fast")
 
 MAX_TOKENS = 4096        # rows x positions of the largest captured bucket (64 prompts of up to 64 tokens)
 
@@ -128,13 +125,11 @@ class SlotPrefill:
         s = self.slots
         b = self._views(key)
         out = s.logits_buffer()[:key[0]]
-        try:
-            require_cuda(s.pool.k[0])
-            graph, _ = record(lambda: out.copy_(self._forward(b["x"], b["positions"], b["index"], b["rows"],
-                                                              b["mask"], b["last"])), pool=s.graph_pool())
-        except (RuntimeError, AssertionError) as e:           # slower, never wrong: eager from now on
-            log.warning("prefill of a wave: CUDA graph capture failed, running eagerly (%s)", e)
+        recorded = try_record(lambda: out.copy_(self._forward(b["x"], b["positions"], b["index"], b["rows"],
+                                                              b["mask"], b["last"])),
+                              s.pool.k[0], "prefill of a wave", s.graph_pool)
+        if recorded is None:
             self.capture = False
             return False
-        self.graphs[key] = graph
+        self.graphs[key] = recorded[0]
         return True

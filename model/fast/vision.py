@@ -15,16 +15,13 @@ from a few images on (8 images are 2,056 tokens per matrix product), so chunks c
 eager batch does, while every shape stays one that was captured at start-up (FastSlots.warm_up): a new
 wave size meets no new allocation, and no kernel is launched from Python.
 """
-import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from .graphs import record, require_cuda
-
-log = logging.getLogger("visualglm.fast")
+from .graphs import try_record
 
 BATCHES = (1, 2, 4, 8)          # captured batch sizes; more images at once go in chunks of the largest
 
@@ -96,14 +93,15 @@ class FastImageEncoder:
 
     def _record(self, batch: int, like: torch.Tensor) -> Optional[_Graph]:
         pixels = torch.zeros(batch, *like.shape[1:], dtype=like.dtype, device=like.device)
-        try:
-            require_cuda(pixels)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph, out = record(lambda: self.encoder(pixels), pool=self._pool)
-        except (RuntimeError, AssertionError) as e:           # slower, never wrong: eager from now on
-            log.warning("image encoder: CUDA graph capture failed, running eagerly (%s)", e)
+        recorded = try_record(lambda: self.encoder(pixels), pixels, "image encoder", self._pool_handle)
+        if recorded is None:
             self.capture = False
             return None
+        graph, out = recorded
         g = self.graphs[batch] = _Graph(graph, pixels, out)
         return g
+
+    def _pool_handle(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
