@@ -379,7 +379,8 @@ def table(rows, baseline) -> str:
         ref = baseline.get(r["n"])
         ratio = f"{r['tok_s'] / ref['tok_s']:.1f}x" if ref else "-"
         lines.append(f"| {r['n']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} | {ratio} | "
-                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} | {cores(r)} |")
+                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} "
+                     f"| {cores(r)} |")
     for n, r in sorted(baseline.items()):
         lines.append(f"| {n} (reference: sat, static batching) | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} "
                      f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} "

@@ -48,8 +48,8 @@ class ImageEncoder:
                 missing.setdefault(key, p)
         if missing:
             device = self.backend.device
-            batch = [p if p.is_floating_point() else normalize(p.to(device)) for p in missing.values()]
-            encoded = self.backend.encode_image(torch.cat([p.to(device) for p in batch]))   # [N, L, hidden]
+            batch = [p.to(device) if p.is_floating_point() else normalize(p.to(device)) for p in missing.values()]
+            encoded = self.backend.encode_image(torch.cat(batch))                           # [N, L, hidden]
             self.stats["images_encoded"] += len(missing)
             for key, emb in zip(missing, encoded):
                 found[key] = emb

@@ -168,7 +168,8 @@ EMPTY_ERROR = "No token can be sampled: every logit is -inf or masked by invalid
 def process_logits(logits: torch.Tensor, generated: List[int], p: SamplingParams) -> torch.Tensor:
     """One row: logits [V] -> filtered logits [V] (fp32), steps 1-4 above. Removed tokens are -inf; at
     least one token is always left finite (ValueError otherwise)."""
-    filtered, nan, empty = filter_logits(logits[None], _seen_of(logits, generated), RowSettings.of([p], logits.shape[-1], logits.device))
+    rows = RowSettings.of([p], logits.shape[-1], logits.device)
+    filtered, nan, empty = filter_logits(logits[None], _seen_of(logits, generated), rows)
     _check(nan, empty)
     return filtered[0]
 

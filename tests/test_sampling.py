@@ -70,7 +70,7 @@ def test_a_seeded_row_draws_the_same_tokens_on_its_own_or_in_a_batch():
     alone = [draw(rank_logits(logits[1:2], torch.zeros(1, 50, dtype=torch.bool), one), one,
                   [torch.Generator().manual_seed(7)]).item() for _ in range(2)]
     batched = draw(rank_logits(logits, torch.zeros(3, 50, dtype=torch.bool), rows), rows,
-                   [torch.Generator().manual_seed(3), torch.Generator().manual_seed(7), torch.Generator().manual_seed(5)])
+                   [torch.Generator().manual_seed(seed) for seed in (3, 7, 5)])
     assert alone[0] == alone[1] == batched[1].item()
 
 

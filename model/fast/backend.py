@@ -53,11 +53,12 @@ class FastBackend(LoadedModelBackend):
         """model: a loaded VisualGLM model (its GLM and image encoder weights are shared, not copied).
         quant 8 / 4: the GLM's linear weights and the LM head become int8 / int4 here, the word
         embedding int8 (model/fast/embedding.py), and the loaded model's float copies of them are
-        released (the loaded model's own GLM is unusable afterwards; its image encoder keeps working). device: where to run, when the model is elsewhere (a model
-        loaded on the CPU): the quantized weights are made on it one matrix at a time, then the rest
-        of the model (embeddings, LayerNorms, biases, image encoder) moves there, so the device never
-        holds the float GLM. compile (default: on CUDA): the decode step goes through torch.compile
-        first, which fuses each layer's small element-wise kernels before the graph is captured.
+        released (the loaded model's own GLM is unusable afterwards; its image encoder keeps working).
+        device: where to run, when the model is elsewhere (a model loaded on the CPU): the quantized
+        weights are made on it one matrix at a time, then the rest of the model (embeddings, LayerNorms,
+        biases, image encoder) moves there, so the device never holds the float GLM.
+        compile (default: on CUDA): the decode step goes through torch.compile first, which fuses each
+        layer's small element-wise kernels before the graph is captured.
         buckets (default: on CUDA): prefill padded to length buckets, each captured as a graph on CUDA."""
         self.model = model
         self.glm = FastGLM(model).eval()
