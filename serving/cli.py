@@ -47,8 +47,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--max-queue", type=int, default=32,
           help="most requests waiting while a batch runs; beyond that new ones are refused (API: 503)")
     _flag(g, "--batch-wait-ms", type=float, default=10.0,
-          help="how long the worker waits for more requests before starting a batch (continuous batching, "
-               "when idle: until none came for this long, at most 200 ms, encoding images meanwhile)")
+          help="static batching: how long an idle worker waits for more requests before starting a batch "
+               "(continuous batching admits each request as soon as the model is free)")
     _flag(g, "--batching", choices=["auto", "continuous", "static"], default="auto",
           help="continuous: requests join and leave the running batch at every step (fast backend only); "
                "static: a batch runs to its longest answer; auto: continuous when the backend can")

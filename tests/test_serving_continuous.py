@@ -140,29 +140,62 @@ def test_metrics_parse_and_move(worker):
         assert c.get("/metrics").status_code == 200
 
 
-def test_an_idle_worker_admits_a_staggered_burst_in_one_prefill_encoding_images_meanwhile(engine, monkeypatch):
-    """Requests arriving a few ms apart at an idle worker are admitted together (one prefill), not in
-    waves that make the later ones wait; their images are encoded while the rest arrive."""
+def _record_batch_calls(monkeypatch, admit_seconds: float) -> list:
+    """Log the continuous batch's admissions (how many requests) and steps, in order; each admission
+    takes at least admit_seconds, so that requests pile up behind it as they would behind a GPU prefill."""
+    import time
     from model import continuous
-    admitted, encoded = [], []
-    real_admit = continuous.ContinuousBatch.admit
-    monkeypatch.setattr(continuous.ContinuousBatch, "admit",
-                        lambda self, reqs: admitted.append(len(reqs)) or real_admit(self, reqs))
-    real_encode = engine.encode_images
-    monkeypatch.setattr(engine, "encode_images", lambda pixels, keys: encoded.append(
-        (len(pixels), len(admitted))) or real_encode(pixels, keys))
-    w = Worker(engine, max_batch=8, max_queue=8, batch_wait=0.1).start()
-    try:
-        cases = [(QUESTIONS[i], [RED, BLUE][i % 2], 3) for i in range(5)]
+    calls = []
+    real_admit, real_step = continuous.ContinuousBatch.admit, continuous.ContinuousBatch.step
 
-        async def main():
-            async def run(i, q, img, n):
-                await asyncio.sleep(0.02 * i)          # 20 ms apart: within the 100 ms quiet window
-                return await collect(submit(w, q, img, n=n))
-            return await asyncio.gather(*(run(i, *c) for i, c in enumerate(cases)))
-        answers = asyncio.run(main())
+    def admit(self, requests):
+        calls.append(len(requests))
+        time.sleep(admit_seconds)
+        return real_admit(self, requests)
+
+    def step(self):
+        calls.append("step")
+        return real_step(self)
+    monkeypatch.setattr(continuous.ContinuousBatch, "admit", admit)
+    monkeypatch.setattr(continuous.ContinuousBatch, "step", step)
+    return calls
+
+
+def _staggered(worker, count: int, gap: float, n: int = 3):
+    async def main():
+        async def run(i):
+            await asyncio.sleep(gap * i)
+            return await collect(submit(worker, QUESTIONS[i % len(QUESTIONS)], [RED, BLUE][i % 2], n=n))
+        return await asyncio.gather(*(run(i) for i in range(count)))
+    return asyncio.run(main())
+
+
+def test_a_burst_is_admitted_as_it_arrives_before_anyone_decodes(engine, monkeypatch):
+    """Requests arriving while others are being admitted are admitted next, before any decoding step:
+    the first of a burst is prefilled at once (no waiting for the rest) and nobody's prefill waits
+    behind decoding steps of the earlier ones."""
+    calls = _record_batch_calls(monkeypatch, admit_seconds=0.05)
+    w = Worker(engine, max_batch=8, max_queue=8, batch_wait=0.5).start()
+    try:
+        answers = _staggered(w, 5, gap=0.02)          # 20 ms apart, each admission 50 ms: they pile up
     finally:
         w.stop()
-    assert admitted == [5] and all(len(a) == 3 for a in answers)
-    assert sum(n for n, _ in encoded) == 5 and len(encoded) > 1       # as they came, all before the prefill:
-    assert all(before == 0 for _, before in encoded)
+    admits = [c for c in calls if c != "step"]
+    assert all(len(a) == 3 for a in answers)
+    assert sum(admits) == 5 and admits[0] == 1 and len(admits) > 1     # waves as they came
+    assert calls.index("step") == len(admits)                         # every admission before the first step
+
+
+def test_running_rows_wait_for_a_burst_at_most_the_hold(engine, monkeypatch):
+    """A burst that keeps arriving longer than BURST_HOLD lets the running rows step in between."""
+    from serving import worker as worker_module
+    monkeypatch.setattr(worker_module, "BURST_HOLD", 0.06)
+    calls = _record_batch_calls(monkeypatch, admit_seconds=0.05)
+    w = Worker(engine, max_batch=8, max_queue=8).start()
+    try:
+        answers = _staggered(w, 8, gap=0.02)          # arrivals for 140 ms, always one waiting
+    finally:
+        w.stop()
+    assert all(len(a) == 3 for a in answers)
+    first_step = calls.index("step")
+    assert sum(c for c in calls[:first_step]) < 8     # stepped before the burst was all in
