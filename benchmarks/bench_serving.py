@@ -161,6 +161,7 @@ async def conversation(client, url: str, body: bytes) -> dict:
     first, last, gaps, text, tokens = None, None, [], [], 0
     async with client.stream("POST", url + "/v1/chat/completions", content=body,
                              headers={"Content-Type": "application/json"}) as r:
+        started = time.perf_counter() - start         # the server queued the request and began the answer
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
@@ -180,7 +181,7 @@ async def conversation(client, url: str, body: bytes) -> dict:
                     gaps.append(now - last)
                 last = now
                 text.append(content)
-    return dict(ttft=first, gaps=gaps, tokens=tokens, text="".join(text), done_at=time.time())
+    return dict(ttft=first, started=started, gaps=gaps, tokens=tokens, text="".join(text), done_at=time.time())
 
 
 def pct(values, q):
@@ -304,8 +305,10 @@ def run_level(url: str, n: int, new_tokens: int, clients: int = 1, server_pid: O
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     gaps = [g for r in results for g in r["gaps"]]
+    started = [r["started"] for r in results]
     return dict(n=n, clients=len(procs), tokens=tokens, seconds=wall, tok_s=tokens / wall,
-                ttft_p50=pct(ttft, 0.5) * 1e3, ttft_p99=pct(ttft, 0.99) * 1e3, itl_p50=pct(gaps, 0.5) * 1e3,
+                ttft_p50=pct(ttft, 0.5) * 1e3, ttft_p99=pct(ttft, 0.99) * 1e3, started_p50=pct(started, 0.5) * 1e3,
+                started_p99=pct(started, 0.99) * 1e3, itl_p50=pct(gaps, 0.5) * 1e3,
                 itl_p99=pct(gaps, 0.99) * 1e3, server=phases)
 
 
@@ -369,8 +372,12 @@ def engine_only(args) -> None:
 
 
 def table(rows, baseline) -> str:
-    lines = ["| N | tokens | seconds | tokens/s | vs reference | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
-             "| API / model process cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+    # "answer started": until the response headers came, i.e. the server had parsed and queued the request
+    lines = ["| N | tokens | seconds | tokens/s | vs reference | TTFT p50 ms | TTFT p99 ms | answer started p50 / p99 ms "
+             "| ITL p50 ms | ITL p99 ms | API / model process cores |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def started(r):
+        return f"{r['started_p50']:.0f} / {r['started_p99']:.0f}" if "started_p50" in r else "-"
 
     def cores(r):
         server = r.get("server", {})
@@ -379,12 +386,12 @@ def table(rows, baseline) -> str:
         ref = baseline.get(r["n"])
         ratio = f"{r['tok_s'] / ref['tok_s']:.1f}x" if ref else "-"
         lines.append(f"| {r['n']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} | {ratio} | "
-                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} "
+                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} "
                      f"| {cores(r)} |")
     for n, r in sorted(baseline.items()):
         lines.append(f"| {n} (reference: sat, static batching) | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} "
-                     f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} "
-                     f"| {cores(r)} |")
+                     f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {r['itl_p50']:.1f} "
+                     f"| {r['itl_p99']:.1f} | {cores(r)} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from model.backend import open_slots
 from model.fast import FastBackend
+from model.fast.slot_prefill import row_buckets
 from model.fast.slots import FastSlots
 from model.fast.vision import BATCHES, FastImageEncoder, shared_image_encoder
 from model.sat.checkpoint import build_model
@@ -75,6 +76,15 @@ def test_after_warm_up_every_bucket_replays_and_equals_eager(net, fake_graphs, m
         assert torch.allclose(backend.vision(pixels), backend.vision.encoder(pixels), atol=1e-5, rtol=1e-4)
     assert len(fake_graphs["replays"]) == buckets + 3
     assert graphs.warm_up() == 0                                             # captured once
+
+
+def test_a_wave_pads_to_the_next_multiple_of_eight_prompts(net):
+    """Waves of a burst come in any size: past 8 prompts their buckets step by 8, not by doubling."""
+    assert row_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert row_buckets(5) == [1, 2, 4, 5] and row_buckets(1) == [1]
+    prefill = FastSlots(FastBackend(net), slots=64, length=300, cuda_graph=False).prefiller
+    assert [prefill.bucket_for(n, 50) for n in (1, 3, 9, 20, 64)] == [(1, 64), (4, 64), (16, 64), (24, 64), (64, 64)]
+    assert prefill.bucket_for(20, 100) == (24, 128) and prefill.bucket_for(40, 100) is None   # 40 x 128 > 4096
 
 
 def gpu_backend(net, config) -> FastBackend:

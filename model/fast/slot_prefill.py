@@ -6,7 +6,7 @@ prefill.py) prefills and samples in about 7 ms, and a burst of 64 came in 4 wave
 Replaying a graph costs the GPU time alone.
 
 How: N prompts of S tokens (left-padded among themselves, see FastSlots.prefill) are padded to a bucket
-of Nb rows (a slot bucket: 1, 2, 4 ...) and Sb positions (prefill.BUCKETS). Pad positions on the right
+of Nb rows (row_buckets: 1, 2, 4, 8, 16, 24 ...) and Sb positions (prefill.BUCKETS). Pad positions on the right
 attend only to themselves and no real position attends to them (prefill_mask), so the real rows'
 hidden states are those of the unpadded wave; their keys and values go to the slots' last index, which
 stays masked until the sequence itself writes there (as left pads already do). Pad rows write every
@@ -25,12 +25,21 @@ from .graphs import try_record
 from .prefill import BUCKETS, prefill_mask
 
 MAX_TOKENS = 4096        # rows x positions of the largest captured bucket (64 prompts of up to 64 tokens)
+ROW_STEP = 8             # row buckets: 1, 2, 4, 8, then every multiple of 8 (a wave of 20 pads to 24, not 32)
+
+
+def row_buckets(slots: int) -> List[int]:
+    """Prompt counts captured: powers of two below ROW_STEP, then its multiples, ending at `slots`. A burst
+    admitted as it arrives comes in waves of any size, and every padded row costs a prompt's compute."""
+    small = [1 << i for i in range(ROW_STEP.bit_length() - 1) if 1 << i < slots]
+    return small + list(range(ROW_STEP, slots, ROW_STEP)) + [slots]
 
 
 class SlotPrefill:
     def __init__(self, slots):
         """slots: the FastSlots whose GLM, pool, row buckets and graph memory this uses."""
         self.slots = slots
+        self.rows = row_buckets(slots.slots)      # prompt counts with a bucket
         self.graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
         self.capture = True                  # off after a failed capture: eager from then on, with a warning
         self._buffers: Optional[dict] = None
@@ -39,10 +48,10 @@ class SlotPrefill:
         """Every (rows, positions) bucket that is captured."""
         s = self.slots
         return [(rows, length) for length in BUCKETS if length <= s.length
-                for rows in s.slot_buckets if rows * length <= MAX_TOKENS]
+                for rows in self.rows if rows * length <= MAX_TOKENS]
 
     def bucket_for(self, n: int, length: int) -> Optional[Tuple[int, int]]:
-        rows = next(b for b in self.slots.slot_buckets if b >= n)
+        rows = next(b for b in self.rows if b >= n)
         padded = next((b for b in BUCKETS if length <= b <= self.slots.length), None)
         return (rows, padded) if padded is not None and rows * padded <= MAX_TOKENS else None
 
@@ -111,7 +120,7 @@ class SlotPrefill:
                 x=torch.zeros(most, hidden, dtype=s.backend.dtype, device=s.device),
                 positions=torch.zeros(most * 2, dtype=torch.long, device=s.device),
                 index=torch.zeros(most, dtype=torch.long, device=s.device),
-                rows=torch.zeros(max(s.slot_buckets), dtype=torch.long, device=s.device),
+                rows=torch.zeros(max(self.rows), dtype=torch.long, device=s.device),
                 mask=torch.zeros(max(r * n * n for r, n in keys), dtype=torch.bool, device=s.device),
                 last=torch.zeros(1, dtype=torch.long, device=s.device))
         buf = self._buffers
