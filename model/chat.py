@@ -14,7 +14,7 @@ from .defaults import CHAT_SAMPLING, IMAGE_CACHE_SIZE
 from .generation import Request, generate
 from .image import load_image, preprocess
 from .image_cache import ImageEncoder
-from .prompts import History, PromptTooLongError, build_prompt, encode_prompt, process_response
+from .prompts import History, PromptTooLongError, ResponseStream, build_prompt, encode_prompt, process_response
 from .sampling import SamplingParams
 
 
@@ -101,10 +101,10 @@ class ChatEngine:
         make = getattr(self.tokenizer, "streaming_decoder", None)
         if make is None:
             return self.decode
-        stream = make()
+        stream, response = make(), ResponseStream()
 
         def decode(ids: Sequence[int], final: bool = True) -> str:
-            return self.decode(ids, final) if final else _answer_text(stream.decode(ids), final)
+            return self.decode(ids, final) if final else response(stream.decode(ids).rstrip("\ufffd"))
         return decode
 
     def eos_ids(self) -> List[int]:

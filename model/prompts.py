@@ -28,13 +28,54 @@ _MARK_RULES = [(half, re.compile(f"({_CJK}){re.escape(half)}"), f"\\1{full}", re
 
 def process_response(text: str) -> str:
     """Post-processing of the original model: full-width punctuation next to Chinese characters."""
-    text = text.strip()
+    return _process(text, start=True, end=True)
+
+
+def _process(text: str, start: bool, end: bool) -> str:
+    """process_response on a part of a text: its whitespace stripped at the text's start / end only."""
+    text = text.lstrip() if start else text
+    text = text.rstrip() if end else text
     for placeholder, value in PLACEHOLDERS.items():
         text = text.replace(placeholder, value)
     for half, after_cjk, as_after, before_cjk, as_before in _MARK_RULES:
         if half in text:                      # most answers lack most marks: skip their two passes
             text = before_cjk.sub(as_before, after_cjk.sub(as_after, text))
     return text
+
+
+class ResponseStream:
+    """process_response for one text that grows at its end (an answer being streamed), at a cost per call
+    that does not grow with it. Every rule is local (a mark and its neighbour, a placeholder, whitespace
+    at the ends), so the text splits at a cut that no rule reaches across: a non-blank character that is
+    no half-width mark before it, no half-width mark after it, and no placeholder starting within reach.
+    The part before the cut is processed once; each call processes the last LAG to 2 LAG characters."""
+
+    LAG = 64                              # characters kept behind the cut (the end may still change)
+
+    def __init__(self):
+        self._source = ""                 # the text up to the cut, as given
+        self._done = ""                   # ... processed
+
+    def __call__(self, text: str) -> str:
+        """process_response(text), where text begins with the text of the previous calls but for its last
+        LAG characters (any other text starts over)."""
+        if not text.startswith(self._source):
+            self._source = self._done = ""
+        cut = len(self._source)
+        if len(text) - cut >= 2 * self.LAG:
+            new = next((c for c in range(len(text) - self.LAG, len(text) - 2 * self.LAG, -1) if _cuttable(text, c)), 0)
+            if new:
+                self._done += _process(text[cut:new], start=not cut, end=False)
+                self._source, cut = text[:new], new
+        return self._done + _process(text[cut:], start=not cut, end=True)
+
+
+def _cuttable(text: str, c: int) -> bool:
+    """Whether process_response(text) = that of text[:c] (not stripped at its end) + that of text[c:]
+    (not stripped at its start)."""
+    before, after = text[c - 1], text[c]
+    return (not before.isspace() and before not in FULL_WIDTH and after not in FULL_WIDTH
+            and all(p[0] not in text[max(0, c - len(p) + 1):c] for p in PLACEHOLDERS))
 
 
 def has_chinese(text: str) -> bool:

@@ -26,6 +26,7 @@ TOKEN_KEYS = {"bos_token": "<sop>", "eos_token": "<eop>", "end_token": "</s>", "
               "gmask_token": "[gMASK]", "pad_token": "<pad>", "unk_token": "<unk>"}
 _SPACE_RUN = re.compile(" {2,}")
 _BLANK_PIECE = re.compile(r"<\|blank_(\d+)\|>")
+_LONGEST_PIECE = len(f"<|blank_{MAX_BLANK}|>")   # longest text postprocess replaces (all start with "<")
 
 
 def _spaces_to_blanks(match):
@@ -280,10 +281,13 @@ class StreamingDecoder:
     in front keeps the newer ones from being first. The join is taken only where it is safe: behind a
     plain piece (no byte, control or unknown piece) whose text ends in a whole character, and when the
     decoded continuation starts with that piece's own text; anywhere else the whole list is decoded.
-    Postprocessing (newlines, runs of blanks) runs on the whole text, since a run may cross the join."""
+    Postprocessing (newlines, runs of blanks) of the kept text is done once up to a cut with no "<" just
+    before it (every replaced text starts with one, so none crosses the cut); the rest is postprocessed
+    with each call."""
 
     SETTLE = 16         # pieces decoded behind the kept text before it is extended
     KEEP = 4            # pieces left out of the kept text when it is extended (a byte sequence may go on)
+    LAG = 64            # characters of kept text left behind the postprocessing cut
 
     def __init__(self, tokenizer: ChatGLMTokenizer):
         self.tok = tokenizer
@@ -292,6 +296,8 @@ class StreamingDecoder:
         self._kept = 0                    # leading pieces whose text is kept ...
         self._text = ""                   # ... and that text (SentencePiece's, before postprocess)
         self._retry = 0                   # no new try to extend it before this many pieces
+        self._cut = 0                     # characters of the kept text whose postprocessed text ...
+        self._head = ""                   # ... this is
 
     def decode(self, ids: Sequence[int]) -> str:
         if len(ids) < self._seen:         # not the same growing list: start over
@@ -303,7 +309,15 @@ class StreamingDecoder:
         rest = self._continuation(self._pieces[self._kept:])
         if rest is None:
             return postprocess(self.tok.sp.decode(self._pieces))
-        return postprocess(self._text + rest)
+        text = self._text
+        if len(text) - self._cut >= 2 * self.LAG:
+            cut = len(text) - self.LAG
+            while cut > self._cut and "<" in text[max(0, cut - _LONGEST_PIECE):cut]:
+                cut = text.rindex("<", max(0, cut - _LONGEST_PIECE), cut)
+            if cut > self._cut:
+                self._head += postprocess(text[self._cut:cut])
+                self._cut = cut
+        return self._head + postprocess(text[self._cut:] + rest)
 
     def _continuation(self, pieces: List[int]) -> Optional[str]:
         """The text `pieces` add after the kept text, or None when they cannot be joined there."""
@@ -325,6 +339,10 @@ class StreamingDecoder:
             upto -= 1
         if upto <= self._kept:
             return
-        text, head = sp.decode(self._pieces[:upto]), sp.decode([self._pieces[upto - 1]])
+        joined = self._continuation(self._pieces[self._kept:upto])       # the kept text decoded once only
+        text = self._text + joined if joined is not None else sp.decode(self._pieces[:upto])
+        head = sp.decode([self._pieces[upto - 1]])
         if head and not text.endswith("\ufffd") and not head.endswith("\ufffd"):
+            if not text.startswith(self._text[:self._cut]):     # not expected: postprocess it all again
+                self._cut, self._head = 0, ""
             self._kept, self._text = upto, text

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from model.chat import ChatEngine, chat, stream_chat
-from model.prompts import PromptTooLongError, build_prompt, encode_prompt, has_chinese, process_response
+from model.prompts import (PromptTooLongError, ResponseStream, build_prompt, encode_prompt, has_chinese,
+                           process_response)
 from model.image import ImageLoadError
 
 GREEDY = dict(top_k=1, max_length=400, repetition_penalty=1.3)
@@ -54,6 +55,35 @@ def test_process_response():
     assert process_response(" 你好,世界!ok, fine? [[训练时间]] ") == "你好，世界！ok, fine? 2023年"
     assert process_response("a:b") == "a:b" and process_response("是:") == "是："
     assert has_chinese("图") and not has_chinese("image")
+
+
+@pytest.mark.parametrize("lag", [1, 3, 64])
+def test_response_stream_equals_process_response_at_every_length(lag, monkeypatch):
+    """ResponseStream (the streamed answer's post-processing) against process_response of the whole text,
+    after every character of random texts dense in marks, Chinese, blanks and placeholders; with a short
+    LAG the cut moves after nearly every character. And its work per call does not grow with the text."""
+    import random
+
+    from model import prompts
+    rng = random.Random(lag)
+    pieces = list(",!:;?，。a 中文[]训练时间2\n\t") + ["[[训练时间]]", "  ", "\ufffd"]
+    cuts = 0
+    for _ in range(150):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 300)))
+        stream = ResponseStream()
+        stream.LAG = lag
+        for n in range(len(text) + 1):
+            assert stream(text[:n]) == process_response(text[:n]), (text[:n], stream._source)
+        cuts += bool(stream._source)
+    assert cuts > 90
+    seen = []
+    real = prompts._process
+    monkeypatch.setattr(prompts, "_process", lambda text, **kw: seen.append(len(text)) or real(text, **kw))
+    stream, text = ResponseStream(), "中文,answer! " * 400                # 5,200 characters
+    for n in range(len(text) + 1):
+        stream(text[:n])
+    assert sum(seen) < 3 * ResponseStream.LAG * len(text)                  # not n^2 / 2
+    assert stream(text[:100]) == process_response(text[:100])              # another text starts over
 
 
 def test_two_turns_with_history_and_image_reuse(tiny, image_file, monkeypatch):
