@@ -373,8 +373,9 @@ def engine_only(args) -> None:
 
 def table(rows, baseline) -> str:
     # "answer started": until the response headers came, i.e. the server had parsed and queued the request
-    lines = ["| N | tokens | seconds | tokens/s | vs reference | TTFT p50 ms | TTFT p99 ms | answer started p50 / p99 ms "
-             "| ITL p50 ms | ITL p99 ms | API / model process cores |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | tokens | seconds | tokens/s | vs reference | TTFT p50 ms | TTFT p99 ms "
+             "| answer started p50 / p99 ms | ITL p50 ms | ITL p99 ms | API / model process cores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def started(r):
         return f"{r['started_p50']:.0f} / {r['started_p99']:.0f}" if "started_p50" in r else "-"
@@ -386,8 +387,8 @@ def table(rows, baseline) -> str:
         ref = baseline.get(r["n"])
         ratio = f"{r['tok_s'] / ref['tok_s']:.1f}x" if ref else "-"
         lines.append(f"| {r['n']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} | {ratio} | "
-                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {r['itl_p50']:.1f} | {r['itl_p99']:.1f} "
-                     f"| {cores(r)} |")
+                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {r['itl_p50']:.1f} "
+                     f"| {r['itl_p99']:.1f} | {cores(r)} |")
     for n, r in sorted(baseline.items()):
         lines.append(f"| {n} (reference: sat, static batching) | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} "
                      f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {r['itl_p50']:.1f} "
