@@ -6,8 +6,8 @@ prefill.py) prefills and samples in about 7 ms, and a burst of 64 came in 4 wave
 Replaying a graph costs the GPU time alone.
 
 How: N prompts of S tokens (left-padded among themselves, see FastSlots.prefill) are padded to a bucket
-of Nb rows (row_buckets: 1, 2, 4, 8, 16, 24 ...) and Sb positions (prefill.BUCKETS). Pad positions on the right
-attend only to themselves and no real position attends to them (prefill_mask), so the real rows'
+of Nb rows (row_buckets: 1, 2, 4, 8, 16, 24 ...) and Sb positions (prefill.BUCKETS). Pad positions on
+the right attend only to themselves and no real position attends to them (prefill_mask), so the real rows'
 hidden states are those of the unpadded wave; their keys and values go to the slots' last index, which
 stays masked until the sequence itself writes there (as left pads already do). Pad rows write every
 position to the last index of the first real row's slot, for the same reason. The logits are taken at
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .graphs import try_record
-from .prefill import BUCKETS, prefill_mask
+from .prefill import BUCKETS, bucket_for, prefill_mask
 
 MAX_TOKENS = 4096        # rows x positions of the largest captured bucket (64 prompts of up to 64 tokens)
 ROW_STEP = 8             # row buckets: 1, 2, 4, 8, then every multiple of 8 (a wave of 20 pads to 24, not 32)
@@ -37,7 +37,7 @@ def row_buckets(slots: int) -> List[int]:
 
 class SlotPrefill:
     def __init__(self, slots):
-        """slots: the FastSlots whose GLM, pool, row buckets and graph memory this uses."""
+        """slots: the FastSlots whose GLM, pool and graph memory this uses."""
         self.slots = slots
         self.rows = row_buckets(slots.slots)      # prompt counts with a bucket
         self.graphs: Dict[Tuple[int, int], "torch.cuda.CUDAGraph"] = {}
@@ -52,7 +52,7 @@ class SlotPrefill:
 
     def bucket_for(self, n: int, length: int) -> Optional[Tuple[int, int]]:
         rows = next(b for b in self.rows if b >= n)
-        padded = next((b for b in BUCKETS if length <= b <= self.slots.length), None)
+        padded = bucket_for(length, self.slots.length)
         return (rows, padded) if padded is not None and rows * padded <= MAX_TOKENS else None
 
     def __call__(self, rows: Sequence[int], x, positions, index, mask) -> torch.Tensor:
