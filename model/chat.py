@@ -18,12 +18,12 @@ from .prompts import History, PromptTooLongError, ResponseStream, build_prompt, 
 from .sampling import SamplingParams
 
 
-def _answer_text(text: str, final: bool) -> str:
+def _answer_text(text: str, final: bool, process: Callable[[str], str] = process_response) -> str:
     """Decoded text -> the answer as shown: an unfinished multi-byte character (streaming) dropped, then
-    the original's post-processing."""
+    the original's post-processing (`process`: process_response, or a ResponseStream doing the same)."""
     if not final:
         text = text.rstrip("\ufffd")
-    return process_response(text)
+    return process(text)
 
 
 class ChatEngine:
@@ -104,7 +104,7 @@ class ChatEngine:
         stream, response = make(), ResponseStream()
 
         def decode(ids: Sequence[int], final: bool = True) -> str:
-            return self.decode(ids, final) if final else response(stream.decode(ids).rstrip("\ufffd"))
+            return self.decode(ids, final) if final else _answer_text(stream.decode(ids), final, response)
         return decode
 
     def eos_ids(self) -> List[int]:
