@@ -275,10 +275,11 @@ class StreamingDecoder:
     whole list so far), at a cost per call that does not grow with the list. A server decoding every
     answer in full for every chunk spent most of its event loop there (docs/serving.md).
 
-    The SentencePiece text of all but the last few pieces is kept (decoded in full when it is extended,
-    every SETTLE pieces, so what is kept is exact), and only the pieces after it are decoded, behind the
-    last kept piece: SentencePiece drops the space in front of the first piece of a text, and the piece
-    in front keeps the newer ones from being first. The join is taken only where it is safe: behind a
+    The SentencePiece text of all but the last few pieces is kept (extended every SETTLE pieces by the
+    text of the pieces it adds, joined as below, or decoded in full where they cannot be joined, so what
+    is kept is exact), and only the pieces after it are decoded, behind the last kept piece: SentencePiece
+    drops the space in front of the first piece of a text, and the piece in front keeps the newer ones
+    from being first. The join is taken only where it is safe: behind a
     plain piece (no byte, control or unknown piece) whose text ends in a whole character, and when the
     decoded continuation starts with that piece's own text; anywhere else the whole list is decoded.
     Postprocessing (newlines, runs of blanks) of the kept text is done once up to a cut with no "<" just
@@ -331,7 +332,7 @@ class StreamingDecoder:
 
     def _settle(self) -> None:
         """Keep the text of the pieces up to the last plain one before the final KEEP, when it ends in a
-        whole character; otherwise try again KEEP pieces later (each try decodes the kept pieces once)."""
+        whole character; otherwise try again KEEP pieces later."""
         sp = self.tok.sp
         self._retry = len(self._pieces) + self.KEEP
         upto = len(self._pieces) - self.KEEP
