@@ -162,6 +162,21 @@ def test_server_engine_refuses_paths_and_urls(tiny, image_file):
     assert engine.encode_image(image_file.read_bytes()).dim() == 3
 
 
+def test_a_streamed_answer_never_shows_half_a_character(tiny):
+    """An emoji spelled by byte pieces: while its bytes come in, the raw decode ends in U+FFFD, but no
+    unfinished answer (whole or streamed decode) shows it; the finished one has the emoji."""
+    model, tok = tiny
+    engine = ChatEngine(model, tok)
+    ids = tok.encode("好🙂好", add_special_tokens=False)
+    lengths = range(1, len(ids) + 1)
+    assert any(tok.decode(ids[:n]).endswith("\ufffd") for n in lengths)
+    decode = engine.streaming_decode()
+    for n in lengths:
+        assert "\ufffd" not in engine.decode(ids[:n], final=False)
+        assert "\ufffd" not in decode(ids[:n], final=False)
+    assert decode(ids) == engine.decode(ids) == "好🙂好"
+
+
 def test_streaming_decode_equals_decode_at_every_length(tiny):
     """engine.streaming_decode() (the server's and stream_chat's) against engine.decode, unfinished and
     final, at every length of an id list mixing answers' pieces; a tokenizer without a streaming decoder
