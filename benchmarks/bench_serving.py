@@ -10,6 +10,11 @@ streamed chunks (inter-token latency, ITL) and the completion tokens from the us
 all N start together, spread over --clients processes (default 8: one Python process reading 64 streams
 lags behind them and measures itself); the table gives aggregate tokens/s (all completion tokens / wall
 time), TTFT and ITL p50/p99. --one-client-levels runs levels again from a single client process.
+--turns T makes each conversation T turns long: the first turns start together (the burst above), each
+follow-up (the conversation so far and the same image again, as chat clients send it) goes as soon as its
+conversation's last answer ended, and their TTFT is reported apart, as "later turns": a server's steady
+state, where requests come one by one. --min-new-tokens draws each answer's length from a range (the same
+lengths in every run), so conversations end, and their next turns come, at different times.
 
 With --model the script starts the server itself (a child process running serving.app on a free port):
 `random-7b` is the released architecture with random fp16 weights built on the GPU (as
@@ -29,12 +34,13 @@ import functools
 import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -144,19 +150,36 @@ def image_url(seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def request_body(i: int, new_tokens: int, greedy: bool = False) -> bytes:
-    """Conversation i's request, as the bytes sent. Built before a level starts: encoding 64 PNGs and their
-    JSON inside the level would stagger the arrivals by the client's own CPU time."""
+FOLLOW_UPS = ["Tell me more about it.", "还有什么细节？"]
+
+
+def request_body(i: int, new_tokens: int, greedy: bool = False, image: Optional[str] = None,
+                 history: Sequence[tuple] = ()) -> bytes:
+    """Conversation i's request, as the bytes sent: its first question and image, or, after `history`
+    ([(question, answer)]), a follow-up that sends the same image again (as OpenAI clients resend the whole
+    conversation). First turns are built before a level starts: encoding 64 PNGs and their JSON inside the
+    level would stagger the arrivals by the client's own CPU time."""
+    first = {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}
+    messages = [{"role": "user", "content": [first, {"type": "image_url", "image_url": {"url": image or image_url(i)}}]}]
+    for k, (_, answer) in enumerate(history):
+        messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "user", "content": FOLLOW_UPS[(i + k) % len(FOLLOW_UPS)]})
     body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": new_tokens,
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
-                {"type": "image_url", "image_url": {"url": image_url(i)}}]}]}
+            "messages": messages}
     if greedy:
         body["temperature"] = 0
     return json.dumps(body).encode()
 
 
+def answer_lengths(i: int, turns: int, low: int, high: int) -> list:
+    """max_tokens of conversation i's turns: drawn from [low, high], the same in every run."""
+    rng = random.Random(i)
+    return [rng.randint(low, high) for _ in range(turns)]
+
+
 async def conversation(client, url: str, body: bytes) -> dict:
+    """One streamed answer: when its headers came (started), its first token (ttft), the gaps between
+    chunks, its completion tokens and text."""
     start = time.perf_counter()
     first, last, gaps, text, tokens = None, None, [], [], 0
     async with client.stream("POST", url + "/v1/chat/completions", content=body,
@@ -182,6 +205,19 @@ async def conversation(client, url: str, body: bytes) -> dict:
                 last = now
                 text.append(content)
     return dict(ttft=first, started=started, gaps=gaps, tokens=tokens, text="".join(text), done_at=time.time())
+
+
+async def dialogue(client, url: str, i: int, first_body: bytes, lengths: list) -> list:
+    """Conversation i: its first turn (first_body), then each follow-up as soon as the last answer ended,
+    with the conversation so far and the same image. -> one conversation() record per turn."""
+    records, history, image = [], [], image_url(i) if len(lengths) > 1 else None
+    for turn, new_tokens in enumerate(lengths):
+        body = first_body if turn == 0 else request_body(i, new_tokens, image=image, history=history)
+        record = await conversation(client, url, body)
+        question = QUESTIONS[i % len(QUESTIONS)] if turn == 0 else FOLLOW_UPS[(i + turn - 1) % len(FOLLOW_UPS)]
+        history.append((question, record["text"]))
+        records.append(dict(record, turn=turn))
+    return records
 
 
 def pct(values, q):
@@ -247,32 +283,39 @@ def wait_summary(before: dict, after: dict, wait: str) -> dict:
     return {f"{wait}_mean_ms": round(mean * 1e3, 1), f"{wait}_p99_under_ms": p99 * 1e3}
 
 
-def _client(url: str, bodies: list, ready, go, results) -> None:
-    """One client process: its share of a level's conversations, started when the parent says go."""
+def _client(url: str, conversations: list, ready, go, results) -> None:
+    """One client process: its share of a level's conversations [(i, first body, lengths)], started when
+    the parent says go."""
     async def main():
         import httpx
-        limits = httpx.Limits(max_connections=len(bodies) + 8, max_keepalive_connections=len(bodies) + 8)
+        size = len(conversations) + 8
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
             await client.get(url + "/health")    # httpx imports and sets up on its first request: not timed
             ready.put(True)
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
-            return await asyncio.gather(*(conversation(client, url, body) for body in bodies))
+            done = await asyncio.gather(*(dialogue(client, url, *c) for c in conversations))
+            return [record for records in done for record in records]
     try:
         results.put(asyncio.run(main()))
     except Exception as e:  # noqa: BLE001 - reported by the parent
         results.put(repr(e))
 
 
-def run_level(url: str, n: int, new_tokens: int, clients: int = 1, server_pid: Optional[int] = None) -> dict:
+def run_level(url: str, n: int, new_tokens: int, clients: int = 1, server_pid: Optional[int] = None,
+              turns: int = 1, min_new_tokens: Optional[int] = None) -> dict:
     """N conversations that start together, spread over `clients` processes: one Python process parsing
     the streams of 64 conversations (thousands of chunks a second) lags behind them, and then measures
-    itself, not the server."""
+    itself, not the server. Each conversation has `turns` turns of max_tokens drawn from [min_new_tokens,
+    new_tokens]; first turns arrive together (a burst), later ones whenever their conversation's last
+    answer ended, and their TTFT is reported apart ("later turns")."""
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
-    bodies = [request_body(i, new_tokens) for i in range(n)]
+    lengths = [answer_lengths(i, turns, min_new_tokens or new_tokens, new_tokens) for i in range(n)]
+    conversations = [(i, request_body(i, lengths[i][0]), lengths[i]) for i in range(n)]
     before = asyncio.run(_steps(url))
     ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
-    share = [bodies[k::clients] for k in range(min(clients, n))]
+    share = [conversations[k::clients] for k in range(min(clients, n))]
     procs = [ctx.Process(target=_client, args=(url, part, ready, go, out), daemon=True) for part in share]
     for proc in procs:
         proc.start()
@@ -303,13 +346,16 @@ def run_level(url: str, n: int, new_tokens: int, clients: int = 1, server_pid: O
     for part in cpu_after:                 # cores kept busy over the level (1.0: one core all the time)
         phases[f"{part}_cpu"] = round((cpu_after[part] - cpu_before[part]) / wall, 2)
     tokens = sum(r["tokens"] for r in results)
-    ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     gaps = [g for r in results for g in r["gaps"]]
-    started = [r["started"] for r in results]
-    return dict(n=n, clients=len(procs), tokens=tokens, seconds=wall, tok_s=tokens / wall,
-                ttft_p50=pct(ttft, 0.5) * 1e3, ttft_p99=pct(ttft, 0.99) * 1e3, started_p50=pct(started, 0.5) * 1e3,
-                started_p99=pct(started, 0.99) * 1e3, itl_p50=pct(gaps, 0.5) * 1e3,
-                itl_p99=pct(gaps, 0.99) * 1e3, server=phases)
+    out = dict(n=n, clients=len(procs), turns=turns, answers=len(results), tokens=tokens, seconds=wall,
+               tok_s=tokens / wall, itl_p50=pct(gaps, 0.5) * 1e3, itl_p99=pct(gaps, 0.99) * 1e3, server=phases)
+    for prefix, group in (("", [r for r in results if r["turn"] == 0]), ("later_", [r for r in results if r["turn"]])):
+        if group:
+            ttft = [r["ttft"] for r in group if r["ttft"] is not None]
+            started = [r["started"] for r in group]
+            out.update({f"{prefix}ttft_p50": pct(ttft, 0.5) * 1e3, f"{prefix}ttft_p99": pct(ttft, 0.99) * 1e3,
+                        f"{prefix}started_p50": pct(started, 0.5) * 1e3, f"{prefix}started_p99": pct(started, 0.99) * 1e3})
+    return out
 
 
 async def _steps(url: str) -> dict:
@@ -373,12 +419,17 @@ def engine_only(args) -> None:
 
 def table(rows, baseline) -> str:
     # "answer started": until the response headers came, i.e. the server had parsed and queued the request
+    # "later turns": follow-ups, each sent when its conversation's last answer ended (--turns)
     lines = ["| N | tokens | seconds | tokens/s | vs reference | TTFT p50 ms | TTFT p99 ms "
-             "| answer started p50 / p99 ms | ITL p50 ms | ITL p99 ms | API / model process cores |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| answer started p50 / p99 ms | later turns: TTFT p50 / p99 ms | ITL p50 ms | ITL p99 ms "
+             "| API / model process cores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def started(r):
         return f"{r['started_p50']:.0f} / {r['started_p99']:.0f}" if "started_p50" in r else "-"
+
+    def later(r):
+        return f"{r['later_ttft_p50']:.0f} / {r['later_ttft_p99']:.0f}" if "later_ttft_p50" in r else "-"
 
     def cores(r):
         server = r.get("server", {})
@@ -387,11 +438,11 @@ def table(rows, baseline) -> str:
         ref = baseline.get(r["n"])
         ratio = f"{r['tok_s'] / ref['tok_s']:.1f}x" if ref else "-"
         lines.append(f"| {r['n']} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} | {ratio} | "
-                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {r['itl_p50']:.1f} "
+                     f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {later(r)} | {r['itl_p50']:.1f} "
                      f"| {r['itl_p99']:.1f} | {cores(r)} |")
     for n, r in sorted(baseline.items()):
         lines.append(f"| {n} (reference: sat, static batching) | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} "
-                     f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {r['itl_p50']:.1f} "
+                     f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {later(r)} | {r['itl_p50']:.1f} "
                      f"| {r['itl_p99']:.1f} | {cores(r)} |")
     return "\n".join(lines)
 
@@ -401,7 +452,11 @@ def main(argv=None):
     p.add_argument("--url", default=None, help="a running server (default: start one with --model)")
     p.add_argument("--model", choices=["random-7b", "tiny"], default="random-7b")
     p.add_argument("--levels", default="1,8,32,64,128", help="concurrent conversations per level")
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=256, help="max_tokens of each answer")
+    p.add_argument("--min-new-tokens", type=int, default=None,
+                   help="draw each answer's max_tokens from [this, --new-tokens] (default: all --new-tokens)")
+    p.add_argument("--turns", type=int, default=1,
+                   help="turns per conversation: each follow-up is sent when the last answer ended (default 1)")
     p.add_argument("--max-batch", type=int, default=128, help="the server's --max-batch (slots)")
     p.add_argument("--baseline-levels", default="", help="levels to run on the reference path too, e.g. 64")
     p.add_argument("--greedy-check", type=int, default=0, metavar="K")
@@ -416,6 +471,8 @@ def main(argv=None):
     p.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.turns < 1 or args.new_tokens < 1 or not 1 <= (args.min_new_tokens or 1) <= args.new_tokens:
+        p.error("--turns and --new-tokens must be at least 1, --min-new-tokens between 1 and --new-tokens")
     if args.serve:
         return serve(args)
     if args.engine_only:
@@ -432,7 +489,7 @@ def main(argv=None):
         # (FastSlots.warm_up), so no level, N=1 included, waits for a capture
         run_level(url, max(levels), 8, args.clients)
         for n in levels:
-            r = run_level(url, n, args.new_tokens, args.clients, pid)
+            r = run_level(url, n, args.new_tokens, args.clients, pid, args.turns, args.min_new_tokens)
             print(json.dumps(r), flush=True)
             results["levels"].append(r)
         for n in [int(x) for x in args.one_client_levels.split(",") if x]:
@@ -451,7 +508,7 @@ def main(argv=None):
             proc, ref_url = start_server(args, reference=True)
             procs.append(proc)
             for n in base_levels:
-                r = run_level(ref_url, n, args.new_tokens, args.clients)
+                r = run_level(ref_url, n, args.new_tokens, args.clients, None, args.turns, args.min_new_tokens)
                 print("reference", json.dumps(r), flush=True)
                 results["baseline"][n] = r
     finally:
@@ -463,7 +520,10 @@ def main(argv=None):
                 proc.kill()
     print()
     where = "on a thread of the server (--in-process)" if args.in_process else "in its own process"
-    print(f"{args.model}, {args.new_tokens} new tokens per conversation, one 224x224 image each, model {where}")
+    tokens = f"{args.min_new_tokens}-{args.new_tokens}" if args.min_new_tokens else f"{args.new_tokens}"
+    turns = f"{args.turns} turns" if args.turns > 1 else "one turn"
+    print(f"{args.model}, {tokens} new tokens per answer, {turns} per conversation, one 224x224 image each, "
+          f"model {where}")
     print(table(results["levels"], results["baseline"]))
     if results["greedy"]:
         g = results["greedy"]
