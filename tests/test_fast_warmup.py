@@ -72,19 +72,31 @@ def test_after_warm_up_every_bucket_replays_and_equals_eager(net, fake_graphs, m
     with torch.inference_mode():
         got, want = decode_every_bucket(graphs), decode_every_bucket(eager)
         assert len(got) == buckets and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
-        pixels = torch.randn(19, 3, 224, 224)                                # chunks of 8, 8 and 3 (as 4)
+        pixels = torch.randn(19, 3, 224, 224)                                # chunks of 8, 8 and 3
         assert torch.allclose(backend.vision(pixels), backend.vision.encoder(pixels), atol=1e-5, rtol=1e-4)
     assert len(fake_graphs["replays"]) == buckets + 3
     assert graphs.warm_up() == 0                                             # captured once
 
 
-def test_a_wave_pads_to_the_next_multiple_of_eight_prompts(net):
-    """Waves of a burst come in any size: past 8 prompts their buckets step by 8, not by doubling."""
-    assert row_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
-    assert row_buckets(5) == [1, 2, 4, 5] and row_buckets(1) == [1]
+def test_a_wave_pads_to_the_next_multiple_of_four_prompts(net):
+    """Waves of a burst come in any size: past 2 prompts their buckets step by 4, not by doubling."""
+    assert row_buckets(64) == [1, 2] + list(range(4, 65, 4))
+    assert row_buckets(5) == [1, 2, 4, 5] and row_buckets(1) == [1] and row_buckets(6) == [1, 2, 4, 6]
     prefill = FastSlots(FastBackend(net), slots=64, length=300, cuda_graph=False).prefiller
-    assert [prefill.bucket_for(n, 50) for n in (1, 3, 9, 20, 64)] == [(1, 64), (4, 64), (16, 64), (24, 64), (64, 64)]
-    assert prefill.bucket_for(20, 100) == (24, 128) and prefill.bucket_for(40, 100) is None   # 40 x 128 > 4096
+    assert [prefill.bucket_for(n, 50) for n in (1, 3, 9, 13, 20, 64)] == [(1, 64), (4, 64), (12, 64), (16, 64),
+                                                                          (20, 64), (64, 64)]
+    assert prefill.bucket_for(21, 100) == (24, 128) and prefill.bucket_for(40, 100) is None   # 40 x 128 > 4096
+
+
+def test_every_image_batch_up_to_the_chunk_has_its_own_graph(net, fake_graphs):
+    """A wave's images are not padded: 13 replay the graphs of 8 and 5, 19 those of 8, 8 and 3."""
+    encoder = FastImageEncoder(FastBackend(net).vision.encoder, capture=True)
+    assert encoder.warm_up((3, 224, 224), torch.float32, "cpu") == len(BATCHES) == BATCHES[-1]
+    size_of = {id(g.graph): batch for batch, g in encoder.graphs.items()}
+    with torch.inference_mode():
+        for n in (13, 19, 1):
+            encoder(torch.randn(n, 3, 224, 224))
+    assert [size_of[id(r)] for r in fake_graphs["replays"]] == [8, 5, 8, 8, 3, 1]
 
 
 def gpu_backend(net, config) -> FastBackend:

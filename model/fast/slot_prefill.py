@@ -6,7 +6,7 @@ prefill.py) prefills and samples in about 7 ms, and a burst of 64 came in 4 wave
 Replaying a graph costs the GPU time alone.
 
 How: N prompts of S tokens (left-padded among themselves, see FastSlots.prefill) are padded to a bucket
-of Nb rows (row_buckets: 1, 2, 4, 8, 16, 24 ...) and Sb positions (prefill.BUCKETS). Pad positions on
+of Nb rows (row_buckets: 1, 2, 4, 8, 12, 16 ...) and Sb positions (prefill.BUCKETS). Pad positions on
 the right attend only to themselves and no real position attends to them (prefill_mask), so the real rows'
 hidden states are those of the unpadded wave; their keys and values go to the slots' last index, which
 stays masked until the sequence itself writes there (as left pads already do). Pad rows write every
@@ -25,7 +25,7 @@ from .graphs import try_record
 from .prefill import BUCKETS, bucket_for, prefill_mask
 
 MAX_TOKENS = 4096        # rows x positions of the largest captured bucket (64 prompts of up to 64 tokens)
-ROW_STEP = 8             # row buckets: 1, 2, 4, 8, then every multiple of 8 (a wave of 20 pads to 24, not 32)
+ROW_STEP = 4             # row buckets: 1, 2, then every multiple of 4 (a wave of 13 pads to 16, 17 to 20)
 
 
 def row_buckets(slots: int) -> List[int]:

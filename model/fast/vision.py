@@ -7,7 +7,7 @@ captured.
 model/hf/vision.py computes the same function (spec 4) with no host round trip, and its parameter names
 are sat's after `mixins.eva.model.`, so its modules can be pointed at the sat tensors one by one.
 
-    pixels [N, 3, 224, 224] -> chunks of 8 -> each padded to a batch of 1, 2, 4 or 8 -> graph replay
+    pixels [N, 3, 224, 224] -> chunks of 8 -> each replays the graph of its own batch size (1 to 8)
                             -> [N, 32, 4096]
 
 A wave of many images goes through in chunks of the largest captured batch: the encoder is compute-bound
@@ -23,7 +23,9 @@ import torch
 
 from .graphs import try_record
 
-BATCHES = (1, 2, 4, 8)          # captured batch sizes; more images at once go in chunks of the largest
+# captured batch sizes, every one up to 8: a wave of 13 images is 8 + 5, not 8 + 8 with 3 blank ones (the
+# encoder is compute-bound, a padded image costs as much as a real one); more go in chunks of the largest
+BATCHES = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def shared_image_encoder(model):
