@@ -343,11 +343,21 @@ class Worker:
                     self.state = "ready"
             self._settled.set()
             log.info("model loaded; serving")
+        self._cache_an_image_per_conversation()
         if self.slots is not None:
             log.info("continuous batching: %d slots of %d tokens", self.slots.slots, self.slots.length)
             self._serve_continuous(self.slots)
         else:
             self._serve_static()
+
+    def _cache_an_image_per_conversation(self) -> None:
+        """Let the engine's image cache (IMAGE_CACHE_SIZE, sized for one user) hold an image for each
+        conversation that can run at once and as many again waiting, so that the follow-ups of 64 ongoing
+        conversations find theirs encoded (an entry is image_length x hidden: 256 KB for the released model
+        in fp16)."""
+        images = getattr(self.engine, "images", None)
+        if images is not None:
+            images.cache_size = max(images.cache_size, 2 * self.slots_total)
 
     def _open_slots(self, engine):
         if self.continuous is False or self._generate_fn is not None:

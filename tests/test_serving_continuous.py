@@ -3,6 +3,8 @@ running batch, greedy answers equal one-at-a-time answers, slots never leak, and
 import asyncio
 import random
 
+from PIL import Image
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -199,3 +201,25 @@ def test_running_rows_wait_for_a_burst_at_most_the_hold(engine, monkeypatch):
     assert all(len(a) == 3 for a in answers)
     first_step = calls.index("step")
     assert sum(c for c in calls[:first_step]) < 8     # stepped before the burst was all in
+
+
+def test_follow_ups_of_every_running_conversation_find_their_image_encoded(tiny):
+    """The image cache grows with the batch: 20 conversations with an image each, then a follow-up each
+    sending the same image, encode 20 images, not 40 (the default cache holds 16)."""
+    model, tok = tiny
+    engine = ChatEngine(FastBackend(model), tok, allow_image_paths=False, allow_image_urls=False)
+    worker = Worker(engine, max_batch=12, max_queue=100, batch_wait=0.0).start()
+    images = [Image.new("RGB", (32, 32), (12 * i, 200 - 5 * i, 60)) for i in range(20)]
+    try:
+        assert worker.wait_ready(60) and engine.images.cache_size >= 20
+
+        async def main():
+            firsts = await asyncio.gather(*(collect(submit(worker, "What is in the picture?", img, n=2))
+                                            for img in images))
+            history = [("What is in the picture?", engine.decode(ids)) for ids in firsts]
+            await asyncio.gather(*(collect(submit(worker, "And its colour?", img, n=2, history=[h]))
+                                   for img, h in zip(images, history)))
+        asyncio.run(main())
+        assert worker.stats["images_encoded"] == 20 and worker.stats["image_cache_hits"] == 20
+    finally:
+        worker.stop()
