@@ -32,6 +32,7 @@ import asyncio
 import base64
 import functools
 import io
+import itertools
 import json
 import os
 import random
@@ -141,10 +142,18 @@ def start_server(args, reference: bool):
 
 
 # -- the client ---------------------------------------------------------------------------------------
+# every conversation's image is new to the server (its image cache would otherwise serve a level the images
+# of the last one): seeds count up from the start time, in milliseconds
+_image_seeds = itertools.count(int(time.time() * 1000))
+
+
 def image_url(seed: int) -> str:
+    """A 224x224 PNG data URL; its first six pixels spell out the seed, so no two seeds give one image."""
     from PIL import Image, ImageDraw
     img = Image.new("RGB", (224, 224), ((seed * 70) % 256, 200, 120))
     ImageDraw.Draw(img).ellipse([40 + seed % 30, 40, 180, 170], fill=(200, (seed * 40) % 256, 30))
+    for k in range(6):
+        img.putpixel((k, 0), ((seed >> 8 * k) & 255, 0, 0))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -160,7 +169,7 @@ def request_body(i: int, new_tokens: int, greedy: bool = False, image: Optional[
     conversation). First turns are built before a level starts: encoding 64 PNGs and their JSON inside the
     level would stagger the arrivals by the client's own CPU time."""
     first = {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}
-    messages = [{"role": "user", "content": [first, {"type": "image_url", "image_url": {"url": image or image_url(i)}}]}]
+    messages = [{"role": "user", "content": [first, {"type": "image_url", "image_url": {"url": image or image_url(next(_image_seeds))}}]}]
     for k, (_, answer) in enumerate(history):
         messages.append({"role": "assistant", "content": answer})
         messages.append({"role": "user", "content": FOLLOW_UPS[(i + k) % len(FOLLOW_UPS)]})
@@ -207,10 +216,10 @@ async def conversation(client, url: str, body: bytes) -> dict:
     return dict(ttft=first, started=started, gaps=gaps, tokens=tokens, text="".join(text), done_at=time.time())
 
 
-async def dialogue(client, url: str, i: int, first_body: bytes, lengths: list) -> list:
-    """Conversation i: its first turn (first_body), then each follow-up as soon as the last answer ended,
-    with the conversation so far and the same image. -> one conversation() record per turn."""
-    records, history, image = [], [], image_url(i) if len(lengths) > 1 else None
+async def dialogue(client, url: str, i: int, image: str, first_body: bytes, lengths: list) -> list:
+    """Conversation i: its first turn (first_body, with `image`), then each follow-up as soon as the last
+    answer ended, with the conversation so far and the same image. -> one conversation() record per turn."""
+    records, history = [], []
     for turn, new_tokens in enumerate(lengths):
         body = first_body if turn == 0 else request_body(i, new_tokens, image=image, history=history)
         record = await conversation(client, url, body)
@@ -284,7 +293,7 @@ def wait_summary(before: dict, after: dict, wait: str) -> dict:
 
 
 def _client(url: str, conversations: list, ready, go, results) -> None:
-    """One client process: its share of a level's conversations [(i, first body, lengths)], started when
+    """One client process: its share of a level's conversations [(i, image, first body, lengths)], started when
     the parent says go."""
     async def main():
         import httpx
@@ -312,7 +321,8 @@ def run_level(url: str, n: int, new_tokens: int, clients: int = 1, server_pid: O
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
     lengths = [answer_lengths(i, turns, min_new_tokens or new_tokens, new_tokens) for i in range(n)]
-    conversations = [(i, request_body(i, lengths[i][0]), lengths[i]) for i in range(n)]
+    images = [image_url(next(_image_seeds)) for _ in range(n)]
+    conversations = [(i, images[i], request_body(i, lengths[i][0], image=images[i]), lengths[i]) for i in range(n)]
     before = asyncio.run(_steps(url))
     ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
     share = [conversations[k::clients] for k in range(min(clients, n))]
