@@ -36,7 +36,6 @@ import itertools
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -163,14 +162,15 @@ FOLLOW_UPS = ["Tell me more about it.", "还有什么细节？"]
 
 
 def request_body(i: int, new_tokens: int, greedy: bool = False, image: Optional[str] = None,
-                 history: Sequence[tuple] = ()) -> bytes:
-    """Conversation i's request, as the bytes sent: its first question and image, or, after `history`
-    ([(question, answer)]), a follow-up that sends the same image again (as OpenAI clients resend the whole
-    conversation). First turns are built before a level starts: encoding 64 PNGs and their JSON inside the
-    level would stagger the arrivals by the client's own CPU time."""
-    first = {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}
-    messages = [{"role": "user", "content": [first, {"type": "image_url", "image_url": {"url": image or image_url(next(_image_seeds))}}]}]
-    for k, (_, answer) in enumerate(history):
+                 answers: Sequence[str] = ()) -> bytes:
+    """Conversation i's request, as the bytes sent: its first question and image (a new one unless given),
+    or, after `answers` (the conversation's answers so far), its next follow-up with the whole conversation
+    and the same image again, as OpenAI clients send it. First turns are built before a level starts:
+    encoding 64 PNGs and their JSON inside the level would stagger the arrivals by the client's own CPU time."""
+    image = image or image_url(next(_image_seeds))
+    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
+                                             {"type": "image_url", "image_url": {"url": image}}]}]
+    for k, answer in enumerate(answers):
         messages.append({"role": "assistant", "content": answer})
         messages.append({"role": "user", "content": FOLLOW_UPS[(i + k) % len(FOLLOW_UPS)]})
     body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "max_tokens": new_tokens,
@@ -219,13 +219,11 @@ async def conversation(client, url: str, body: bytes) -> dict:
 async def dialogue(client, url: str, i: int, image: str, first_body: bytes, lengths: list) -> list:
     """Conversation i: its first turn (first_body, with `image`), then each follow-up as soon as the last
     answer ended, with the conversation so far and the same image. -> one conversation() record per turn."""
-    records, history = [], []
+    records = []
     for turn, new_tokens in enumerate(lengths):
-        body = first_body if turn == 0 else request_body(i, new_tokens, image=image, history=history)
-        record = await conversation(client, url, body)
-        question = QUESTIONS[i % len(QUESTIONS)] if turn == 0 else FOLLOW_UPS[(i + turn - 1) % len(FOLLOW_UPS)]
-        history.append((question, record["text"]))
-        records.append(dict(record, turn=turn))
+        answers = [r["text"] for r in records]
+        body = first_body if turn == 0 else request_body(i, new_tokens, image=image, answers=answers)
+        records.append(dict(await conversation(client, url, body), turn=turn))
     return records
 
 
@@ -293,8 +291,8 @@ def wait_summary(before: dict, after: dict, wait: str) -> dict:
 
 
 def _client(url: str, conversations: list, ready, go, results) -> None:
-    """One client process: its share of a level's conversations [(i, image, first body, lengths)], started when
-    the parent says go."""
+    """One client process: its share of a level's conversations [(i, image, first body, lengths)], started
+    when the parent says go."""
     async def main():
         import httpx
         size = len(conversations) + 8
@@ -322,7 +320,8 @@ def run_level(url: str, n: int, new_tokens: int, clients: int = 1, server_pid: O
     ctx = multiprocessing.get_context("spawn")
     lengths = [answer_lengths(i, turns, min_new_tokens or new_tokens, new_tokens) for i in range(n)]
     images = [image_url(next(_image_seeds)) for _ in range(n)]
-    conversations = [(i, images[i], request_body(i, lengths[i][0], image=images[i]), lengths[i]) for i in range(n)]
+    conversations = [(i, images[i], request_body(i, lengths[i][0], image=images[i]), lengths[i])
+                     for i in range(n)]
     before = asyncio.run(_steps(url))
     ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
     share = [conversations[k::clients] for k in range(min(clients, n))]
@@ -359,12 +358,14 @@ def run_level(url: str, n: int, new_tokens: int, clients: int = 1, server_pid: O
     gaps = [g for r in results for g in r["gaps"]]
     out = dict(n=n, clients=len(procs), turns=turns, answers=len(results), tokens=tokens, seconds=wall,
                tok_s=tokens / wall, itl_p50=pct(gaps, 0.5) * 1e3, itl_p99=pct(gaps, 0.99) * 1e3, server=phases)
-    for prefix, group in (("", [r for r in results if r["turn"] == 0]), ("later_", [r for r in results if r["turn"]])):
+    for prefix, later in (("", False), ("later_", True)):
+        group = [r for r in results if bool(r["turn"]) == later]
         if group:
             ttft = [r["ttft"] for r in group if r["ttft"] is not None]
             started = [r["started"] for r in group]
             out.update({f"{prefix}ttft_p50": pct(ttft, 0.5) * 1e3, f"{prefix}ttft_p99": pct(ttft, 0.99) * 1e3,
-                        f"{prefix}started_p50": pct(started, 0.5) * 1e3, f"{prefix}started_p99": pct(started, 0.99) * 1e3})
+                        f"{prefix}started_p50": pct(started, 0.5) * 1e3,
+                        f"{prefix}started_p99": pct(started, 0.99) * 1e3})
     return out
 
 
@@ -452,8 +453,8 @@ def table(rows, baseline) -> str:
                      f"| {r['itl_p99']:.1f} | {cores(r)} |")
     for n, r in sorted(baseline.items()):
         lines.append(f"| {n} (reference: sat, static batching) | {r['tokens']} | {r['seconds']:.2f} | {r['tok_s']:.0f} "
-                     f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {later(r)} | {r['itl_p50']:.1f} "
-                     f"| {r['itl_p99']:.1f} | {cores(r)} |")
+                     f"| 1.0x | {r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {started(r)} | {later(r)} "
+                     f"| {r['itl_p50']:.1f} | {r['itl_p99']:.1f} | {cores(r)} |")
     return "\n".join(lines)
 
 
