@@ -72,7 +72,7 @@ def test_after_warm_up_every_bucket_replays_and_equals_eager(net, fake_graphs, m
     with torch.inference_mode():
         got, want = decode_every_bucket(graphs), decode_every_bucket(eager)
         assert len(got) == buckets and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
-        pixels = torch.randn(19, 3, 224, 224)                                # chunks of 8, 8 and 3
+        pixels = torch.randn(2 * BATCHES[-1] + 3, 3, 224, 224)              # two whole chunks and 3
         assert torch.allclose(backend.vision(pixels), backend.vision.encoder(pixels), atol=1e-5, rtol=1e-4)
     assert len(fake_graphs["replays"]) == buckets + 3
     assert graphs.warm_up() == 0                                             # captured once
@@ -89,14 +89,14 @@ def test_a_wave_pads_to_the_next_multiple_of_four_prompts(net):
 
 
 def test_every_image_batch_up_to_the_chunk_has_its_own_graph(net, fake_graphs):
-    """A wave's images are not padded: 13 replay the graphs of 8 and 5, 19 those of 8, 8 and 3."""
+    """A wave's images are not padded: 13 replay the graph of 13, 19 those of 16 and 3."""
     encoder = FastImageEncoder(FastBackend(net).vision.encoder, capture=True)
     assert encoder.warm_up((3, 224, 224), torch.float32, "cpu") == len(BATCHES) == BATCHES[-1]
     size_of = {id(g.graph): batch for batch, g in encoder.graphs.items()}
     with torch.inference_mode():
         for n in (13, 19, 1):
             encoder(torch.randn(n, 3, 224, 224))
-    assert [size_of[id(r)] for r in fake_graphs["replays"]] == [8, 5, 8, 8, 3, 1]
+    assert [size_of[id(r)] for r in fake_graphs["replays"]] == [13, 16, 3, 1]
 
 
 def gpu_backend(net, config) -> FastBackend:
@@ -116,6 +116,8 @@ def test_warm_up_on_the_gpu_captures_every_bucket_once_and_replays_equal_eager(n
     encoder = FastImageEncoder(backend.vision.encoder, capture=True)
     backend.vision = encoder
     assert graphs.warm_up() == 3 * 2 + 3 * 3 + len(BATCHES) and len(graphs._graphs) == 6
+    # the graphs keep no autograd state alive (the model's parameters require grad)
+    assert not any(g.out.requires_grad for g in encoder.graphs.values()) and next(encoder.encoder.parameters()).requires_grad
     assert sorted(graphs.prefiller.graphs) == [(r, n) for r in (1, 2, 4) for n in (64, 128, 256)]
     no_more_captures(monkeypatch)
     with torch.inference_mode():

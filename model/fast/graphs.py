@@ -25,13 +25,17 @@ def record(run: Callable[[], torch.Tensor], warmups: int = 1, pool=None) -> Tupl
     replay refills. `run` must read and write only static tensors on the GPU (see require_cuda)."""
     side = _side_stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmups):
-            run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = run()
+    # Without autograd: a capture keeps every tensor alive that its run's autograd graph saved (the model's
+    # parameters require grad). The image encoder's graphs held 0.47 GiB per image that way on an H200,
+    # 16.8 GiB for its batch sizes 1-8; a replay never needed any of it.
+    with torch.no_grad():
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = run()
     return graph, out
 
 
