@@ -95,7 +95,8 @@ def check_every_gemv_tile(device: str) -> None:
     from model.fast import kernels
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(3)
-    for M, N, K in ((1, 40, 300), (3, 33, 1100), (17, 40, 200)):        # edges not multiples of any tile
+    # edges not multiples of any tile; K = 301: int8 rows that cannot be read as 32-bit words
+    for M, N, K in ((1, 40, 300), (3, 33, 1100), (17, 40, 200), (1, 24, 301)):
         x = torch.randn(M, K, device=device, dtype=dtype)
         bias = torch.randn(N, device=device, dtype=dtype)
         q = torch.randint(-128, 128, (N, K), device=device, dtype=torch.int8)

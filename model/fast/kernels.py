@@ -13,6 +13,7 @@ program, products summed on CUDA cores (batch-1 decoding). BLOCK_M 16: up to 16 
 tl.dot, so each weight is read once for all of them (batched decoding).
 """
 import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -28,6 +29,10 @@ _built = None          # (triton, the kernel, its autotuned form), made on first
 # Whether Triton is installed (CUDA builds of torch bring it; a CPU machine may not have it). A constant,
 # so that a compiled step reads it without tracing a lookup (which would break its graph at every layer).
 AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def rows_bucket(m: int) -> int:
@@ -47,11 +52,44 @@ def _build():
 
     @triton.jit
     def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # ROWS (rows_bucket(M)) is only the tuning key; QUANT: w is int8 with a scale per output row
+               PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # ROWS (rows_bucket(M)) is only the tuning key; QUANT: w is int8 with a scale per output row;
+        # PACKED: int8 rows read as int32 words of 4 weights (K % 4 == 0, rows 4-byte aligned, on a GPU)
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)     # rows of x of this program
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)     # output features of this program
-        if BLOCK_M == 1:
+        if BLOCK_M == 1 and PACKED:
+            # One row of x against int8 weights, 4 per 32-bit word. Each weight becomes a float with one
+            # byte permute: q ^ 0x80 = q + 128 as the low byte under 2^23's exponent, then one subtraction.
+            # (Per-element int8 -> int32 conversions left this GEMV bound by its instructions, not memory.)
+            K4 = K // 4
+            quad = tl.arange(0, BLOCK_K // 4)
+            words = w_ptr.to(tl.pointer_type(tl.int32))
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k4 = k0 // 4 + quad                                                          # word index
+                w = tl.load(words + cols[:, None] * K4 + k4[None, :], mask=(cols[:, None] < N) & (k4[None, :] < K4),
+                            other=0, eviction_policy="evict_first")                         # [BN, BK/4]
+                w0, w1, w2, w3 = tl.inline_asm_elementwise(
+                    asm="""{
+                    .reg .b32 t, m;
+                    xor.b32 t, $4, 0x80808080;
+                    mov.b32 m, 0x4B000000;
+                    prmt.b32 $0, t, m, 0x7440;
+                    prmt.b32 $1, t, m, 0x7441;
+                    prmt.b32 $2, t, m, 0x7442;
+                    prmt.b32 $3, t, m, 0x7443;
+                    }""",
+                    constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                    is_pure=True, pack=1)                                                   # 2^23 + q + 128
+                xs = x_ptr + rows * K + 4 * k4                                              # [BK/4]
+                inside = 4 * k4 < K
+                x0 = tl.load(xs, mask=inside, other=0.0).to(tl.float32)[None, :]
+                x1 = tl.load(xs + 1, mask=inside, other=0.0).to(tl.float32)[None, :]
+                x2 = tl.load(xs + 2, mask=inside, other=0.0).to(tl.float32)[None, :]
+                x3 = tl.load(xs + 3, mask=inside, other=0.0).to(tl.float32)[None, :]
+                acc2 += (w0 - 8388736.0) * x0 + (w1 - 8388736.0) * x1 + (w2 - 8388736.0) * x2 + (w3 - 8388736.0) * x3
+            acc = tl.sum(acc2, axis=1)[None, :]                                             # [1, BN]
+        elif BLOCK_M == 1:
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)     # summed over K once, after the loop
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -86,7 +124,7 @@ def _build():
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in CONFIGS]
-    tuned = triton.autotune(configs=configs, key=["ROWS", "N", "K", "QUANT"],
+    tuned = triton.autotune(configs=configs, key=["ROWS", "N", "K", "QUANT", "PACKED"],
                             prune_configs_by={"early_config_prune": _prune})(kernel)
     return triton, kernel, tuned
 
@@ -106,7 +144,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
         raise ValueError("an int8 weight needs its row scales, and only an int8 weight takes them")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     args = (x, w, scale if quant else w, bias if bias is not None else w, y, M, N, K, rows_bucket(M))
-    constants = dict(QUANT=quant, HAS_BIAS=bias is not None)
+    # the interpreter (TRITON_INTERPRET=1, CPU tests) cannot run the packed path's PTX
+    packed = quant and K % 4 == 0 and w.data_ptr() % 4 == 0 and w.is_cuda and not _interpreted()
+    constants = dict(QUANT=quant, HAS_BIAS=bias is not None, PACKED=packed)
     if config is None:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
         tuned[grid](*args, **constants)
