@@ -13,7 +13,6 @@ program, products summed on CUDA cores (batch-1 decoding). BLOCK_M 16: up to 16 
 tl.dot, so each weight is read once for all of them (batched decoding).
 """
 import importlib.util
-import os
 from typing import Optional
 
 import torch
@@ -29,10 +28,6 @@ _built = None          # (triton, the kernel, its autotuned form), made on first
 # Whether Triton is installed (CUDA builds of torch bring it; a CPU machine may not have it). A constant,
 # so that a compiled step reads it without tracing a lookup (which would break its graph at every layer).
 AVAILABLE = importlib.util.find_spec("triton") is not None
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def rows_bucket(m: int) -> int:
@@ -145,8 +140,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
         raise ValueError("an int8 weight needs its row scales, and only an int8 weight takes them")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     args = (x, w, scale if quant else w, bias if bias is not None else w, y, M, N, K, rows_bucket(M))
-    # the interpreter (TRITON_INTERPRET=1, CPU tests) cannot run the packed path's PTX
-    packed = quant and K % 4 == 0 and w.data_ptr() % 4 == 0 and w.is_cuda and not _interpreted()
+    # on a GPU only: Triton's interpreter (CPU tensors, the CPU tests) cannot run the packed path's PTX
+    packed = quant and w.is_cuda and K % 4 == 0 and w.data_ptr() % 4 == 0
     constants = dict(QUANT=quant, HAS_BIAS=bias is not None, PACKED=packed)
     if config is None:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
