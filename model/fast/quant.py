@@ -3,22 +3,21 @@
 int8  per output row, symmetric (the scheme of model/quant.py). On CUDA, inputs of at most SMALL_M rows
       (decoding) go through a Triton GEMV (kernels.py) that reads each int8 weight once (half the bytes of
       fp16) and applies the row scale at the end. Larger inputs (prefill) dequantize and matmul.
-int4  per group of GROUP input columns (fewer for narrow layers), asymmetric: w ~ (q - 8) * scale + zero with q in [0, 15], the
-      layout of torch's tinygemm kernel. On CUDA the weight is packed by aten._convert_weight_to_int4pack
-      and multiplied by aten._weight_int4pack_mm (bf16 activations); elsewhere the same values are
-      dequantized and multiplied, so the CPU path computes the same function. (Triton int4 GEMVs were tried
-      twice on an H200: 2.6x, then, redesigned, 1.3x slower than tinygemm; see docs/benchmarks.md.)
+int4  per group of GROUP input columns (fewer for narrow layers), asymmetric: w ~ (q - 8) * scale + zero
+      with q in [0, 15], eight to a 32-bit word in the layout of kernels_int4.py, whose Triton GEMV
+      multiplies them on CUDA (replacing torch's tinygemm kernel, see docs/benchmarks.md); elsewhere the
+      same values are dequantized and multiplied, so the CPU path computes the same function.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant import dequantize, quantize_weight
-from . import kernels                 # imports no Triton until a kernel is first run
+from . import kernels, kernels_int4  # import no Triton until a kernel is first run
 
 GROUP = 128            # int4: input columns per (scale, zero)
-INNER_K_TILES = 8      # int4: tinygemm's packing parameter
 SMALL_M = 16           # int8: rows of input that still take the Triton GEMV kernel
+SMALL_M_INT4 = 256     # int4: rows that take its GEMV (it reads the weight once per 16 rows)
 
 
 # -- int8 ------------------------------------------------------------------------------------------
@@ -43,7 +42,7 @@ class Int8Linear(nn.Module):
 
 # -- int4 ------------------------------------------------------------------------------------------
 def group_size(in_features: int) -> int:
-    """The largest group size tinygemm takes (128, 64 or 32) that divides the input width."""
+    """The largest group size (128, 64 or 32) that divides the input width."""
     for group in (GROUP, 64, 32):
         if in_features % group == 0:
             return group
@@ -51,47 +50,76 @@ def group_size(in_features: int) -> int:
 
 
 def quantize_int4_groups(weight: torch.Tensor, group: int):
-    """[N, K] float -> (q [N, K] uint8 in 0..15, scales_and_zeros [K/group, N, 2] bf16)."""
+    """[N, K] float -> (q [N, K] uint8 in 0..15, scales_and_zeros [N, K/group, 2] in weight's dtype),
+    w ~ (q - 8) * scale + zero."""
     N, K = weight.shape
     w = weight.detach().float().reshape(N, K // group, group)
     low, high = w.amin(-1), w.amax(-1)                                # [N, K/group]
     scale = ((high - low) / 15).clamp(min=1e-6)
     zero = low + 8 * scale
     q = ((w - low[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).reshape(N, K)
-    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return q, torch.stack([scale, zero], -1).to(weight.dtype)
+
+
+# nibble i of a word sits at these bits (kernels_int4.py: low nibbles of bytes 0-3, then their high nibbles)
+SHIFTS = (0, 8, 16, 24, 4, 12, 20, 28)
+
+
+def pack_words(q: torch.Tensor, group: int) -> torch.Tensor:
+    """q [N, K] uint8 in 0..15 -> [N, K/8] int32 in kernels_int4.py's layout: weight g*group + i*W + j
+    (W = group / 8) is nibble i of word g*W + j."""
+    N, K = q.shape
+    planes = q.reshape(N, K // group, 8, group // 8).to(torch.int32)          # [N, groups, i, j]
+    words = torch.zeros(N, K // group, group // 8, dtype=torch.int32, device=q.device)
+    for i, shift in enumerate(SHIFTS):
+        words |= planes[:, :, i] << shift                                     # wraps into the sign bit at 28
+    return words.reshape(N, K // 8)
+
+
+def unpack_words(words: torch.Tensor, group: int) -> torch.Tensor:
+    """pack_words' inverse: [N, K/8] int32 -> q [N, K] uint8."""
+    N = words.shape[0]
+    shifts = torch.tensor(SHIFTS, dtype=torch.int32, device=words.device).view(1, 1, 8, 1)
+    q = (words.reshape(N, -1, 1, group // 8) >> shifts) & 15                  # [N, groups, i, j]
+    return q.reshape(N, -1).to(torch.uint8)
 
 
 def dequantize_int4_groups(q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype) -> torch.Tensor:
+    """q [N, K] uint8, scales_and_zeros [N, K/group, 2] -> [N, K] in dtype."""
     N, K = q.shape
-    sz = scales_and_zeros.float().transpose(0, 1)                     # [N, K/group, 2]
+    sz = scales_and_zeros.float()
     w = (q.float().reshape(N, sz.shape[1], -1) - 8) * sz[..., :1] + sz[..., 1:]
     return w.reshape(N, K).to(dtype)
 
 
 class Int4Linear(nn.Module):
+    """Up to SMALL_M_INT4 rows on CUDA: the Triton GEMV (kernels_int4.py), each int4 weight read once per
+    16 rows. More rows (long prompts), or off CUDA: the weight dequantized CHUNK output rows at a time and
+    multiplied, so a layer never holds more than a slice of itself in float."""
+    CHUNK = 8192
+
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
         self.group = group_size(weight.shape[1])
         q, sz = quantize_int4_groups(weight, self.group)
-        self.register_buffer("scales_and_zeros", sz)
-        self.cuda_kernel = weight.is_cuda
-        if self.cuda_kernel:
-            packed = (q[:, 0::2] << 4 | q[:, 1::2]).contiguous()          # [N, K/2] uint8, even index high
-            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack(packed, INNER_K_TILES))
-        else:
-            self.register_buffer("qweight", q)                              # [N, K] uint8
+        self.register_buffer("qweight", pack_words(q, self.group))          # [N, K/8] int32
+        self.register_buffer("scales_and_zeros", sz)                        # [N, K/group, 2]
         self.bias = bias
+
+    def dequantized(self, dtype, rows=slice(None)) -> torch.Tensor:
+        """The weight (its output rows `rows`) as the float values the kernel computes with."""
+        return dequantize_int4_groups(unpack_words(self.qweight[rows], self.group), self.scales_and_zeros[rows], dtype)
 
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.cuda_kernel:
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.group,
-                                                   self.scales_and_zeros).to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
+        if x.is_cuda and kernels_int4.AVAILABLE and x2.shape[0] <= SMALL_M_INT4:
+            y = kernels_int4.gemv_op(x2.contiguous(), self.qweight, self.scales_and_zeros, self.bias)
         else:
-            y = F.linear(x2, dequantize_int4_groups(self.qweight, self.scales_and_zeros, x.dtype), self.bias)
+            N = self.qweight.shape[0]
+            y = torch.cat([F.linear(x2, self.dequantized(x.dtype, slice(n, n + self.CHUNK)),
+                                    None if self.bias is None else self.bias[n:n + self.CHUNK])
+                           for n in range(0, N, self.CHUNK)], dim=-1)
         return y.reshape(*shape[:-1], -1)
 
 
