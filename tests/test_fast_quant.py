@@ -28,17 +28,19 @@ def test_int8_linear_error_is_within_half_a_step_per_weight():
 def test_int4_groups_round_trip_within_half_a_step():
     torch.manual_seed(1)
     w = torch.randn(48, 256) * torch.linspace(0.1, 3, 256)            # groups of different ranges
-    q, sz = quantize_int4_groups(w, group_size(256))
-    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and sz.shape == (48, 2, 2)
-    back = dequantize_int4_groups(q, sz, torch.float32)
-    step = sz[..., 0].float().repeat_interleave(128, dim=1)           # [48, 256]
-    assert ((back - w).abs() <= step / 2 + 1e-5).all()
+    q, scales = quantize_int4_groups(w, group_size(256))
+    assert q.dtype == torch.uint8 and 1 <= int(q.min()) and int(q.max()) <= 15 and scales.shape == (48, 2)
+    back = dequantize_int4_groups(q, scales, torch.float32)
+    step = scales.repeat_interleave(128, dim=1)                       # [48, 256]
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    # each group's largest magnitude is +-7 steps exactly
+    assert torch.allclose(w.reshape(48, 2, 128).abs().amax(-1), 7 * scales)
 
 
 @pytest.mark.parametrize("group", [128, 32])
 def test_int4_words_hold_each_weight_where_the_kernel_reads_it(group):
-    """Weight g*G + i*W + j (W = G/8) is nibble i of word g*W + j: the low nibble of byte i for i < 4, the
-    high nibble of byte i - 4 after. Checked weight by weight against the bytes of the words."""
+    """Weight g*G + 2*(p*W + j) + e (W = G/8) is element e of pair p of word g*W + j, at bits
+    (0, 16), (8, 24), (4, 20), (12, 28) for p = 0..3: checked weight by weight against the words' bytes."""
     torch.manual_seed(5)
     N, K, W = 3, 2 * group, group // 8
     q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
@@ -47,9 +49,11 @@ def test_int4_words_hold_each_weight_where_the_kernel_reads_it(group):
     raw = words.contiguous().view(torch.uint8).reshape(N, K // 8, 4)           # little-endian bytes
     for n in range(N):
         for k in range(K):
-            g, i, j = k // group, (k % group) // W, k % W
-            byte = int(raw[n, g * W + j, i % 4])
-            assert (byte & 15 if i < 4 else byte >> 4) == int(q[n, k]), (n, k)
+            g, r = divmod(k, group)
+            p, j, e = r // (2 * W), (r // 2) % W, r % 2
+            bit = ((0, 16), (8, 24), (4, 20), (12, 28))[p][e]
+            byte = int(raw[n, g * W + j, bit // 8])
+            assert (byte >> (bit % 8)) & 15 == int(q[n, k]), (n, k)
     assert torch.equal(unpack_words(words, group), q)
 
 
@@ -58,8 +62,7 @@ def test_int4_linear_matches_its_dequantized_weight_on_the_cpu():
     w, x = torch.randn(64, 96), torch.randn(3, 96)
     layer = Int4Linear(w, None)
     assert layer.group == 32
-    q, sz = quantize_int4_groups(w, 32)
-    expected = x @ dequantize_int4_groups(q, sz, torch.float32).T
+    expected = x @ dequantize_int4_groups(*quantize_int4_groups(w, 32), torch.float32).T
     assert torch.allclose(layer(x), expected, atol=1e-5)
     assert (layer(x) - x @ w.T).abs().max() < 0.1 * (x @ w.T).abs().max()
 
@@ -135,7 +138,7 @@ def check_every_gemv_tile(device: str) -> None:
 
 def check_every_int4_tile(device: str) -> None:
     """The int4 GEMV (model/fast/kernels_int4.py) under each of its tiles against x @ W.T (+ bias), W the
-    dequantized weight as torch unpacks it; every nibble value 0..15, groups of 128 and of 64."""
+    dequantized weight as torch unpacks it; every nibble value 1..15, groups of 128 and of 64."""
     from model.fast import kernels_int4
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(6)
@@ -144,7 +147,7 @@ def check_every_int4_tile(device: str) -> None:
         x = torch.randn(M, K, device=device, dtype=dtype)
         bias = torch.randn(N, device=device, dtype=dtype)
         layer = Int4Linear(torch.randn(N, K, device=device, dtype=dtype) * 0.05, None)
-        assert set(unpack_words(layer.qweight, group).unique().tolist()) == set(range(16))
+        assert set(unpack_words(layer.qweight, group).unique().tolist()) == set(range(1, 16))
         exact = x.float() @ layer.dequantized(torch.float32).T                        # [M, N]
         tol = gemv_tolerance(dtype, exact)
         for config in kernels_int4.CONFIGS:
@@ -152,7 +155,7 @@ def check_every_int4_tile(device: str) -> None:
                 continue                                   # tl.dot takes 16 or more words per step
             for b in (None, bias):
                 want = exact if b is None else exact + b.float()
-                got = kernels_int4.gemv(x, layer.qweight, layer.scales_and_zeros, b, config=config).float()
+                got = kernels_int4.gemv(x, layer.qweight, layer.scales, b, config=config).float()
                 assert (got - want).abs().max() <= tol, (config, M, K, (got - want).abs().max())
 
 

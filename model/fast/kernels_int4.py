@@ -1,22 +1,17 @@
 """The Triton GEMV of the fast path's int4 layers (model/fast/quant.py's Int4Linear): a few rows of x
-against a whole int4 weight, each weight byte read once.
+against a whole int4 weight, each weight byte read once. The kernel itself is in triton_int4.py.
 
-Layout (pack_words): a row's K weights fall in groups of G = 8 W (128, or 64 / 32 for narrow layers), each
-with its own scale and zero, w = (q - 8) * scale + zero, q in 0..15. Group g is an 8 x W grid: weight
-k = g G + i W + j is nibble i of the group's 32-bit word j (the low nibble of byte i for i < 4, the high
-nibble of byte i - 4 after). So a word's 8 weights meet 8 runs of x that are each contiguous across the
-words of a tile (vector loads), and one word becomes 8 floats with 3 integer ops and 8 byte permutes
-(`prmt`, on the GPU): the nibble as mantissa bits 16..19 under the exponent of 0.5, f = 0.5 + q / 256.
-A group's sum is then exact algebra with no per-weight subtraction:
-    sum_k w_k x_k = 256 s sum_k f_k x_k + (z - 136 s) sum_k x_k.
-Per weight that is 11/8 integer ops and one multiply-add; tinygemm's int4 GEMV (the previous path,
-1.0-2.1 TB/s on an H200) and our earlier Triton int4 GEMVs were bound by their per-weight unpacking.
+Weights: w = (q - 8) * scale with q in 1..15, one scale per group of G = 8 W input columns (128, or 64 /
+32 for narrow layers), eight nibbles to a 32-bit word (quant.py's pack_words): weight k = g G + 2 (p W +
+j) + e of a row is element e of pair p of the row's word g W + j. A word's 8 weights thus meet 4 words of
+x (pairs of fp16), each run contiguous across the words of a tile.
 
-BLOCK_M 1: one row of x per program on CUDA cores (batch-1 decoding). BLOCK_M 16: up to 16 rows through
-tl.dot, each of the 8 nibble planes dequantized to x's dtype and multiplied by its own run of x (a
-sum over K in any order is the same sum), so batched decoding reads each weight once.
-Triton's interpreter (the CPU tests) cannot run PTX: there the nibbles are taken with shifts and masks,
-the same values by the same algebra.
+BLOCK_M 1 (batch-1 decoding): one row of x per program. With fp16 x on a GPU each word is multiplied in
+fp16x2 by inline PTX (11 instructions for 8 weights, no per-weight conversion: an fp32 version of this
+kernel with the nibbles as floats was bound by its instructions at 1.0-1.5 TB/s, below torch's tinygemm);
+elsewhere (bf16 x, Triton's interpreter in the CPU tests) the nibbles are taken with shifts, the same
+values in fp32. BLOCK_M 16: up to 16 rows through tl.dot, each (pair, element) plane dequantized and
+multiplied by its own columns of x, so batched decoding and prompts read each weight once per 16 rows.
 """
 from typing import Optional
 
@@ -50,21 +45,23 @@ def _build():
     return triton, kernel, tuned
 
 
-def gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
          config=None) -> torch.Tensor:
-    """x [M, K] (contiguous), words [N, K/8] int32 (pack_words), scales_and_zeros [N, K/G, 2]; bias [N]
-    or None -> y [M, N] in x's dtype. config (one of CONFIGS) skips the tuning."""
+    """x [M, K] (contiguous), words [N, K/8] int32 (pack_words), scales [N, K/G]; bias [N] or None
+    -> y [M, N] in x's dtype. config (one of CONFIGS) skips the tuning."""
     global _built
     if _built is None:
         _built = _build()
     triton, plain, tuned = _built
     M, K = x.shape
-    N, groups = scales_and_zeros.shape[:2]
+    N, groups = scales.shape
     if words.dtype != torch.int32 or words.shape != (N, K // 8) or K % groups or (K // groups) % 8:
         raise ValueError(f"int4 words {tuple(words.shape)} {words.dtype} and {groups} groups do not fit x [{M}, {K}]")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    args = (x, words, scales_and_zeros, bias if bias is not None else scales_and_zeros, y, M, N, K, rows_bucket(M))
-    constants = dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=x.is_cuda)
+    args = (x, words, scales, bias if bias is not None else scales, y, M, N, K, rows_bucket(M))
+    # fp16x2 PTX: fp16 x, read as 32-bit words (its rows start on 4-byte boundaries: K is a multiple of 32)
+    asm = x.is_cuda and x.dtype == torch.float16 and x.data_ptr() % 4 == 0
+    constants = dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=asm)
     if config is None:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
         tuned[grid](*args, **constants)
@@ -76,11 +73,10 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor, b
 
 
 @torch.library.custom_op("visualglm::gemv_int4", mutates_args=())
-def gemv_op(x: torch.Tensor, words: torch.Tensor, scales_and_zeros: torch.Tensor,
-            bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return gemv(x, words, scales_and_zeros, bias)
+def gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return gemv(x, words, scales, bias)
 
 
 @gemv_op.register_fake
-def _(x, words, scales_and_zeros, bias):
+def _(x, words, scales, bias):
     return x.new_empty(x.shape[0], words.shape[0])

@@ -3,8 +3,8 @@
 int8  per output row, symmetric (the scheme of model/quant.py). On CUDA, inputs of at most SMALL_M rows
       (decoding) go through a Triton GEMV (kernels.py) that reads each int8 weight once (half the bytes of
       fp16) and applies the row scale at the end. Larger inputs (prefill) dequantize and matmul.
-int4  per group of GROUP input columns (fewer for narrow layers), asymmetric: w ~ (q - 8) * scale + zero
-      with q in [0, 15], eight to a 32-bit word in the layout of kernels_int4.py, whose Triton GEMV
+int4  per group of GROUP input columns (fewer for narrow layers), symmetric: w ~ (q - 8) * scale with q
+      in [1, 15], eight to a 32-bit word in the layout of kernels_int4.py, whose Triton GEMV
       multiplies them on CUDA (replacing torch's tinygemm kernel, see docs/benchmarks.md); elsewhere the
       same values are dequantized and multiplied, so the CPU path computes the same function.
 """
@@ -50,45 +50,44 @@ def group_size(in_features: int) -> int:
 
 
 def quantize_int4_groups(weight: torch.Tensor, group: int):
-    """[N, K] float -> (q [N, K] uint8 in 0..15, scales_and_zeros [N, K/group, 2] in weight's dtype),
-    w ~ (q - 8) * scale + zero."""
+    """[N, K] float -> (q [N, K] uint8 in 1..15, scales [N, K/group] in weight's dtype), w ~ (q - 8) * scale:
+    symmetric per group (the largest magnitude of a group at +-7 steps; no zero point, so the kernel
+    needs no per-group sum of x)."""
     N, K = weight.shape
     w = weight.detach().float().reshape(N, K // group, group)
-    low, high = w.amin(-1), w.amax(-1)                                # [N, K/group]
-    scale = ((high - low) / 15).clamp(min=1e-6)
-    zero = low + 8 * scale
-    q = ((w - low[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).reshape(N, K)
-    return q, torch.stack([scale, zero], -1).to(weight.dtype)
+    scale = (w.abs().amax(-1) / 7).clamp(min=1e-8).to(weight.dtype)          # [N, K/group], as stored
+    q = (w / scale.float()[..., None]).round_().clamp_(-7, 7).add_(8).to(torch.uint8).reshape(N, K)
+    return q, scale
 
 
-# nibble i of a word sits at these bits (kernels_int4.py: low nibbles of bytes 0-3, then their high nibbles)
-SHIFTS = (0, 8, 16, 24, 4, 12, 20, 28)
+# bits of a word holding pair p's elements 0 and 1 (triton_int4.py: both nibbles of a pair in one lop3)
+SHIFTS = ((0, 16), (8, 24), (4, 20), (12, 28))
 
 
 def pack_words(q: torch.Tensor, group: int) -> torch.Tensor:
-    """q [N, K] uint8 in 0..15 -> [N, K/8] int32 in kernels_int4.py's layout: weight g*group + i*W + j
-    (W = group / 8) is nibble i of word g*W + j."""
+    """q [N, K] uint8 in 0..15 -> [N, K/8] int32 in kernels_int4.py's layout: weight g*group + 2*(p*W + j) + e
+    (W = group / 8) is element e of pair p of word g*W + j."""
     N, K = q.shape
-    planes = q.reshape(N, K // group, 8, group // 8).to(torch.int32)          # [N, groups, i, j]
+    pairs = q.reshape(N, K // group, 4, group // 8, 2).to(torch.int32)       # [N, groups, p, j, e]
     words = torch.zeros(N, K // group, group // 8, dtype=torch.int32, device=q.device)
-    for i, shift in enumerate(SHIFTS):
-        words |= planes[:, :, i] << shift                                     # wraps into the sign bit at 28
+    for p, shifts in enumerate(SHIFTS):
+        for e, shift in enumerate(shifts):
+            words |= pairs[:, :, p, :, e] << shift                            # wraps into the sign bit at 28
     return words.reshape(N, K // 8)
 
 
 def unpack_words(words: torch.Tensor, group: int) -> torch.Tensor:
     """pack_words' inverse: [N, K/8] int32 -> q [N, K] uint8."""
     N = words.shape[0]
-    shifts = torch.tensor(SHIFTS, dtype=torch.int32, device=words.device).view(1, 1, 8, 1)
-    q = (words.reshape(N, -1, 1, group // 8) >> shifts) & 15                  # [N, groups, i, j]
+    shifts = torch.tensor(SHIFTS, dtype=torch.int32, device=words.device).view(1, 1, 4, 1, 2)
+    q = (words.reshape(N, -1, 1, group // 8, 1) >> shifts) & 15               # [N, groups, p, j, e]
     return q.reshape(N, -1).to(torch.uint8)
 
 
-def dequantize_int4_groups(q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype) -> torch.Tensor:
-    """q [N, K] uint8, scales_and_zeros [N, K/group, 2] -> [N, K] in dtype."""
+def dequantize_int4_groups(q: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    """q [N, K] uint8, scales [N, K/group] -> [N, K] in dtype."""
     N, K = q.shape
-    sz = scales_and_zeros.float()
-    w = (q.float().reshape(N, sz.shape[1], -1) - 8) * sz[..., :1] + sz[..., 1:]
+    w = (q.float().reshape(N, scales.shape[1], -1) - 8) * scales.float()[..., None]
     return w.reshape(N, K).to(dtype)
 
 
@@ -101,20 +100,20 @@ class Int4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
         self.group = group_size(weight.shape[1])
-        q, sz = quantize_int4_groups(weight, self.group)
+        q, scales = quantize_int4_groups(weight, self.group)
         self.register_buffer("qweight", pack_words(q, self.group))          # [N, K/8] int32
-        self.register_buffer("scales_and_zeros", sz)                        # [N, K/group, 2]
+        self.register_buffer("scales", scales)                              # [N, K/group]
         self.bias = bias
 
     def dequantized(self, dtype, rows=slice(None)) -> torch.Tensor:
         """The weight (its output rows `rows`) as the float values the kernel computes with."""
-        return dequantize_int4_groups(unpack_words(self.qweight[rows], self.group), self.scales_and_zeros[rows], dtype)
+        return dequantize_int4_groups(unpack_words(self.qweight[rows], self.group), self.scales[rows], dtype)
 
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x.is_cuda and kernels_int4.AVAILABLE and x2.shape[0] <= SMALL_M_INT4:
-            y = kernels_int4.gemv_op(x2.contiguous(), self.qweight, self.scales_and_zeros, self.bias)
+            y = kernels_int4.gemv_op(x2.contiguous(), self.qweight, self.scales, self.bias)
         else:
             N = self.qweight.shape[0]
             y = torch.cat([F.linear(x2, self.dequantized(x.dtype, slice(n, n + self.CHUNK)),

@@ -1,41 +1,57 @@
-"""The Triton source of kernels_int4.py's GEMV (this module imports Triton: it is loaded on first use)."""
+"""The Triton source of kernels_int4.py's GEMV (this module imports Triton: it is loaded on first use).
+
+A word holds 8 weights of one group as 4 pairs (p) of neighbours (e = 0, 1); the pair's x is one 32-bit
+word of two fp16 values, and pair p's nibbles sit at bits SHIFTS[p] of model/fast/quant.py:
+(0, 16), (8, 24), (4, 20), (12, 28). On the GPU, in fp16, one `lop3` per pair puts both nibbles under
+the exponent of 1024 (0x6400 | q = 1024 + q, or 1024 + 16 q for the upper nibbles of a byte), one fp16x2
+fma turns them into d = (q - 8) / 8 exactly, and three more fp16x2 fmas sum the word's 8 products d x,
+four per half (|sum| <= 4 max|x|: no overflow); the two halves are added in fp32. The word's sum is then
+scaled by 8 * its group's scale into an fp32 accumulator.
+"""
 import triton
 import triton.language as tl
 
+WORD_DOT = """{
+.reg .b32 t0, t1, t2, t3, w8, s0, b0, s1, b1, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+mov.b32 s0, 0x30003000;
+mov.b32 b0, 0xD808D808;
+mov.b32 s1, 0x20002000;
+mov.b32 b1, 0xC880C880;
+lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t2, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 w8, $1, 8;
+lop3.b32 t1, w8, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+fma.rn.f16x2 t0, t0, s0, b0;
+fma.rn.f16x2 t1, t1, s0, b0;
+fma.rn.f16x2 t2, t2, s1, b1;
+fma.rn.f16x2 t3, t3, s1, b1;
+mul.rn.f16x2 acc, t0, $2;
+fma.rn.f16x2 acc, t1, $3, acc;
+fma.rn.f16x2 acc, t2, $4, acc;
+fma.rn.f16x2 acc, t3, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}"""
+# t0..t3: pairs 0..3; 0x3000 = 1/8, 0xD808 = -129: (1024 + q) / 8 - 129 = (q - 8) / 8;
+# 0x2000 = 1/128, 0xC880 = -9: (1024 + 16 q) / 128 - 9 = (q - 8) / 8. lop3 0xEA: (a & b) | c.
+
 
 @triton.jit
-def floats(w, ASM: tl.constexpr):
-    """int32 words -> their 8 nibbles as fp32 0.5 + q / 256, in the order of the layout."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 lo, hi, m;
-            and.b32 lo, $8, 0x0F0F0F0F;
-            shr.u32 hi, $8, 4;
-            and.b32 hi, hi, 0x0F0F0F0F;
-            mov.b32 m, 0x3F000000;
-            prmt.b32 $0, lo, m, 0x7054;
-            prmt.b32 $1, lo, m, 0x7154;
-            prmt.b32 $2, lo, m, 0x7254;
-            prmt.b32 $3, lo, m, 0x7354;
-            prmt.b32 $4, hi, m, 0x7054;
-            prmt.b32 $5, hi, m, 0x7154;
-            prmt.b32 $6, hi, m, 0x7254;
-            prmt.b32 $7, hi, m, 0x7354;
-            }""",
-            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r", args=[w],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32, tl.float32,
-                   tl.float32), is_pure=True, pack=1)
-    else:
-        return (((w >> 0) & 15).to(tl.float32) / 256 + 0.5, ((w >> 8) & 15).to(tl.float32) / 256 + 0.5,
-                ((w >> 16) & 15).to(tl.float32) / 256 + 0.5, ((w >> 24) & 15).to(tl.float32) / 256 + 0.5,
-                ((w >> 4) & 15).to(tl.float32) / 256 + 0.5, ((w >> 12) & 15).to(tl.float32) / 256 + 0.5,
-                ((w >> 20) & 15).to(tl.float32) / 256 + 0.5, ((w >> 28) & 15).to(tl.float32) / 256 + 0.5)
+def nibble(w, shift):
+    """(q - 8) / 8 in fp32 of the nibble at bit `shift` of each word (the portable path)."""
+    return ((w >> shift) & 15).to(tl.float32) * 0.125 - 1.0
+
 
 @triton.jit
-def kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, ROWS, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, W: tl.constexpr, HAS_BIAS: tl.constexpr,
            ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    # x [M, K], w [N, K/8] int32 words, sz [N, K/G, 2] (scale, zero); ROWS: the tuning key only
+    # x [M, K], w [N, K/8] int32 words, s [N, K/G] group scales; ROWS is the tuning key only.
+    # Weight k = g G + 2 (p W + j) + e of a row is pair p, element e of its word g W + j (G = 8 W).
     G = 8 * W
     groups = K // G
     K8 = K // 8
@@ -50,24 +66,31 @@ def kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, ROWS, W: tl.constexpr, H
             live = (n < N) & (g < groups)
             w = tl.load(w_ptr + n * K8 + g * W + j, mask=live & (j < W), other=0,
                         eviction_policy="evict_first")                         # [BN, BG, W] int32
-            s = tl.load(sz_ptr + (n * groups + g) * 2, mask=live, other=0.0).to(tl.float32)      # [BN, BG, 1]
-            z = tl.load(sz_ptr + (n * groups + g) * 2 + 1, mask=live, other=0.0).to(tl.float32)
-            xs = x_ptr + tl.program_id(1) * K + g * G + j                              # [1, BG, W]: plane 0's run
-            inside = (g < groups) & (j < W)
-            x0 = tl.load(xs, mask=inside, other=0.0).to(tl.float32)
-            x1 = tl.load(xs + W, mask=inside, other=0.0).to(tl.float32)
-            x2 = tl.load(xs + 2 * W, mask=inside, other=0.0).to(tl.float32)
-            x3 = tl.load(xs + 3 * W, mask=inside, other=0.0).to(tl.float32)
-            x4 = tl.load(xs + 4 * W, mask=inside, other=0.0).to(tl.float32)
-            x5 = tl.load(xs + 5 * W, mask=inside, other=0.0).to(tl.float32)
-            x6 = tl.load(xs + 6 * W, mask=inside, other=0.0).to(tl.float32)
-            x7 = tl.load(xs + 7 * W, mask=inside, other=0.0).to(tl.float32)
-            f0, f1, f2, f3, f4, f5, f6, f7 = floats(w, ASM)
-            fx = f0 * x0 + f1 * x1 + f2 * x2 + f3 * x3 + f4 * x4 + f5 * x5 + f6 * x6 + f7 * x7
-            xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))         # [1, BG, W]
-            acc += fx * (256 * s) + xsum * (z - 136 * s)
+            s8 = tl.load(s_ptr + n * groups + g, mask=live, other=0.0).to(tl.float32) * 8    # [BN, BG, 1]
+            inside = (g < groups) & (j < W)                                   # [1, BG, W]
+            if ASM:
+                xp = x_ptr.to(tl.pointer_type(tl.int32)) + tl.program_id(1) * (K // 2) + g * (G // 2) + j
+                x0 = tl.load(xp, mask=inside, other=0)                        # pair 0's two fp16 as a word
+                x1 = tl.load(xp + W, mask=inside, other=0)
+                x2 = tl.load(xp + 2 * W, mask=inside, other=0)
+                x3 = tl.load(xp + 3 * W, mask=inside, other=0)
+                part = tl.inline_asm_elementwise(asm=WORD_DOT, constraints="=r,r,r,r,r,r", args=[w, x0, x1, x2, x3],
+                                                 dtype=tl.float32, is_pure=True, pack=1)
+            else:
+                xs = x_ptr + tl.program_id(1) * K + g * G + 2 * j                # pair 0, element 0
+                part = (nibble(w, 0) * tl.load(xs, mask=inside, other=0.0).to(tl.float32)
+                        + nibble(w, 16) * tl.load(xs + 1, mask=inside, other=0.0).to(tl.float32)
+                        + nibble(w, 8) * tl.load(xs + 2 * W, mask=inside, other=0.0).to(tl.float32)
+                        + nibble(w, 24) * tl.load(xs + 2 * W + 1, mask=inside, other=0.0).to(tl.float32)
+                        + nibble(w, 4) * tl.load(xs + 4 * W, mask=inside, other=0.0).to(tl.float32)
+                        + nibble(w, 20) * tl.load(xs + 4 * W + 1, mask=inside, other=0.0).to(tl.float32)
+                        + nibble(w, 12) * tl.load(xs + 6 * W, mask=inside, other=0.0).to(tl.float32)
+                        + nibble(w, 28) * tl.load(xs + 6 * W + 1, mask=inside, other=0.0).to(tl.float32))
+            acc += part * s8
         y = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]                      # [1, BN]
     else:
+        # up to BLOCK_M rows through tl.dot: each (pair, element) plane of the words dequantized on its own
+        # and multiplied by its own columns of x (a sum over K in any order is the same sum)
         BKW: tl.constexpr = BLOCK_G * W                                       # words per step
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for w0 in range(0, K8, BKW):
@@ -76,23 +99,19 @@ def kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, ROWS, W: tl.constexpr, H
             live = (word[:, None] < K8) & (cols[None, :] < N)
             w = tl.load(w_ptr + cols[None, :] * K8 + word[:, None], mask=live, other=0,
                         eviction_policy="evict_first")                         # [BKW, BN]
-            sz = sz_ptr + (cols[None, :] * groups + g[:, None]) * 2
-            s = tl.load(sz, mask=live, other=0.0).to(tl.float32)
-            z = tl.load(sz + 1, mask=live, other=0.0).to(tl.float32)
-            a, b = 256 * s, z - 136 * s
-            xs = x_ptr + rows[:, None] * K + (g * G + word % W)[None, :]       # [BM, BKW]: plane 0's run
+            s8 = tl.load(s_ptr + cols[None, :] * groups + g[:, None], mask=live, other=0.0).to(tl.float32) * 8
+            xs = x_ptr + rows[:, None] * K + (g * G + 2 * (word % W))[None, :]  # [BM, BKW]: pair 0, element 0
             inside = (rows[:, None] < M) & (word[None, :] < K8)
-            f0, f1, f2, f3, f4, f5, f6, f7 = floats(w, ASM)
-            x0 = tl.load(xs, mask=inside, other=0.0)
-            dt = x0.dtype
-            acc += tl.dot(x0, (f0 * a + b).to(dt))
-            acc += tl.dot(tl.load(xs + W, mask=inside, other=0.0), (f1 * a + b).to(dt))
-            acc += tl.dot(tl.load(xs + 2 * W, mask=inside, other=0.0), (f2 * a + b).to(dt))
-            acc += tl.dot(tl.load(xs + 3 * W, mask=inside, other=0.0), (f3 * a + b).to(dt))
-            acc += tl.dot(tl.load(xs + 4 * W, mask=inside, other=0.0), (f4 * a + b).to(dt))
-            acc += tl.dot(tl.load(xs + 5 * W, mask=inside, other=0.0), (f5 * a + b).to(dt))
-            acc += tl.dot(tl.load(xs + 6 * W, mask=inside, other=0.0), (f6 * a + b).to(dt))
-            acc += tl.dot(tl.load(xs + 7 * W, mask=inside, other=0.0), (f7 * a + b).to(dt))
+            x = tl.load(xs, mask=inside, other=0.0)
+            dt = x.dtype
+            acc += tl.dot(x, (nibble(w, 0) * s8).to(dt))
+            acc += tl.dot(tl.load(xs + 1, mask=inside, other=0.0), (nibble(w, 16) * s8).to(dt))
+            acc += tl.dot(tl.load(xs + 2 * W, mask=inside, other=0.0), (nibble(w, 8) * s8).to(dt))
+            acc += tl.dot(tl.load(xs + 2 * W + 1, mask=inside, other=0.0), (nibble(w, 24) * s8).to(dt))
+            acc += tl.dot(tl.load(xs + 4 * W, mask=inside, other=0.0), (nibble(w, 4) * s8).to(dt))
+            acc += tl.dot(tl.load(xs + 4 * W + 1, mask=inside, other=0.0), (nibble(w, 20) * s8).to(dt))
+            acc += tl.dot(tl.load(xs + 6 * W, mask=inside, other=0.0), (nibble(w, 12) * s8).to(dt))
+            acc += tl.dot(tl.load(xs + 6 * W + 1, mask=inside, other=0.0), (nibble(w, 28) * s8).to(dt))
         y = acc
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
