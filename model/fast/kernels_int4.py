@@ -20,8 +20,9 @@ import torch
 from .kernels import AVAILABLE, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
 
 # (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps)
-CONFIGS = ((1, 4, 2, 2), (1, 4, 4, 4), (1, 8, 1, 2), (1, 8, 2, 4), (1, 8, 4, 4), (1, 16, 1, 4), (1, 16, 2, 4),
-           (1, 16, 4, 8), (1, 32, 1, 4), (1, 32, 2, 8), (1, 64, 1, 8),
+CONFIGS = ((1, 4, 2, 2), (1, 4, 4, 4), (1, 8, 1, 2), (1, 8, 2, 4), (1, 8, 4, 4), (1, 16, 1, 2), (1, 16, 1, 4),
+           (1, 16, 2, 4), (1, 16, 4, 8), (1, 32, 1, 2), (1, 32, 1, 4), (1, 32, 2, 8), (1, 64, 1, 4), (1, 64, 1, 8),
+           (1, 128, 1, 8),
            (16, 32, 4, 4), (16, 64, 2, 4), (16, 64, 4, 8), (16, 128, 2, 8))
 
 _built = None
