@@ -11,7 +11,7 @@ scaled by 8 * its group's scale into an fp32 accumulator.
 import triton
 import triton.language as tl
 
-WORD_DOT = """{
+WORD_DOT = tl.constexpr("""{
 .reg .b32 t0, t1, t2, t3, w8, s0, b0, s1, b1, acc;
 .reg .b16 lo, hi;
 .reg .f32 flo, fhi;
@@ -36,7 +36,7 @@ mov.b32 {lo, hi}, acc;
 cvt.f32.f16 flo, lo;
 cvt.f32.f16 fhi, hi;
 add.f32 $0, flo, fhi;
-}"""
+}""")
 # t0..t3: pairs 0..3; 0x3000 = 1/8, 0xD808 = -129: (1024 + q) / 8 - 129 = (q - 8) / 8;
 # 0x2000 = 1/128, 0xC880 = -9: (1024 + 16 q) / 128 - 9 = (q - 8) / 8. lop3 0xEA: (a & b) | c.
 
