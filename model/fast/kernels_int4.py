@@ -40,10 +40,11 @@ def _build():
     import triton
 
     from .triton_int4 import kernel
+    even = triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["GROUPS"] % a["BLOCK_G"] == 0})(kernel)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_G": g}, num_warps=w) for m, n, g, w in CONFIGS]
-    tuned = triton.autotune(configs=configs, key=["ROWS", "N", "K", "W"],
-                            prune_configs_by={"early_config_prune": _prune})(kernel)
-    return triton, kernel, tuned
+    tuned = triton.autotune(configs=configs, key=["ROWS", "N", "KW", "W"],
+                            prune_configs_by={"early_config_prune": _prune})(even)
+    return triton, even, tuned
 
 
 def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -59,7 +60,7 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optio
     if words.dtype != torch.int32 or words.shape != (N, K // 8) or K % groups or (K // groups) % 8:
         raise ValueError(f"int4 words {tuple(words.shape)} {words.dtype} and {groups} groups do not fit x [{M}, {K}]")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    args = (x, words, scales, bias if bias is not None else scales, y, M, N, K, rows_bucket(M))
+    args = (x, words, scales, bias if bias is not None else scales, y, M, N, K // 8, groups, rows_bucket(M))
     # fp16x2 PTX: fp16 x, read as 32-bit words (its rows start on 4-byte boundaries: K is a multiple of 32)
     asm = x.is_cuda and x.dtype == torch.float16 and x.data_ptr() % 4 == 0
     constants = dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=asm)

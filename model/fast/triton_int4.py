@@ -5,8 +5,8 @@ word of two fp16 values, and pair p's nibbles sit at bits SHIFTS[p] of model/fas
 (0, 16), (8, 24), (4, 20), (12, 28). On the GPU, in fp16, one `lop3` per pair puts both nibbles under
 the exponent of 1024 (0x6400 | q = 1024 + q, or 1024 + 16 q for the upper nibbles of a byte), one fp16x2
 fma turns them into d = (q - 8) / 8 exactly, and three more fp16x2 fmas sum the word's 8 products d x,
-four per half (|sum| <= 4 max|x|: no overflow); the two halves are added in fp32. The word's sum is then
-scaled by 8 * its group's scale into an fp32 accumulator.
+four per half, then the halves (|sum| <= 8 max|x|: no overflow), converted to fp32 once per word. The
+word's sum is then scaled by 8 * its group's scale into an fp32 accumulator.
 """
 import triton
 import triton.language as tl
@@ -14,7 +14,6 @@ import triton.language as tl
 WORD_DOT = tl.constexpr("""{
 .reg .b32 t0, t1, t2, t3, w8, s0, b0, s1, b1, acc;
 .reg .b16 lo, hi;
-.reg .f32 flo, fhi;
 mov.b32 s0, 0x30003000;
 mov.b32 b0, 0xD808D808;
 mov.b32 s1, 0x20002000;
@@ -33,9 +32,8 @@ fma.rn.f16x2 acc, t1, $3, acc;
 fma.rn.f16x2 acc, t2, $4, acc;
 fma.rn.f16x2 acc, t3, $5, acc;
 mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
+add.rn.f16 lo, lo, hi;
+cvt.f32.f16 $0, lo;
 }""")
 # t0..t3: pairs 0..3; 0x3000 = 1/8, 0xD808 = -129: (1024 + q) / 8 - 129 = (q - 8) / 8;
 # 0x2000 = 1/128, 0xC880 = -9: (1024 + 16 q) / 128 - 9 = (q - 8) / 8. lop3 0xEA: (a & b) | c.
@@ -48,36 +46,45 @@ def nibble(w, shift):
 
 
 @triton.jit
-def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-           ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    # x [M, K], w [N, K/8] int32 words, s [N, K/G] group scales; ROWS is the tuning key only.
+def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+           ASM: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    # x [M, K = 8 KW], w [N, KW] int32 words, s [N, GROUPS] group scales; ROWS is the tuning key only;
+    # EVEN: N and GROUPS are multiples of the tile (no masks). KW and GROUPS come as arguments, not derived
+    # from K, so that Triton knows their divisibility and loads 4 words at a time.
     # Weight k = g G + 2 (p W + j) + e of a row is pair p, element e of its word g W + j (G = 8 W).
     G = 8 * W
-    groups = K // G
-    K8 = K // 8
+    K = 8 * KW
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if BLOCK_M == 1:
         n = cols[:, None, None]                                               # [BN, 1, 1]
+        g = tl.arange(0, BLOCK_G)[None, :, None]                              # [1, BG, 1]
         j = tl.arange(0, W)[None, None, :]                                    # [1, 1, W]
+        ws = w_ptr + n * KW + g * W + j                                       # [BN, BG, W], advanced per step
+        ss = s_ptr + n * GROUPS + g                                           # [BN, BG, 1]
+        if ASM:
+            xs = x_ptr.to(tl.pointer_type(tl.int32)) + tl.program_id(1) * (4 * KW) + g * (4 * W) + j   # pair 0
+        else:
+            xs = x_ptr + tl.program_id(1) * K + g * G + 2 * j                     # pair 0, element 0
         acc = tl.zeros((BLOCK_N, BLOCK_G, W), dtype=tl.float32)
-        for g0 in range(0, groups, BLOCK_G):
-            g = g0 + tl.arange(0, BLOCK_G)[None, :, None]                     # [1, BG, 1]
-            live = (n < N) & (g < groups)
-            w = tl.load(w_ptr + n * K8 + g * W + j, mask=live & (j < W), other=0,
-                        eviction_policy="evict_first")                         # [BN, BG, W] int32
-            s8 = tl.load(s_ptr + n * groups + g, mask=live, other=0.0).to(tl.float32) * 8    # [BN, BG, 1]
-            inside = (g < groups) & (j < W)                                   # [1, BG, W]
+        for g0 in range(0, GROUPS, BLOCK_G):
+            if EVEN:
+                w = tl.load(ws, eviction_policy="evict_first")                    # [BN, BG, W] int32
+                s8 = tl.load(ss).to(tl.float32) * 8                               # [BN, BG, 1]
+            else:
+                live = (n < N) & (g0 + g < GROUPS)
+                w = tl.load(ws, mask=live & (j < W), other=0, eviction_policy="evict_first")
+                s8 = tl.load(ss, mask=live, other=0.0).to(tl.float32) * 8
+            inside = (g0 + g < GROUPS) | EVEN                                    # [1, BG, 1]
             if ASM:
-                xp = x_ptr.to(tl.pointer_type(tl.int32)) + tl.program_id(1) * (K // 2) + g * (G // 2) + j
-                x0 = tl.load(xp, mask=inside, other=0)                        # pair 0's two fp16 as a word
-                x1 = tl.load(xp + W, mask=inside, other=0)
-                x2 = tl.load(xp + 2 * W, mask=inside, other=0)
-                x3 = tl.load(xp + 3 * W, mask=inside, other=0)
+                x0 = tl.load(xs, mask=inside, other=0)                          # pair 0's two fp16 as a word
+                x1 = tl.load(xs + W, mask=inside, other=0)
+                x2 = tl.load(xs + 2 * W, mask=inside, other=0)
+                x3 = tl.load(xs + 3 * W, mask=inside, other=0)
                 part = tl.inline_asm_elementwise(asm=WORD_DOT, constraints="=r,r,r,r,r,r", args=[w, x0, x1, x2, x3],
                                                  dtype=tl.float32, is_pure=True, pack=1)
+                xs += BLOCK_G * 4 * W
             else:
-                xs = x_ptr + tl.program_id(1) * K + g * G + 2 * j                # pair 0, element 0
                 part = (nibble(w, 0) * tl.load(xs, mask=inside, other=0.0).to(tl.float32)
                         + nibble(w, 16) * tl.load(xs + 1, mask=inside, other=0.0).to(tl.float32)
                         + nibble(w, 8) * tl.load(xs + 2 * W, mask=inside, other=0.0).to(tl.float32)
@@ -86,22 +93,25 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, W: tl.constexpr, HA
                         + nibble(w, 20) * tl.load(xs + 4 * W + 1, mask=inside, other=0.0).to(tl.float32)
                         + nibble(w, 12) * tl.load(xs + 6 * W, mask=inside, other=0.0).to(tl.float32)
                         + nibble(w, 28) * tl.load(xs + 6 * W + 1, mask=inside, other=0.0).to(tl.float32))
+                xs += BLOCK_G * G
             acc += part * s8
+            ws += BLOCK_G * W
+            ss += BLOCK_G
         y = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]                      # [1, BN]
     else:
         # up to BLOCK_M rows through tl.dot: each (pair, element) plane of the words dequantized on its own
         # and multiplied by its own columns of x (a sum over K in any order is the same sum)
         BKW: tl.constexpr = BLOCK_G * W                                       # words per step
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for w0 in range(0, K8, BKW):
+        for w0 in range(0, KW, BKW):
             word = w0 + tl.arange(0, BKW)                                     # [BKW] word of the row
             g = word // W
-            live = (word[:, None] < K8) & (cols[None, :] < N)
-            w = tl.load(w_ptr + cols[None, :] * K8 + word[:, None], mask=live, other=0,
+            live = (word[:, None] < KW) & (cols[None, :] < N)
+            w = tl.load(w_ptr + cols[None, :] * KW + word[:, None], mask=live, other=0,
                         eviction_policy="evict_first")                         # [BKW, BN]
-            s8 = tl.load(s_ptr + cols[None, :] * groups + g[:, None], mask=live, other=0.0).to(tl.float32) * 8
+            s8 = tl.load(s_ptr + cols[None, :] * GROUPS + g[:, None], mask=live, other=0.0).to(tl.float32) * 8
             xs = x_ptr + rows[:, None] * K + (g * G + 2 * (word % W))[None, :]  # [BM, BKW]: pair 0, element 0
-            inside = (rows[:, None] < M) & (word[None, :] < K8)
+            inside = (rows[:, None] < M) & (word[None, :] < KW)
             x = tl.load(xs, mask=inside, other=0.0)
             dt = x.dtype
             acc += tl.dot(x, (nibble(w, 0) * s8).to(dt))
