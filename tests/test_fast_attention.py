@@ -1,13 +1,10 @@
 """The decoding attention kernel (model/fast/attention.py) against scaled_dot_product_attention: on a GPU
 directly, on the CPU in Triton's interpreter (skipped where Triton is not installed, as in CI)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+from conftest import in_triton_interpreter
 
 
 def cases(device: str, dtype):
@@ -55,10 +52,4 @@ def test_decode_attention_equals_sdpa_in_the_interpreter():
     """The same check in Triton's interpreter on the CPU, in fp32 (a fresh process: the interpreter must be
     chosen before Triton loads)."""
     pytest.importorskip("triton", reason="Triton is not installed (CI has none): the interpreter check needs it")
-    tests = Path(__file__).resolve().parent
-    code = "import test_fast_attention as t; t.check_decode_attention('cpu')"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=1800,
-                          env=dict(os.environ, TRITON_INTERPRET="1",
-                                   PYTHONPATH=os.pathsep.join(filter(None, [str(tests.parent), str(tests),
-                                                                            os.environ.get("PYTHONPATH")]))))
-    assert done.returncode == 0, done.stderr[-3000:]
+    in_triton_interpreter("import test_fast_attention as t; t.check_decode_attention('cpu')")
