@@ -54,6 +54,18 @@ def make_tiny_config(tok, **kw):
                        gmask_token_id=tok.gmask_token_id, pad_token_id=tok.pad_token_id, **kw)
 
 
+def in_triton_interpreter(code: str) -> None:
+    """Run `code` in a fresh Python with Triton's interpreter on (it must be chosen before Triton loads),
+    from the tests folder; fail with its error output if it fails."""
+    import subprocess
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ, TRITON_INTERPRET="1",
+                                   PYTHONPATH=os.pathsep.join(filter(None, [str(tests.parent), str(tests),
+                                                                            os.environ.get("PYTHONPATH")]))))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def randomize(m, seed=0, std=0.2):
     """Random weights with enough spread that greedy decoding produces varied tokens."""
     g = torch.Generator().manual_seed(seed)
