@@ -115,8 +115,8 @@ def fail_rows(monkeypatch, which, at_step=None):
     """Make sampling fail for some rows of every generate() call, as NaN logits would: `which(rows)` gives
     the rows [B] bool (rows: model.sampling.RowSettings), at_step the decoding step (None: every step).
     Steps are counted per generate() call (each call builds its own RowSettings)."""
-    from model import generation
-    real, steps = generation.rank_logits, {}
+    from model import sampling
+    real, steps = sampling.rank_logits, {}
 
     def flaky(logits, seen, rows):
         ranked = real(logits, seen, rows)
@@ -124,7 +124,7 @@ def fail_rows(monkeypatch, which, at_step=None):
         if at_step is None or step == at_step:
             ranked.nan = ranked.nan | which(rows).to(ranked.nan.device)
         return ranked
-    monkeypatch.setattr(generation, "rank_logits", flaky)
+    monkeypatch.setattr(sampling, "rank_logits", flaky)        # as generate()'s StepSampler calls it
 
 
 def temperature_is(value):
