@@ -11,7 +11,7 @@ from model.quant import dequantize, quantize_weight
 from model.sampling import SamplingParams
 from model.sat.backend import SatBackend
 from model.sat.checkpoint import build_model
-from conftest import randomize
+from conftest import in_triton_interpreter, randomize
 
 
 def test_int8_linear_error_is_within_half_a_step_per_weight():
@@ -177,14 +177,4 @@ def test_triton_gemvs_compute_the_dequantized_products_in_the_interpreter():
     """The same check in Triton's interpreter on the CPU, in fp32 (a fresh process: the interpreter must be
     chosen before Triton loads)."""
     pytest.importorskip("triton", reason="Triton is not installed (CI has none): the interpreter check needs it")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    tests = Path(__file__).resolve().parent
-    code = "import test_fast_quant as t; t.check_triton_kernels('cpu')"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=1800,
-                          env=dict(os.environ, TRITON_INTERPRET="1",
-                                   PYTHONPATH=os.pathsep.join(filter(None, [str(tests.parent), str(tests),
-                                                                            os.environ.get("PYTHONPATH")]))))
-    assert done.returncode == 0, done.stderr[-3000:]
+    in_triton_interpreter("import test_fast_quant as t; t.check_triton_kernels('cpu')")
