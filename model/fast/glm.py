@@ -45,10 +45,11 @@ class Linear(nn.Module):
 
 
 def attend(q, keys, values, mask):
-    """q [B, nh, S, hd] over keys, values [B, nh, T, hd] with mask [B, 1, S, T] bool. One query per row on a
-    GPU (decoding) goes through the Triton kernel of attention.py; prompts through SDPA."""
-    hd = q.shape[-1]
-    if q.shape[2] == 1 and q.is_cuda and attention.AVAILABLE and hd & (hd - 1) == 0:      # (tl.arange: 2^k)
+    """q [B, nh, S, hd] over keys, values [B, nh, T, hd] with mask [B, 1, S, T] bool. One query of one row
+    on a GPU (batch-1 decoding, where it was measured faster) goes through the Triton kernel of
+    attention.py; prompts and batched decoding (the server's, measured with SDPA) through SDPA."""
+    B, _, S, hd = q.shape
+    if B == 1 and S == 1 and q.is_cuda and attention.AVAILABLE and hd & (hd - 1) == 0:     # (tl.arange: 2^k)
         return attention.decode_attention_op(q, keys, values, mask)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
