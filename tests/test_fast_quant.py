@@ -25,16 +25,31 @@ def test_int8_linear_error_is_within_half_a_step_per_weight():
     assert (layer(x) - exact).abs().max() > 0                          # it really is quantized
 
 
-def test_int4_groups_round_trip_within_half_a_step():
+def test_int4_groups_round_trip_within_half_a_step_inside_their_range():
     torch.manual_seed(1)
     w = torch.randn(48, 256) * torch.linspace(0.1, 3, 256)            # groups of different ranges
     q, scales = quantize_int4_groups(w, group_size(256))
-    assert q.dtype == torch.uint8 and 1 <= int(q.min()) and int(q.max()) <= 15 and scales.shape == (48, 2)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scales.shape == (48, 2)
     back = dequantize_int4_groups(q, scales, torch.float32)
     step = scales.repeat_interleave(128, dim=1)                       # [48, 256]
-    assert ((back - w).abs() <= step / 2 + 1e-6).all()
-    # each group's largest magnitude is +-7 steps exactly
-    assert torch.allclose(w.reshape(48, 2, 128).abs().amax(-1), 7 * scales)
+    inside = (w >= -8.5 * step) & (w <= 7.5 * step)                   # not clipped by the chosen scale
+    assert inside.float().mean() > 0.9
+    assert ((back - w).abs()[inside] <= (step / 2 + 1e-6)[inside]).all()
+    assert ((back - w).abs()[~inside] > (step / 2)[~inside]).all()     # clipped weights: the rest of the error
+
+
+def test_int4_groups_take_the_scale_of_least_error():
+    """No group does worse than with the full-range scale (largest weight at +7 or smallest at -8 steps),
+    computed here on its own; heavy-tailed groups do better (the search clips their outliers)."""
+    torch.manual_seed(7)
+    w = torch.distributions.StudentT(3.0).sample((64, 512)) * 0.02
+    q, scales = quantize_int4_groups(w, 128)
+    groups = w.reshape(64, 4, 128)
+    err = (dequantize_int4_groups(q, scales, torch.float32).reshape(64, 4, 128) - groups).square().sum(-1)
+    full = torch.maximum(groups.amax(-1) / 7, -groups.amin(-1) / 8)
+    err_full = ((groups / full[..., None]).round().clamp(-8, 7) * full[..., None] - groups).square().sum(-1)
+    assert (err <= err_full * (1 + 1e-5)).all()
+    assert err.sum() < 0.9 * err_full.sum()
 
 
 @pytest.mark.parametrize("group", [128, 32])
@@ -64,7 +79,8 @@ def test_int4_linear_matches_its_dequantized_weight_on_the_cpu():
     assert layer.group == 32
     expected = x @ dequantize_int4_groups(*quantize_int4_groups(w, 32), torch.float32).T
     assert torch.allclose(layer(x), expected, atol=1e-5)
-    assert (layer(x) - x @ w.T).abs().max() < 0.1 * (x @ w.T).abs().max()
+    exact = x @ w.T                                                   # int4 of N(0, 1) weights: ~0.10
+    assert 0.03 < (layer(x) - exact).norm() / exact.norm() < 0.15
 
 
 def dequantized_copy(net, tiny_config, bits):
@@ -138,7 +154,7 @@ def check_every_gemv_tile(device: str) -> None:
 
 def check_every_int4_tile(device: str) -> None:
     """The int4 GEMV (model/fast/kernels_int4.py) under each of its tiles against x @ W.T (+ bias), W the
-    dequantized weight as torch unpacks it; every nibble value 1..15, groups of 128 and of 64."""
+    dequantized weight as torch unpacks it; every nibble value 0..15, groups of 128 and of 64."""
     from model.fast import kernels_int4
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(6)
@@ -147,7 +163,7 @@ def check_every_int4_tile(device: str) -> None:
         x = torch.randn(M, K, device=device, dtype=dtype)
         bias = torch.randn(N, device=device, dtype=dtype)
         layer = Int4Linear(torch.randn(N, K, device=device, dtype=dtype) * 0.05, None)
-        assert set(unpack_words(layer.qweight, group).unique().tolist()) == set(range(1, 16))
+        assert set(unpack_words(layer.qweight, group).unique().tolist()) == set(range(16))
         exact = x.float() @ layer.dequantized(torch.float32).T                        # [M, N]
         tol = gemv_tolerance(dtype, exact)
         for config in kernels_int4.CONFIGS:
