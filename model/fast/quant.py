@@ -55,7 +55,7 @@ def group_size(in_features: int) -> int:
 CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(12))
 
 
-def quantize_int4_groups(weight: torch.Tensor, group: int, chunk: int = 4096):
+def quantize_int4_groups(weight: torch.Tensor, group: int, chunk: int = 1024):
     """[N, K] float -> (q [N, K] uint8 in 0..15, scales [N, K/group] in weight's dtype), w ~ (q - 8) * scale:
     symmetric per group (no zero point, so the kernel needs no per-group sum of x). Each group takes, of
     the full-range scale (its largest weight at +7 or its smallest at -8 steps) times CLIP_RATIOS, the one
