@@ -17,7 +17,7 @@ from . import kernels, kernels_int4  # import no Triton until a kernel is first 
 
 GROUP = 128            # int4: input columns per (scale, zero)
 SMALL_M = 16           # int8: rows of input that still take the Triton GEMV kernel
-SMALL_M_INT4 = 256     # int4: rows that take its GEMV (it reads the weight once per 16 rows)
+SMALL_M_INT4 = 256     # int4: rows that take its GEMV (it reads the weight once per tile of 16-64 rows)
 
 
 # -- int8 ------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def dequantize_int4_groups(q: torch.Tensor, scales: torch.Tensor, dtype) -> torc
 
 class Int4Linear(nn.Module):
     """Up to SMALL_M_INT4 rows on CUDA: the Triton GEMV (kernels_int4.py), each int4 weight read once per
-    16 rows. More rows (long prompts), or off CUDA: the weight dequantized CHUNK output rows at a time and
+    tile of 16-64 rows. More rows (long prompts), or off CUDA: the weight dequantized CHUNK output rows at a time and
     multiplied, so a layer never holds more than a slice of itself in float."""
     CHUNK = 8192
 
