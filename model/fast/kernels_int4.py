@@ -1,7 +1,7 @@
 """The Triton GEMV of the fast path's int4 layers (model/fast/quant.py's Int4Linear): a few rows of x
 against a whole int4 weight, each weight byte read once. The kernel itself is in triton_int4.py.
 
-Weights: w = (q - 8) * scale with q in 1..15, one scale per group of G = 8 W input columns (128, or 64 /
+Weights: w = (q - 8) * scale with q in 0..15, one scale per group of G = 8 W input columns (128, or 64 /
 32 for narrow layers), eight nibbles to a 32-bit word (quant.py's pack_words): weight k = g G + 2 (p W +
 j) + e of a row is element e of pair p of the row's word g W + j. A word's 8 weights thus meet 4 words of
 x (pairs of fp16), each run contiguous across the words of a tile.
@@ -11,8 +11,10 @@ fp16x2 by inline PTX (16 instructions for 8 weights, no per-weight conversion to
 with the nibbles as fp32 floats was bound by its instructions at 1.0-1.5 TB/s, below torch's tinygemm);
 elsewhere (bf16 x, Triton's interpreter in the CPU tests) the nibbles are taken with shifts, the same
 values in fp32. Measured on an H200 (docs/benchmarks.md): a token's int4 GEMVs 1.52 ms against
-tinygemm's 1.96, relative error 4.5e-4 against the fp32 product (tinygemm, in bf16: 3.4e-3). BLOCK_M 16: up to 16 rows through tl.dot, each (pair, element) plane dequantized and
-multiplied by its own columns of x, so batched decoding and prompts read each weight once per 16 rows.
+tinygemm's 1.96, relative error 4.5e-4 against the fp32 product (tinygemm, in bf16: 3.4e-3).
+
+BLOCK_M 16-64: that many rows through tl.dot, each (pair, element) plane dequantized and multiplied by its
+own columns of x, so batched decoding and prompts read and unpack each weight once per tile of rows.
 """
 from typing import Optional
 
