@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .kernels import AVAILABLE, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
+from .kernels import AVAILABLE, launch, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
 
 # (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps)
 CONFIGS = ((1, 2, 8, 4), (1, 4, 2, 2), (1, 4, 4, 4), (1, 4, 8, 4), (1, 4, 8, 8), (1, 4, 16, 8), (1, 8, 1, 2),
@@ -48,7 +48,7 @@ def _build():
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_G": g}, num_warps=w) for m, n, g, w in CONFIGS]
     tuned = triton.autotune(configs=configs, key=["ROWS", "N", "KW", "W"],
                             prune_configs_by={"early_config_prune": _prune})(even)
-    return triton, even, tuned
+    return even, tuned
 
 
 def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -58,7 +58,7 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optio
     global _built
     if _built is None:
         _built = _build()
-    triton, plain, tuned = _built
+    plain, tuned = _built
     M, K = x.shape
     N, groups = scales.shape
     if words.dtype != torch.int32 or words.shape != (N, K // 8) or K % groups or (K // groups) % 8:
@@ -67,14 +67,7 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optio
     args = (x, words, scales, bias if bias is not None else scales, y, M, N, K // 8, groups, rows_bucket(M))
     # fp16x2 PTX: fp16 x, read as 32-bit words (its rows start on 4-byte boundaries: K is a multiple of 32)
     asm = x.is_cuda and x.dtype == torch.float16 and x.data_ptr() % 4 == 0
-    constants = dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=asm)
-    if config is None:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-        tuned[grid](*args, **constants)
-    else:
-        m, n, g, warps = config
-        plain[(triton.cdiv(N, n), triton.cdiv(M, m))](*args, **constants, BLOCK_M=m, BLOCK_N=n, BLOCK_G=g,
-                                                        num_warps=warps)
+    launch(tuned, plain, args, dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=asm), M, N, config, "BLOCK_G")
     return y
 
 
