@@ -17,7 +17,7 @@ import torch
 
 from .backend import as_backend
 from .positions import batch_inputs, next_positions
-from .sampling import EMPTY_ERROR, NAN_ERROR, RowSettings, SamplingParams, draw, rank_logits
+from .sampling import EMPTY_ERROR, NAN_ERROR, RowSettings, SamplingParams, StepSampler
 from .transfer import PinnedRing
 
 
@@ -115,7 +115,10 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
     batch = len(requests)
     ring = PinnedRing()
     rows = RowSettings.of([r.params for r in requests], logits.shape[-1], device, ring)
-    seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)   # generated tokens per row
+    generators = [r.generator for r in requests]
+    make = getattr(backend, "step_sampler", None)                 # a backend's faster sampler, if any
+    sample = (make(rows, batch, logits.shape[-1], generators, ring) if make is not None else None) or \
+        StepSampler(rows, batch, logits.shape[-1], device, generators, ring)
     progress = [RowProgress(r) for r in requests]
     key_mask = torch.arange(ids.shape[1], device=device)[None] >= ring.to_device(pads, torch.long, device)[:, None]
     positions = positions[:, :, -1:]                                                             # [B, 2, 1]
@@ -127,10 +130,8 @@ def generate(model, requests: Sequence[Request], pad_id: int, eos_ids: Sequence[
         return backend.decode_step(tokens, positions, key_mask, cache)
 
     while not all(p.done for p in progress):
-        ranked = rank_logits(logits, seen, rows)
-        tokens = draw(ranked, rows, [r.generator for r in requests], ring)                      # [B]
-        seen.scatter_(1, tokens[:, None], True)                   # finished rows' marks are never read
-        copy = ring.to_host(torch.stack([tokens, ranked.nan.long(), ranked.empty.long()]))
+        tokens, stacked = sample(logits)                                  # [B], [3, B] on the device
+        copy = ring.to_host(stacked)
         queued = next_step(tokens[:, None]) if ahead and any(p.may_go_on for p in progress) else None
         host_tokens, host_nan, host_empty = copy.wait()                                        # one sync
         step = [None if p.done else p.take(host_tokens[b], host_nan[b], host_empty[b], eos_ids, isolate_errors)

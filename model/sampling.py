@@ -161,6 +161,23 @@ def draw(ranked: Ranked, rows: RowSettings, generators: Sequence[Optional[torch.
     return torch.where(rows.greedy, best, drawn)
 
 
+class StepSampler:
+    """One decoding step's sampling for a batch, as generate() runs it: logits [B, V] -> (tokens [B],
+    [3, B] long: tokens, NaN flags, nothing-to-sample flags, for one copy to the host), remembering each
+    row's tokens for the repetition penalty. Backends may hand generate() a faster one of the same
+    behaviour (Backend.step_sampler: the fast path replays it as a CUDA graph)."""
+
+    def __init__(self, rows: RowSettings, batch: int, vocab: int, device, generators, ring=None):
+        self.rows, self.generators, self.ring = rows, list(generators), ring
+        self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)   # generated tokens per row
+
+    def __call__(self, logits: torch.Tensor):
+        ranked = rank_logits(logits, self.seen, self.rows)
+        tokens = draw(ranked, self.rows, self.generators, self.ring)                              # [B]
+        self.seen.scatter_(1, tokens[:, None], True)              # finished rows' marks are never read
+        return tokens, torch.stack([tokens, ranked.nan.long(), ranked.empty.long()])
+
+
 NAN_ERROR = "NaN in the model's logits (fp16 overflow? try --quant none or fp32/bf16)."
 EMPTY_ERROR = "No token can be sampled: every logit is -inf or masked by invalid_slices."
 

@@ -54,6 +54,18 @@ def make_tiny_config(tok, **kw):
                        gmask_token_id=tok.gmask_token_id, pad_token_id=tok.pad_token_id, **kw)
 
 
+def in_triton_interpreter(code: str) -> None:
+    """Run `code` in a fresh Python with Triton's interpreter on (it must be chosen before Triton loads),
+    from the tests folder; fail with its error output if it fails."""
+    import subprocess
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, timeout=1800,
+                          env=dict(os.environ, TRITON_INTERPRET="1",
+                                   PYTHONPATH=os.pathsep.join(filter(None, [str(tests.parent), str(tests),
+                                                                            os.environ.get("PYTHONPATH")]))))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def randomize(m, seed=0, std=0.2):
     """Random weights with enough spread that greedy decoding produces varied tokens."""
     g = torch.Generator().manual_seed(seed)
@@ -103,8 +115,8 @@ def fail_rows(monkeypatch, which, at_step=None):
     """Make sampling fail for some rows of every generate() call, as NaN logits would: `which(rows)` gives
     the rows [B] bool (rows: model.sampling.RowSettings), at_step the decoding step (None: every step).
     Steps are counted per generate() call (each call builds its own RowSettings)."""
-    from model import generation
-    real, steps = generation.rank_logits, {}
+    from model import sampling
+    real, steps = sampling.rank_logits, {}
 
     def flaky(logits, seen, rows):
         ranked = real(logits, seen, rows)
@@ -112,7 +124,7 @@ def fail_rows(monkeypatch, which, at_step=None):
         if at_step is None or step == at_step:
             ranked.nan = ranked.nan | which(rows).to(ranked.nan.device)
         return ranked
-    monkeypatch.setattr(generation, "rank_logits", flaky)
+    monkeypatch.setattr(sampling, "rank_logits", flaky)        # as generate()'s StepSampler calls it
 
 
 def temperature_is(value):

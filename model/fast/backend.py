@@ -7,6 +7,7 @@
                  why the prompt of an earlier turn is not reused)
     decode_step  one token per row into slot T-1; on CUDA a captured graph replays the whole step
                  (28 layers, SDPA, LM head) with one launch, so no Python runs per layer
+    step_sampler generate()'s sampling step, on CUDA one captured graph too (sampler.py)
 
 The cache is preallocated for the batch and a length bucket (a power of two that covers the longest
 `capacity` the caller announced, see _bucket), and reused while those stay the same; a new shape allocates a new
@@ -25,6 +26,7 @@ from .glm import FastGLM
 from .graphs import record
 from .prefill import BucketedPrefill, bucket_for, pad_right, prefill_mask
 from .quant import quantize_glm
+from .sampler import SamplerCache
 from .vision import FastImageEncoder, shared_image_encoder
 
 log = logging.getLogger("visualglm.fast")
@@ -70,6 +72,8 @@ class FastBackend(LoadedModelBackend):
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.compiled = self.cuda_graph if compile is None else compile
         self.buckets = self.cuda_graph if buckets is None else buckets
+        self.sample_graph = self.cuda_graph      # generate()'s sampling step replayed as a graph (sampler.py)
+        self._samplers = SamplerCache()
         self._decode = torch.compile(self._step, dynamic=False) if self.compiled else self._step
         self._cache: Optional[KVCache] = None
         self._graph: Optional[_Graph] = None
@@ -112,6 +116,14 @@ class FastBackend(LoadedModelBackend):
         full = prefill_mask(mask, padded, cache.length)                                # [B, 1, Sb, T]
         x, positions = pad_right(x, 1, padded), pad_right(positions, 2, padded)
         return self._prefill(x, positions, full, S, padded), cache
+
+    @torch.inference_mode()
+    def step_sampler(self, rows, batch: int, vocab: int, generators, ring=None):
+        """generate()'s sampling step as a captured graph (sampler.py), or None for the eager one: when
+        not capturing, when a row draws from its own generator, or when the capture failed."""
+        if not self.sample_graph or any(g is not None for g in generators):
+            return None
+        return self._samplers.get(rows, batch, vocab, self.device)
 
     @torch.inference_mode()
     def decode_step(self, tokens, positions, key_mask, cache: KVCache):

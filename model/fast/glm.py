@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..positions import inverse_frequencies
-from . import kernels
+from . import attention, kernels
 from .cache import KVCache
 from .embedding import Embedding
 
@@ -42,6 +42,16 @@ class Linear(nn.Module):
             y = kernels.gemv_op(x.reshape(1, -1).contiguous(), self.weight, None, self.bias)     # [1, N]
             return y.view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
+
+
+def attend(q, keys, values, mask):
+    """q [B, nh, S, hd] over keys, values [B, nh, T, hd] with mask [B, 1, S, T] bool. One query of one row
+    on a GPU (batch-1 decoding, where it was measured faster) goes through the Triton kernel of
+    attention.py; prompts and batched decoding (the server's, measured with SDPA) through SDPA."""
+    B, _, S, hd = q.shape
+    if B == 1 and S == 1 and q.is_cuda and attention.AVAILABLE and hd & (hd - 1) == 0:     # (tl.arange: 2^k)
+        return attention.decode_attention_op(q, keys, values, mask)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def linear_of(module) -> Linear:
@@ -83,7 +93,7 @@ class Block(nn.Module):
         qk = qk * cos + qk[..., perm] * sin                                        # q and k rotated together
         q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))   # [B, nh, S, hd]
         keys, values = cache.update(index, slots, k, v)                           # [B, nh, T, hd]
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)    # [B, nh, S, hd]
+        attn = attend(q, keys, values, mask)                                      # [B, nh, S, hd]
         h = torch.add(self.dense(attn.transpose(1, 2).reshape(B, S, H)), a, alpha=self.alpha)
         m = self.ln2(h)
         return torch.add(self.down(F.gelu(self.up(m), approximate="tanh")), m, alpha=self.alpha)

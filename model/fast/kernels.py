@@ -20,6 +20,8 @@ import torch
 CONFIGS = ((1, 4, 512, 2), (1, 4, 512, 4), (1, 4, 512, 8), (1, 4, 1024, 4), (1, 8, 256, 2), (1, 8, 512, 4),
            (1, 8, 1024, 4), (1, 16, 256, 4), (1, 16, 512, 4), (1, 16, 1024, 8), (1, 32, 128, 4), (1, 32, 256, 4),
            (1, 32, 256, 8), (1, 32, 512, 4), (1, 64, 128, 4), (1, 64, 128, 8),
+           # longer rows per step, for the int8 words (a 4096 x 4096 int8 layer ran at 2.2 TB/s with the above)
+           (1, 2, 1024, 2), (1, 2, 2048, 4), (1, 4, 2048, 4), (1, 4, 2048, 8), (1, 8, 2048, 8),
            (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 256, 4))
 
 _built = None          # (triton, the kernel, its autotuned form), made on first use
@@ -132,7 +134,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
     global _built
     if _built is None:
         _built = _build()
-    triton, plain, tuned = _built
+    _, plain, tuned = _built
     M, K = x.shape
     N = w.shape[0]
     quant = w.dtype == torch.int8
@@ -142,15 +144,20 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
     args = (x, w, scale if quant else w, bias if bias is not None else w, y, M, N, K, rows_bucket(M))
     # on a GPU only: Triton's interpreter (CPU tensors, the CPU tests) cannot run the packed path's PTX
     packed = quant and w.is_cuda and K % 4 == 0 and w.data_ptr() % 4 == 0
-    constants = dict(QUANT=quant, HAS_BIAS=bias is not None, PACKED=packed)
-    if config is None:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-        tuned[grid](*args, **constants)
-    else:
-        m, n, k, warps = config
-        plain[(triton.cdiv(N, n), triton.cdiv(M, m))](*args, **constants, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
-                                                        num_warps=warps)
+    launch(tuned, plain, args, dict(QUANT=quant, HAS_BIAS=bias is not None, PACKED=packed), M, N, config, "BLOCK_K")
     return y
+
+
+def launch(tuned, plain, args, constants: dict, M: int, N: int, config, third: str) -> None:
+    """Run a GEMV kernel (this one or kernels_int4's) over its grid of (N / BLOCK_N, M / BLOCK_M) programs:
+    the autotuned form, or `plain` at config = (BLOCK_M, BLOCK_N, the tile's third size named `third`, warps)."""
+    import triton
+    if config is None:
+        tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))](*args, **constants)
+    else:
+        m, n, t, warps = config
+        plain[(triton.cdiv(N, n), triton.cdiv(M, m))](*args, **constants, BLOCK_M=m, BLOCK_N=n, **{third: t},
+                                                        num_warps=warps)
 
 
 # torch.compile traces through this as one op (the kernel itself is launched by gemv() at run time)

@@ -3,22 +3,21 @@
 int8  per output row, symmetric (the scheme of model/quant.py). On CUDA, inputs of at most SMALL_M rows
       (decoding) go through a Triton GEMV (kernels.py) that reads each int8 weight once (half the bytes of
       fp16) and applies the row scale at the end. Larger inputs (prefill) dequantize and matmul.
-int4  per group of GROUP input columns (fewer for narrow layers), asymmetric: w ~ (q - 8) * scale + zero with q in [0, 15], the
-      layout of torch's tinygemm kernel. On CUDA the weight is packed by aten._convert_weight_to_int4pack
-      and multiplied by aten._weight_int4pack_mm (bf16 activations); elsewhere the same values are
-      dequantized and multiplied, so the CPU path computes the same function. (Triton int4 GEMVs were tried
-      twice on an H200: 2.6x, then, redesigned, 1.3x slower than tinygemm; see docs/benchmarks.md.)
+int4  per group of GROUP input columns (fewer for narrow layers), symmetric: w ~ (q - 8) * scale with q
+      in [0, 15] and the scale of least error per group, eight to a 32-bit word in the layout of kernels_int4.py, whose Triton GEMV
+      multiplies them on CUDA (replacing torch's tinygemm kernel, see docs/benchmarks.md); elsewhere the
+      same values are dequantized and multiplied, so the CPU path computes the same function.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant import dequantize, quantize_weight
-from . import kernels                 # imports no Triton until a kernel is first run
+from . import kernels, kernels_int4  # import no Triton until a kernel is first run
 
 GROUP = 128            # int4: input columns per (scale, zero)
-INNER_K_TILES = 8      # int4: tinygemm's packing parameter
 SMALL_M = 16           # int8: rows of input that still take the Triton GEMV kernel
+SMALL_M_INT4 = 256     # int4: rows that take its GEMV (it reads the weight once per tile of 16-64 rows)
 
 
 # -- int8 ------------------------------------------------------------------------------------------
@@ -43,55 +42,105 @@ class Int8Linear(nn.Module):
 
 # -- int4 ------------------------------------------------------------------------------------------
 def group_size(in_features: int) -> int:
-    """The largest group size tinygemm takes (128, 64 or 32) that divides the input width."""
+    """The largest group size (128, 64 or 32) that divides the input width."""
     for group in (GROUP, 64, 32):
         if in_features % group == 0:
             return group
     raise ValueError(f"int4 needs in_features divisible by 32, got {in_features}")
 
 
-def quantize_int4_groups(weight: torch.Tensor, group: int):
-    """[N, K] float -> (q [N, K] uint8 in 0..15, scales_and_zeros [K/group, N, 2] bf16)."""
+# int4 scales tried per group, as fractions of the full-range one: clipping a group's few largest weights
+# often lowers its total error (on N(0, 1) weights 0.112 -> 0.101 relative, as low as a scale and a zero
+# per group, 0.100; see docs/benchmarks.md)
+CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(12))
+
+
+def quantize_int4_groups(weight: torch.Tensor, group: int, chunk: int = 1024):
+    """[N, K] float -> (q [N, K] uint8 in 0..15, scales [N, K/group] in weight's dtype), w ~ (q - 8) * scale:
+    symmetric per group (no zero point, so the kernel needs no per-group sum of x). Each group takes, of
+    the full-range scale (its largest weight at +7 or its smallest at -8 steps) times CLIP_RATIOS, the one
+    with the least squared error. `chunk` rows at a time bound the temporary memory."""
     N, K = weight.shape
-    w = weight.detach().float().reshape(N, K // group, group)
-    low, high = w.amin(-1), w.amax(-1)                                # [N, K/group]
-    scale = ((high - low) / 15).clamp(min=1e-6)
-    zero = low + 8 * scale
-    q = ((w - low[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).reshape(N, K)
-    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    tiny = torch.finfo(weight.dtype).tiny if weight.dtype.is_floating_point else 1e-8
+    qs, scales = [], []
+    for r in range(0, N, chunk):
+        w = weight[r:r + chunk].detach().float().reshape(-1, K // group, group)     # [n, groups, group]
+        full = torch.maximum(w.amax(-1) / 7, -w.amin(-1) / 8)                         # [n, groups]
+        best = None
+        for ratio in CLIP_RATIOS:
+            s = (full * ratio).clamp(min=tiny).to(weight.dtype).float()              # as it will be stored
+            q = (w / s[..., None]).round_().clamp_(-8, 7)
+            err = (q * s[..., None] - w).square_().sum(-1)
+            if best is None:
+                best = [q, s, err]
+            else:
+                better = err < best[2]
+                best = [torch.where(better[..., None], q, best[0]), torch.where(better, s, best[1]),
+                        torch.minimum(err, best[2])]
+        qs.append((best[0] + 8).to(torch.uint8).reshape(-1, K))
+        scales.append(best[1].to(weight.dtype))
+    return torch.cat(qs), torch.cat(scales)
 
 
-def dequantize_int4_groups(q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype) -> torch.Tensor:
+# bits of a word holding pair p's elements 0 and 1 (triton_int4.py: both nibbles of a pair in one lop3)
+SHIFTS = ((0, 16), (8, 24), (4, 20), (12, 28))
+
+
+def pack_words(q: torch.Tensor, group: int) -> torch.Tensor:
+    """q [N, K] uint8 in 0..15 -> [N, K/8] int32 in kernels_int4.py's layout: weight g*group + 2*(p*W + j) + e
+    (W = group / 8) is element e of pair p of word g*W + j."""
     N, K = q.shape
-    sz = scales_and_zeros.float().transpose(0, 1)                     # [N, K/group, 2]
-    w = (q.float().reshape(N, sz.shape[1], -1) - 8) * sz[..., :1] + sz[..., 1:]
+    pairs = q.reshape(N, K // group, 4, group // 8, 2).to(torch.int32)       # [N, groups, p, j, e]
+    words = torch.zeros(N, K // group, group // 8, dtype=torch.int32, device=q.device)
+    for p, shifts in enumerate(SHIFTS):
+        for e, shift in enumerate(shifts):
+            words |= pairs[:, :, p, :, e] << shift                            # wraps into the sign bit at 28
+    return words.reshape(N, K // 8)
+
+
+def unpack_words(words: torch.Tensor, group: int) -> torch.Tensor:
+    """pack_words' inverse: [N, K/8] int32 -> q [N, K] uint8."""
+    N = words.shape[0]
+    shifts = torch.tensor(SHIFTS, dtype=torch.int32, device=words.device).view(1, 1, 4, 1, 2)
+    q = (words.reshape(N, -1, 1, group // 8, 1) >> shifts) & 15               # [N, groups, p, j, e]
+    return q.reshape(N, -1).to(torch.uint8)
+
+
+def dequantize_int4_groups(q: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    """q [N, K] uint8, scales [N, K/group] -> [N, K] in dtype."""
+    N, K = q.shape
+    w = (q.float().reshape(N, scales.shape[1], -1) - 8) * scales.float()[..., None]
     return w.reshape(N, K).to(dtype)
 
 
 class Int4Linear(nn.Module):
+    """Up to SMALL_M_INT4 rows on CUDA: the Triton GEMV (kernels_int4.py), each int4 weight read once per
+    tile of 16-64 rows. More rows (long prompts), or off CUDA: the weight dequantized CHUNK output rows at a time and
+    multiplied, so a layer never holds more than a slice of itself in float."""
+    CHUNK = 8192
+
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
         self.group = group_size(weight.shape[1])
-        q, sz = quantize_int4_groups(weight, self.group)
-        self.register_buffer("scales_and_zeros", sz)
-        self.cuda_kernel = weight.is_cuda
-        if self.cuda_kernel:
-            packed = (q[:, 0::2] << 4 | q[:, 1::2]).contiguous()          # [N, K/2] uint8, even index high
-            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack(packed, INNER_K_TILES))
-        else:
-            self.register_buffer("qweight", q)                              # [N, K] uint8
+        q, scales = quantize_int4_groups(weight, self.group)
+        self.register_buffer("qweight", pack_words(q, self.group))          # [N, K/8] int32
+        self.register_buffer("scales", scales)                              # [N, K/group]
         self.bias = bias
+
+    def dequantized(self, dtype, rows=slice(None)) -> torch.Tensor:
+        """The weight (its output rows `rows`) as the float values the kernel computes with."""
+        return dequantize_int4_groups(unpack_words(self.qweight[rows], self.group), self.scales[rows], dtype)
 
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.cuda_kernel:
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self.group,
-                                                   self.scales_and_zeros).to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
+        if x.is_cuda and kernels_int4.AVAILABLE and x2.shape[0] <= SMALL_M_INT4:
+            y = kernels_int4.gemv_op(x2.contiguous(), self.qweight, self.scales, self.bias)
         else:
-            y = F.linear(x2, dequantize_int4_groups(self.qweight, self.scales_and_zeros, x.dtype), self.bias)
+            N = self.qweight.shape[0]
+            y = torch.cat([F.linear(x2, self.dequantized(x.dtype, slice(n, n + self.CHUNK)),
+                                    None if self.bias is None else self.bias[n:n + self.CHUNK])
+                           for n in range(0, N, self.CHUNK)], dim=-1)
         return y.reshape(*shape[:-1], -1)
 
 
