@@ -4,9 +4,10 @@ int8  per output row, symmetric (the scheme of model/quant.py). On CUDA, inputs 
       (decoding) go through a Triton GEMV (kernels.py) that reads each int8 weight once (half the bytes of
       fp16) and applies the row scale at the end. Larger inputs (prefill) dequantize and matmul.
 int4  per group of GROUP input columns (fewer for narrow layers), symmetric: w ~ (q - 8) * scale with q
-      in [0, 15] and the scale of least error per group, eight to a 32-bit word in the layout of kernels_int4.py, whose Triton GEMV
-      multiplies them on CUDA (replacing torch's tinygemm kernel, see docs/benchmarks.md); elsewhere the
-      same values are dequantized and multiplied, so the CPU path computes the same function.
+      in [0, 15] and each group's scale the one of least error, eight to a 32-bit word in the layout of
+      kernels_int4.py, whose Triton GEMV multiplies them on CUDA (it replaced torch's tinygemm kernel, see
+      docs/benchmarks.md); elsewhere the same values are dequantized and multiplied, so the CPU path
+      computes the same function.
 """
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from ..quant import dequantize, quantize_weight
 from . import kernels, kernels_int4  # import no Triton until a kernel is first run
 
-GROUP = 128            # int4: input columns per (scale, zero)
+GROUP = 128            # int4: input columns per scale
 SMALL_M = 16           # int8: rows of input that still take the Triton GEMV kernel
 SMALL_M_INT4 = 256     # int4: rows that take its GEMV (it reads the weight once per tile of 16-64 rows)
 
@@ -50,8 +51,8 @@ def group_size(in_features: int) -> int:
 
 
 # int4 scales tried per group, as fractions of the full-range one: clipping a group's few largest weights
-# often lowers its total error (on N(0, 1) weights 0.112 -> 0.101 relative, as low as a scale and a zero
-# per group, 0.100; see docs/benchmarks.md)
+# often lowers its total error (N(0, 1) weights: 0.112 -> 0.101 relative, as low as with a scale and a
+# zero per group, 0.100; see docs/benchmarks.md)
 CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(12))
 
 
@@ -61,7 +62,7 @@ def quantize_int4_groups(weight: torch.Tensor, group: int, chunk: int = 1024):
     the full-range scale (its largest weight at +7 or its smallest at -8 steps) times CLIP_RATIOS, the one
     with the least squared error. `chunk` rows at a time bound the temporary memory."""
     N, K = weight.shape
-    tiny = torch.finfo(weight.dtype).tiny if weight.dtype.is_floating_point else 1e-8
+    tiny = torch.finfo(weight.dtype).tiny                                             # a scale stays > 0
     qs, scales = [], []
     for r in range(0, N, chunk):
         w = weight[r:r + chunk].detach().float().reshape(-1, K // group, group)     # [n, groups, group]
@@ -115,8 +116,8 @@ def dequantize_int4_groups(q: torch.Tensor, scales: torch.Tensor, dtype) -> torc
 
 class Int4Linear(nn.Module):
     """Up to SMALL_M_INT4 rows on CUDA: the Triton GEMV (kernels_int4.py), each int4 weight read once per
-    tile of 16-64 rows. More rows (long prompts), or off CUDA: the weight dequantized CHUNK output rows at a time and
-    multiplied, so a layer never holds more than a slice of itself in float."""
+    tile of 16-64 rows. More rows (long prompts), or off CUDA: the weight dequantized CHUNK output rows at
+    a time and multiplied, so a layer never holds more than a slice of itself in float."""
     CHUNK = 8192
 
     def __init__(self, weight: torch.Tensor, bias):
