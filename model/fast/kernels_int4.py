@@ -22,10 +22,13 @@ import torch
 
 from .kernels import AVAILABLE, launch, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
 
-# (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps)
+# (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps[, STAGES]): STAGES > 1
+# pipelines a one-row tile's loads through shared memory (cp.async), that many steps ahead
 CONFIGS = ((1, 2, 8, 4), (1, 4, 2, 2), (1, 4, 4, 4), (1, 4, 8, 4), (1, 4, 8, 8), (1, 4, 16, 8), (1, 8, 1, 2),
            (1, 8, 2, 4), (1, 8, 4, 4), (1, 8, 8, 4), (1, 8, 8, 8), (1, 16, 1, 4), (1, 16, 2, 4), (1, 16, 4, 4),
            (1, 16, 4, 8), (1, 32, 1, 4), (1, 32, 2, 8), (1, 64, 1, 8),
+           (1, 4, 4, 4, 2), (1, 4, 4, 4, 3), (1, 8, 4, 4, 2), (1, 8, 4, 4, 3), (1, 4, 8, 4, 2), (1, 8, 8, 4, 2),
+           (1, 16, 4, 8, 2), (1, 16, 4, 8, 3),
            (16, 32, 4, 4), (16, 64, 2, 4), (16, 64, 4, 8), (16, 128, 2, 8), (32, 64, 2, 4), (64, 64, 2, 4),
            (64, 128, 2, 8))
 
@@ -40,12 +43,17 @@ def _prune(configs, named_args, **kwargs):
             and (c.kwargs["BLOCK_M"] == 1 or c.kwargs["BLOCK_G"] * words >= 16)]
 
 
+def stages(config) -> int:
+    return config[4] if len(config) > 4 else 1
+
+
 def _build():
     import triton
 
     from .triton_int4 import kernel
     even = triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["GROUPS"] % a["BLOCK_G"] == 0})(kernel)
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_G": g}, num_warps=w) for m, n, g, w in CONFIGS]
+    configs = [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "BLOCK_G": c[2], "STAGES": stages(c)}, num_warps=c[3])
+               for c in CONFIGS]
     tuned = triton.autotune(configs=configs, key=["ROWS", "N", "KW", "W"],
                             prune_configs_by={"early_config_prune": _prune})(even)
     return even, tuned
@@ -67,7 +75,10 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optio
     args = (x, words, scales, bias if bias is not None else scales, y, M, N, K // 8, groups, rows_bucket(M))
     # fp16x2 PTX: fp16 x, read as 32-bit words (its rows start on 4-byte boundaries: K is a multiple of 32)
     asm = x.is_cuda and x.dtype == torch.float16 and x.data_ptr() % 4 == 0
-    launch(tuned, plain, args, dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=asm), M, N, config, "BLOCK_G")
+    constants = dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=asm)
+    if config is not None:
+        constants["STAGES"], config = stages(config), config[:4]
+    launch(tuned, plain, args, constants, M, N, config, "BLOCK_G")
     return y
 
 
