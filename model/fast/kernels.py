@@ -22,6 +22,9 @@ CONFIGS = ((1, 4, 512, 2), (1, 4, 512, 4), (1, 4, 512, 8), (1, 4, 1024, 4), (1, 
            (1, 32, 256, 8), (1, 32, 512, 4), (1, 64, 128, 4), (1, 64, 128, 8),
            # longer rows per step, for the int8 words (a 4096 x 4096 int8 layer ran at 2.2 TB/s with the above)
            (1, 2, 1024, 2), (1, 2, 2048, 4), (1, 4, 2048, 4), (1, 4, 2048, 8), (1, 8, 2048, 8),
+           # loads pipelined 2-3 steps ahead (see stages())
+           (1, 4, 512, 4, 2), (1, 8, 512, 4, 2), (1, 16, 256, 4, 2), (1, 16, 512, 4, 2), (1, 32, 256, 4, 2),
+           (1, 8, 256, 2, 3), (1, 16, 256, 4, 3),
            (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 256, 4))
 
 _built = None          # (triton, the kernel, its autotuned form), made on first use
@@ -49,7 +52,8 @@ def _build():
 
     @triton.jit
     def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-               PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               STAGES: tl.constexpr):
         # ROWS (rows_bucket(M)) is only the tuning key; QUANT: w is int8 with a scale per output row;
         # PACKED: int8 rows read as int32 words of 4 weights (K % 4 == 0, rows 4-byte aligned, on a GPU)
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)     # rows of x of this program
@@ -63,7 +67,7 @@ def _build():
             quad = tl.arange(0, BLOCK_K // 4)
             words = w_ptr.to(tl.pointer_type(tl.int32))
             acc2 = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
                 k4 = k0 // 4 + quad                                                          # word index
                 w = tl.load(words + cols[:, None] * K4 + k4[None, :], mask=(cols[:, None] < N) & (k4[None, :] < K4),
                             other=0, eviction_policy="evict_first")                         # [BN, BK/4]
@@ -89,7 +93,7 @@ def _build():
             acc = tl.sum(acc2, axis=1)[None, :]                                             # [1, BN]
         elif BLOCK_M == 1:
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)     # summed over K once, after the loop
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
                             other=0.0).to(tl.float32)                                       # [1, BK]
@@ -121,7 +125,8 @@ def _build():
         tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in CONFIGS]
+    configs = [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "BLOCK_K": c[2], "STAGES": stages(c)}, num_warps=c[3])
+               for c in CONFIGS]
     tuned = triton.autotune(configs=configs, key=["ROWS", "N", "K", "QUANT", "PACKED"],
                             prune_configs_by={"early_config_prune": _prune})(kernel)
     return triton, kernel, tuned
@@ -155,9 +160,15 @@ def launch(tuned, plain, args, constants: dict, M: int, N: int, config, third: s
     if config is None:
         tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))](*args, **constants)
     else:
-        m, n, t, warps = config
+        m, n, t, warps = config[:4]
         plain[(triton.cdiv(N, n), triton.cdiv(M, m))](*args, **constants, BLOCK_M=m, BLOCK_N=n, **{third: t},
-                                                        num_warps=warps)
+                                                        STAGES=stages(config), num_warps=warps)
+
+
+def stages(config) -> int:
+    """A tile's STAGES (its fifth entry, else 1): > 1 pipelines a one-row loop's loads through shared memory
+    (cp.async), that many steps ahead; Triton pipelines a plain loop that feeds no tl.dot not at all."""
+    return config[4] if len(config) > 4 else 1
 
 
 # torch.compile traces through this as one op (the kernel itself is launched by gemv() at run time)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .kernels import AVAILABLE, launch, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
+from .kernels import AVAILABLE, launch, rows_bucket, stages  # noqa: F401  (AVAILABLE: callers ask this module too)
 
 # (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps[, STAGES]): STAGES > 1
 # pipelines a one-row tile's loads through shared memory (cp.async), that many steps ahead
@@ -41,10 +41,6 @@ def _prune(configs, named_args, **kwargs):
     words = named_args.get("W", kwargs.get("W"))          # tl.dot needs 16 or more words per step
     return [c for c in configs if (c.kwargs["BLOCK_M"] == 1) == (rows == 1)
             and (c.kwargs["BLOCK_M"] == 1 or c.kwargs["BLOCK_G"] * words >= 16)]
-
-
-def stages(config) -> int:
-    return config[4] if len(config) > 4 else 1
 
 
 def _build():
@@ -75,10 +71,7 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optio
     args = (x, words, scales, bias if bias is not None else scales, y, M, N, K // 8, groups, rows_bucket(M))
     # fp16x2 PTX: fp16 x, read as 32-bit words (its rows start on 4-byte boundaries: K is a multiple of 32)
     asm = x.is_cuda and x.dtype == torch.float16 and x.data_ptr() % 4 == 0
-    constants = dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=asm)
-    if config is not None:
-        constants["STAGES"], config = stages(config), config[:4]
-    launch(tuned, plain, args, constants, M, N, config, "BLOCK_G")
+    launch(tuned, plain, args, dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=asm), M, N, config, "BLOCK_G")
     return y
 
 
