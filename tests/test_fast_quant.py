@@ -2,6 +2,7 @@
 the quantization error allows, and a quantized FastBackend still generating."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.fast import FastBackend
 from model.fast.quant import (Int4Linear, Int8Linear, dequantize_int4_groups, group_size, pack_words,
@@ -129,8 +130,8 @@ def gemv_tolerance(dtype, exact):
 
 
 def check_every_gemv_tile(device: str) -> None:
-    """The Triton GEMV under each of its tiles against x @ W.T (+ bias), for int8 weights (every value
-    -128..127, with row scales) and for weights in x's dtype."""
+    """The Triton GEMV under each of its tiles against x @ W.T (+ bias, + GELU in the epilogue), for int8
+    weights (every value -128..127, with row scales) and for weights in x's dtype."""
     from model.fast import kernels
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(3)
@@ -146,10 +147,11 @@ def check_every_gemv_tile(device: str) -> None:
                             (float_w, None, x.float() @ float_w.float().T)):             # exact [M, N]
             tol = gemv_tolerance(dtype, exact)
             for config in kernels.CONFIGS:
-                for b in (None, bias):
+                for b, gelu in ((None, False), (bias, False), (bias, True)):
                     want = exact if b is None else exact + b.float()
-                    got = kernels.gemv(x, w, s, b, config=config).float()
-                    assert (got - want).abs().max() <= tol, (config, M, w.dtype, (got - want).abs().max())
+                    want = F.gelu(want, approximate="tanh") if gelu else want
+                    got = kernels.gemv(x, w, s, b, config=config, gelu=gelu).float()
+                    assert (got - want).abs().max() <= tol, (config, M, w.dtype, gelu, (got - want).abs().max())
 
 
 def check_every_int4_tile(device: str) -> None:
@@ -169,10 +171,11 @@ def check_every_int4_tile(device: str) -> None:
         for config in kernels_int4.CONFIGS:
             if config[0] > 1 and config[2] * group // 8 < 16:
                 continue                                   # tl.dot takes 16 or more words per step
-            for b in (None, bias):
+            for b, gelu in ((None, False), (bias, False), (bias, True)):
                 want = exact if b is None else exact + b.float()
-                got = kernels_int4.gemv(x, layer.qweight, layer.scales, b, config=config).float()
-                assert (got - want).abs().max() <= tol, (config, M, K, (got - want).abs().max())
+                want = F.gelu(want, approximate="tanh") if gelu else want
+                got = kernels_int4.gemv(x, layer.qweight, layer.scales, b, config=config, gelu=gelu).float()
+                assert (got - want).abs().max() <= tol, (config, M, K, gelu, (got - want).abs().max())
 
 
 def check_triton_kernels(device: str) -> None:

@@ -28,10 +28,17 @@ from .embedding import Embedding
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def activate(layer, y: torch.Tensor) -> torch.Tensor:
+    """The GELU (tanh) of a linear layer whose `gelu` is set, where its kernel did not apply it already."""
+    return F.gelu(y, approximate="tanh") if layer.gelu else y
+
+
 class Linear(nn.Module):
     """y = x W^T + b over existing tensors; quantized variants replace it (model/fast/quant.py).
     One row on a GPU (decoding at batch 1) goes through the Triton GEMV (kernels.py), faster there than
-    cuBLAS at every layer shape of the 7.8B model; anything else through F.linear."""
+    cuBLAS at every layer shape of the 7.8B model; anything else through F.linear.
+    gelu: GELU (tanh) after it; the GEMV applies it in its epilogue (one kernel fewer per layer)."""
+    gelu = False
 
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
@@ -39,9 +46,9 @@ class Linear(nn.Module):
 
     def forward(self, x):
         if x.is_cuda and x.numel() == x.shape[-1] and kernels.AVAILABLE:
-            y = kernels.gemv_op(x.reshape(1, -1).contiguous(), self.weight, None, self.bias)     # [1, N]
+            y = kernels.gemv_op(x.reshape(1, -1).contiguous(), self.weight, None, self.bias, self.gelu)  # [1, N]
             return y.view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight, self.bias)
+        return activate(self, F.linear(x, self.weight, self.bias))
 
 
 def attend(q, keys, values, mask):
@@ -82,6 +89,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
         self.qkv, self.dense = linear_of(layer.attention.query_key_value), linear_of(layer.attention.dense)
         self.up, self.down = linear_of(layer.mlp.dense_h_to_4h), linear_of(layer.mlp.dense_4h_to_h)
+        self.up.gelu = True                                                      # GELU in up's epilogue
         self.alpha, self.heads = alpha, heads
 
     def forward(self, x, rope, cache: KVCache, index: int, slots, mask):
@@ -96,7 +104,7 @@ class Block(nn.Module):
         attn = attend(q, keys, values, mask)                                      # [B, nh, S, hd]
         h = torch.add(self.dense(attn.transpose(1, 2).reshape(B, S, H)), a, alpha=self.alpha)
         m = self.ln2(h)
-        return torch.add(self.down(F.gelu(self.up(m), approximate="tanh")), m, alpha=self.alpha)
+        return torch.add(self.down(self.up(m)), m, alpha=self.alpha)
 
 
 class FastGLM(nn.Module):
