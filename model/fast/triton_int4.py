@@ -76,7 +76,7 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.cons
                 s8 = tl.load(ss).to(tl.float32) * 8                               # [BN, BG, 1]
             else:
                 live = (n < N) & (g0 + g < GROUPS)
-                w = tl.load(ws, mask=live & (j < W), other=0, eviction_policy="evict_first")
+                w = tl.load(ws, mask=live, other=0, eviction_policy="evict_first")         # live broadcasts
                 s8 = tl.load(ss, mask=live, other=0.0).to(tl.float32) * 8
             inside = (g0 + g < GROUPS) | EVEN                                    # [1, BG, 1]
             if ASM:
