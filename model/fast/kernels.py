@@ -22,9 +22,6 @@ CONFIGS = ((1, 4, 512, 2), (1, 4, 512, 4), (1, 4, 512, 8), (1, 4, 1024, 4), (1, 
            (1, 32, 256, 8), (1, 32, 512, 4), (1, 64, 128, 4), (1, 64, 128, 8),
            # longer rows per step, for the int8 words (a 4096 x 4096 int8 layer ran at 2.2 TB/s with the above)
            (1, 2, 1024, 2), (1, 2, 2048, 4), (1, 4, 2048, 4), (1, 4, 2048, 8), (1, 8, 2048, 8),
-           # loads pipelined 2-3 steps ahead (see stages())
-           (1, 4, 512, 4, 2), (1, 8, 512, 4, 2), (1, 16, 256, 4, 2), (1, 16, 512, 4, 2), (1, 32, 256, 4, 2),
-           (1, 8, 256, 2, 3), (1, 16, 256, 4, 3),
            (16, 32, 128, 4), (16, 64, 64, 4), (16, 64, 128, 4), (16, 128, 64, 4), (16, 32, 256, 4))
 
 _built = None          # (triton, the kernel, its autotuned form), made on first use
@@ -51,8 +48,7 @@ def _build():
 
     from .triton_gemv import kernel
 
-    configs = [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "BLOCK_K": c[2], "STAGES": stages(c)}, num_warps=c[3])
-               for c in CONFIGS]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for m, n, k, w in CONFIGS]
     tuned = triton.autotune(configs=configs, key=["ROWS", "N", "K", "QUANT", "PACKED"],
                             prune_configs_by={"early_config_prune": _prune})(kernel)
     return triton, kernel, tuned
@@ -88,15 +84,9 @@ def launch(tuned, plain, args, constants: dict, M: int, N: int, config, third: s
     if config is None:
         tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))](*args, **constants)
     else:
-        m, n, t, warps = config[:4]
+        m, n, t, warps = config
         plain[(triton.cdiv(N, n), triton.cdiv(M, m))](*args, **constants, BLOCK_M=m, BLOCK_N=n, **{third: t},
-                                                        STAGES=stages(config), num_warps=warps)
-
-
-def stages(config) -> int:
-    """A tile's STAGES (its fifth entry, else 1): > 1 pipelines a one-row loop's loads through shared memory
-    (cp.async), that many steps ahead; Triton pipelines a plain loop that feeds no tl.dot not at all."""
-    return config[4] if len(config) > 4 else 1
+                                                        num_warps=warps)
 
 
 # torch.compile traces through this as one op (the kernel itself is launched by gemv() at run time)

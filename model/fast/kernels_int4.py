@@ -20,15 +20,12 @@ from typing import Optional
 
 import torch
 
-from .kernels import AVAILABLE, launch, rows_bucket, stages  # noqa: F401  (AVAILABLE: callers ask this module too)
+from .kernels import AVAILABLE, launch, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
 
-# (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps[, STAGES]): STAGES > 1
-# pipelines a one-row tile's loads through shared memory (cp.async), that many steps ahead
+# (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps)
 CONFIGS = ((1, 2, 8, 4), (1, 4, 2, 2), (1, 4, 4, 4), (1, 4, 8, 4), (1, 4, 8, 8), (1, 4, 16, 8), (1, 8, 1, 2),
            (1, 8, 2, 4), (1, 8, 4, 4), (1, 8, 8, 4), (1, 8, 8, 8), (1, 16, 1, 4), (1, 16, 2, 4), (1, 16, 4, 4),
            (1, 16, 4, 8), (1, 32, 1, 4), (1, 32, 2, 8), (1, 64, 1, 8),
-           (1, 4, 4, 4, 2), (1, 4, 4, 4, 3), (1, 8, 4, 4, 2), (1, 8, 4, 4, 3), (1, 4, 8, 4, 2), (1, 8, 8, 4, 2),
-           (1, 16, 4, 8, 2), (1, 16, 4, 8, 3),
            (16, 32, 4, 4), (16, 64, 2, 4), (16, 64, 4, 8), (16, 128, 2, 8), (32, 64, 2, 4), (64, 64, 2, 4),
            (64, 128, 2, 8))
 
@@ -48,8 +45,7 @@ def _build():
 
     from .triton_int4 import kernel
     even = triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["GROUPS"] % a["BLOCK_G"] == 0})(kernel)
-    configs = [triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1], "BLOCK_G": c[2], "STAGES": stages(c)}, num_warps=c[3])
-               for c in CONFIGS]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_G": g}, num_warps=w) for m, n, g, w in CONFIGS]
     tuned = triton.autotune(configs=configs, key=["ROWS", "N", "KW", "W"],
                             prune_configs_by={"early_config_prune": _prune})(even)
     return even, tuned

@@ -18,8 +18,7 @@ def epilogue(y, cols, b_ptr, N, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
 
 @triton.jit
 def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-           GELU: tl.constexpr, PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-           STAGES: tl.constexpr):
+           GELU: tl.constexpr, PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # ROWS (rows_bucket(M)) is only the tuning key; QUANT: w is int8 with a scale per output row;
     # PACKED: int8 rows read as int32 words of 4 weights (K % 4 == 0, rows 4-byte aligned, on a GPU)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)     # rows of x of this program
@@ -33,7 +32,7 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr
         quad = tl.arange(0, BLOCK_K // 4)
         words = w_ptr.to(tl.pointer_type(tl.int32))
         acc2 = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        for k0 in range(0, K, BLOCK_K):
             k4 = k0 // 4 + quad                                                          # word index
             w = tl.load(words + cols[:, None] * K4 + k4[None, :], mask=(cols[:, None] < N) & (k4[None, :] < K4),
                         other=0, eviction_policy="evict_first")                         # [BN, BK/4]
@@ -59,7 +58,7 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr
         acc = tl.sum(acc2, axis=1)[None, :]                                             # [1, BN]
     elif BLOCK_M == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)     # summed over K once, after the loop
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
                         other=0.0).to(tl.float32)                                       # [1, BK]

@@ -49,8 +49,7 @@ def nibble(w, shift):
 
 @triton.jit
 def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-           GELU: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-           STAGES: tl.constexpr):
+           GELU: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     # x [M, K = 8 KW], w [N, KW] int32 words, s [N, GROUPS] group scales; ROWS is the tuning key only;
     # EVEN: N and GROUPS are multiples of the tile (no masks). KW and GROUPS come as arguments, not derived
     # from K, so that Triton knows their divisibility and loads 4 words at a time.
@@ -70,7 +69,7 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.cons
         else:
             xs = x_ptr + tl.program_id(1) * K + g * G + 2 * j                     # pair 0, element 0
         acc = tl.zeros((BLOCK_N, BLOCK_G, W), dtype=tl.float32)
-        for g0 in tl.range(0, GROUPS, BLOCK_G, num_stages=STAGES):
+        for g0 in range(0, GROUPS, BLOCK_G):
             if EVEN:
                 w = tl.load(ws, eviction_policy="evict_first")                    # [BN, BG, W] int32
                 s8 = tl.load(ss).to(tl.float32) * 8                               # [BN, BG, 1]
