@@ -77,7 +77,7 @@ def check_decode_attention(device: str) -> None:
                 for cache, want_cache in ((keys, want_keys), (values, want_values)):
                     assert torch.equal(cache[~written].nan_to_num(), want_cache[~written].nan_to_num())
                     assert (cache[written].float() - want_cache[written].float()).abs().max() <= tol
-                assert not attention._counters[torch.device(device)].any()       # reset for the next call
+                assert not attention._counters[keys.device].any()                # reset for the next call
     finally:
         attention.PROGRAMS = shipped
 
@@ -96,11 +96,11 @@ def test_decode_attention_equals_torch_in_the_interpreter():
     in_triton_interpreter("import test_fast_attention as t; t.check_decode_attention('cpu')")
 
 
-def check_fast_path_with_the_kernel(compile: bool) -> None:
-    """The fast backend's batch-1 decoding with the kernel (forced on for CPU tensors, which only Triton's
-    interpreter can run) against the same backend without it: every step's logits, greedy tokens, and the
-    cache it leaves. compile: the step through torch.compile too, which must keep the kernel's writes into
-    the cache (the op mutates its keys and values)."""
+def check_fast_path_with_the_kernel(compile: bool, device: str = "cpu") -> None:
+    """The fast backend's batch-1 decoding with the kernel (on the CPU forced on, for tensors that only
+    Triton's interpreter can run) against the same backend without it, in fp32: every step's logits, greedy
+    tokens, and the cache it leaves. compile: the step through torch.compile too, which must keep the
+    kernel's writes into the cache (the op mutates its keys and values)."""
     from model.configs import tiny_config
     from model.fast import FastBackend, attention
     from model.generation import Request, generate
@@ -108,29 +108,39 @@ def check_fast_path_with_the_kernel(compile: bool) -> None:
     from model.sat.checkpoint import build_model
     from conftest import randomize
     cfg = tiny_config(num_layers=2, hidden_size=64, num_attention_heads=2)     # head_dim 32
-    net = randomize(build_model(cfg, device="cpu"), seed=5).eval()
+    net = randomize(build_model(cfg, device="cpu"), seed=5).eval().to(device)
     g, s = cfg["gmask_token_id"], cfg["bos_token_id"]
     request = dict(ids=[20, 21, 22, 23, 24, g, s], params=SamplingParams(max_length=60, top_k=1))
-    runs = []
-    for fused in (False, True):
-        attention.fits = lambda batch, positions, head_dim, on_gpu, fused=fused: fused and batch == positions == 1
-        backend = FastBackend(net, compile=compile)
-        seen = []
-        real = backend.decode_step
+    runs, shipped = [], attention.fits
+    try:
+        for fused in (False, True):
+            attention.fits = lambda batch, positions, head_dim, on_gpu, fused=fused: fused and batch == positions == 1
+            backend = FastBackend(net, compile=compile)
+            seen = []
+            real = backend.decode_step
 
-        def spy(*args, real=real, seen=seen):
-            logits, cache = real(*args)
-            seen.append(logits.clone())
-            return logits, cache
-        backend.decode_step = spy
-        tokens = [step[0] for step in generate(backend, [Request(**request)], 3, [])]
-        runs.append((tokens, seen, [k.clone() for k in backend._cache.k], [v.clone() for v in backend._cache.v]))
+            def spy(*args, real=real, seen=seen):
+                logits, cache = real(*args)
+                seen.append(logits.clone())
+                return logits, cache
+            backend.decode_step = spy
+            tokens = [step[0] for step in generate(backend, [Request(**request)], 3, [])]
+            runs.append((tokens, seen, [k.clone() for k in backend._cache.k], [v.clone() for v in backend._cache.v]))
+    finally:
+        attention.fits = shipped
     (tokens, logits, keys, values), (tokens_f, logits_f, keys_f, values_f) = runs
     assert tokens_f == tokens and len(tokens) == 60 - 7
     assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(logits, logits_f))
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(keys + values, keys_f + values_f))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the Triton kernel runs on the GPU only")
+def test_fast_path_with_the_kernel_equals_it_without_on_the_gpu():
+    pytest.importorskip("triton", reason="Triton is not installed on this CUDA machine")
+    check_fast_path_with_the_kernel(True, "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernel itself (the test above)")
 def test_fast_path_with_the_kernel_equals_it_without_in_the_interpreter():
     pytest.importorskip("triton", reason="Triton is not installed (CI has none): the interpreter check needs it")
     in_triton_interpreter("import test_fast_attention as t; t.check_fast_path_with_the_kernel(False); "
