@@ -24,17 +24,15 @@ Like kernels.py, nothing imports Triton at load time, and torch.compile sees one
 visualglm::decode_attention, which writes into keys and values.
 """
 import math
-from typing import Dict
 
 import torch
 
-from .kernels import AVAILABLE  # noqa: F401 - the fast path asks here too
+from .kernels import AVAILABLE, counters  # (AVAILABLE: the fast path asks here too)
 
 BLOCK_T = 32          # positions per block of a program's chunk
 PROGRAMS = 264        # programs to aim for (two per SM of an H100 / H200): rows x heads x chunks
 
 _built = None
-_counters: Dict[torch.device, torch.Tensor] = {}    # per device: one int32 per (row, head), zero between calls
 
 
 def _build():
@@ -115,15 +113,6 @@ def splits_for(rows_heads: int, T: int) -> int:
     return 1 << (min(want, most) - 1).bit_length()
 
 
-def _counters_for(device: torch.device, n: int) -> torch.Tensor:
-    """The zeroed counters of `device`, at least n (allocated before a graph is captured: the first
-    call is an eager warm-up)."""
-    have = _counters.get(device)
-    if have is None or have.numel() < n:
-        have = _counters[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return have
-
-
 def fits(batch: int, positions: int, head_dim: int, on_gpu: bool) -> bool:
     """Whether a step takes this kernel: one new token of one row (batch-1 decoding, where it was
     measured; prompts and batched decoding go through SDPA) on a GPU; tl.arange needs a power-of-two head."""
@@ -149,8 +138,8 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pe
     l_ = torch.empty_like(m)
     acc = torch.empty(B * heads, splits, hd, dtype=torch.float32, device=qkv.device)
     out = torch.empty(B, heads, 1, hd, dtype=qkv.dtype, device=qkv.device)
-    counters = _counters_for(qkv.device, B * heads)
-    _built[(B * heads, splits)](qkv, cos, sin, perm, keys, values, mask, slots, m, l_, acc, counters, out, heads,
+    count = counters(qkv.device, B * heads)
+    _built[(B * heads, splits)](qkv, cos, sin, perm, keys, values, mask, slots, m, l_, acc, count, out, heads,
                                 1.0 / math.sqrt(hd), qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
                                 values.stride(0), values.stride(1), values.stride(2), mask.stride(0),
                                 slots.stride(0), out.stride(0), out.stride(1), HD=hd, BLOCK=BLOCK_T, SPLITS=splits)
