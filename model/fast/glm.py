@@ -11,7 +11,6 @@ causal after it); batch-1 decoding on a GPU does rotary, cache write and attenti
 """
 import contextlib
 import math
-from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -35,44 +34,22 @@ def activate(layer, y: torch.Tensor) -> torch.Tensor:
     return F.gelu(y, approximate="tanh") if layer.gelu else y
 
 
-class Then(NamedTuple):
-    """Where a linear layer's output y goes next in this post-LN GLM: norm(y + alpha residual)."""
-    residual: torch.Tensor
-    alpha: float
-    norm: nn.LayerNorm
-
-
-def norm_args(then: Optional[Then], rows: int) -> tuple:
-    """The GEMV op's last arguments for `then`, which its last program applies when x is one row (the
-    norm tail, kernels.py); none otherwise (add_norm applies it)."""
-    if then is None or rows != 1:
-        return ()
-    return then.residual.reshape(1, -1), then.norm.weight, then.norm.bias, then.alpha, then.norm.eps
-
-
-def add_norm(y: torch.Tensor, then: Optional[Then]) -> torch.Tensor:
-    """`then` applied to y in torch, where the GEMV did not."""
-    return y if then is None else then.norm(torch.add(y, then.residual, alpha=then.alpha))
-
-
 class Linear(nn.Module):
     """y = x W^T + b over existing tensors; quantized variants replace it (model/fast/quant.py).
     One row on a GPU (decoding at batch 1) goes through the Triton GEMV (kernels.py), faster there than
     cuBLAS at every layer shape of the 7.8B model; anything else through F.linear.
-    gelu: GELU (tanh) after it; the GEMV applies it in its epilogue (one kernel fewer per layer).
-    then (a Then): the residual sum and LayerNorm that follow, which the GEMV's last program applies."""
+    gelu: GELU (tanh) after it; the GEMV applies it in its epilogue (one kernel fewer per layer)."""
     gelu = False
 
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
         self.weight, self.bias = weight, bias
 
-    def forward(self, x, then: Optional[Then] = None):
+    def forward(self, x):
         if x.is_cuda and x.numel() == x.shape[-1] and kernels.AVAILABLE:
-            y = kernels.gemv_op(x.reshape(1, -1).contiguous(), self.weight, None, self.bias, self.gelu,
-                                *norm_args(then, 1))                                           # [1, N]
+            y = kernels.gemv_op(x.reshape(1, -1).contiguous(), self.weight, None, self.bias, self.gelu)  # [1, N]
             return y.view(*x.shape[:-1], -1)
-        return add_norm(activate(self, F.linear(x, self.weight, self.bias)), then)
+        return activate(self, F.linear(x, self.weight, self.bias))
 
 
 def linear_of(module) -> Linear:
@@ -106,14 +83,12 @@ class Block(nn.Module):
         self.up.gelu = True                                                      # GELU in up's epilogue
         self.alpha, self.heads = alpha, heads
 
-    def forward(self, a, rope, cache: KVCache, index: int, slots, mask, next_norm: nn.LayerNorm):
-        """a [B, S, H]: this layer's input after its first LayerNorm, which the layer before applied (as a
-        GEMV's norm tail when decoding one row) -> the next layer's, next_norm being that layer's first
-        LayerNorm (the final one after the last layer)."""
-        B, S, H = a.shape
+    def forward(self, x, rope, cache: KVCache, index: int, slots, mask):
+        B, S, H = x.shape
         cos, sin, perm = rope                                                      # [B, S, 1, 1, hd] x2, [hd]
+        a = self.ln1(x)
         qkv = self.qkv(a)                                                          # [B, S, 3 * nh * hd]
-        if attention.fits(B, S, H // self.heads, a.is_cuda):
+        if attention.fits(B, S, H // self.heads, x.is_cuda):
             # rotary, cache write and attention in one kernel (attention.py)
             keys, values, at = cache.decode_target(index, slots)
             attn = attention.decode_attention_op(qkv.view(B, -1), cos.view(B, -1), sin.view(B, -1), perm, keys, values,
@@ -125,8 +100,9 @@ class Block(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))   # [B, nh, S, hd]
             keys, values = cache.update(index, slots, k, v)                       # [B, nh, T, hd]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, nh, S, hd]
-        m = self.dense(attn.transpose(1, 2).reshape(B, S, H), Then(a, self.alpha, self.ln2))   # ln2(dense + alpha a)
-        return self.down(self.up(m), Then(m, self.alpha, next_norm))                 # next_norm(down + alpha m)
+        h = torch.add(self.dense(attn.transpose(1, 2).reshape(B, S, H)), a, alpha=self.alpha)
+        m = self.ln2(h)
+        return torch.add(self.down(self.up(m)), m, alpha=self.alpha)
 
 
 class FastGLM(nn.Module):
@@ -178,21 +154,18 @@ class FastGLM(nn.Module):
         return self.logits(self.hidden(x, positions, cache, slots, mask)[:, -1])
 
     def hidden(self, x, positions, cache: KVCache, slots, mask) -> torch.Tensor:
-        """The blocks and the final LayerNorm, same arguments as forward -> hidden states of every position
-        [B, S, H] (a prompt padded to a fixed length takes its logits at its own last position, see
-        prefill.py)."""
+        """The blocks alone, same arguments as forward -> hidden states of every position [B, S, H]
+        (a prompt padded to a fixed length takes its logits at its own last position, see prefill.py)."""
         cos, sin, perm, sign = self.rope_tables(x.dtype, x.device)
         # first half of each head: position ids; second half: block position ids
         cos = torch.cat([cos[positions[:, 0]], cos[positions[:, 1]]], dim=-1)[:, :, None, None]   # [B, S, 1, 1, hd]
         sin = torch.cat([sin[positions[:, 0]], sin[positions[:, 1]]], dim=-1)[:, :, None, None] * sign.to(x.dtype)
         rope = (cos, sin, perm)
         with sdpa_kernel(PREFILL_BACKENDS) if x.shape[1] > 1 else contextlib.nullcontext():
-            x = self.blocks[0].ln1(x)                        # each block applies the next one's (post-LN)
             for index, block in enumerate(self.blocks):
-                after = self.blocks[index + 1].ln1 if index + 1 < len(self.blocks) else self.final_ln
-                x = block(x, rope, cache, index, slots, mask, after)
+                x = block(x, rope, cache, index, slots, mask)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [B, H] hidden states (after the final LayerNorm) -> logits [B, V] (fp32)."""
-        return self.lm_head(h).float()
+        """h [B, H] hidden states -> logits [B, V] (fp32): final LayerNorm and LM head."""
+        return self.lm_head(self.final_ln(h)).float()

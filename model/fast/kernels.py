@@ -57,9 +57,9 @@ def _build():
 
 def counters(device, n: int = 1) -> torch.Tensor:
     """Zeroed int32 counters on `device`, at least n, for kernels whose last program to finish completes
-    the work (the GEMV's norm tail, attention.py's merge); each kernel leaves them zero again. Kernels on a
-    device run one at a time (one stream), so they share them. The first call of each kernel is eager
-    (warm-up, autotuning), so they exist before any graph is captured."""
+    the work (attention.py's merge); each kernel leaves them zero again. Kernels on a device run one at a
+    time (one stream), so they share them. A kernel's first call is eager (a warm-up), so they exist
+    before any graph is captured."""
     device = torch.device(device)
     have = _counters.get(device)
     if have is None or have.numel() < n:
@@ -67,26 +67,11 @@ def counters(device, n: int = 1) -> torch.Tensor:
     return have
 
 
-def norm_operands(y: torch.Tensor, norm) -> tuple:
-    """A GEMV's last arguments for its norm tail (triton_gemv.norm_tail): ((r, nw, nb, m, count), alpha, eps,
-    NORM_BLOCK) and what gemv returns (m, else y). norm: None, or (residual [N], weight [N], bias [N],
-    alpha, eps) for m = LayerNorm(y + alpha residual), y being one row."""
-    if norm is None:
-        return (y, y, y, y, y), 1.0, 0.0, 0, y
-    residual, weight, bias, alpha, eps = norm
-    M, N = y.shape
-    if M != 1 or residual.numel() != N or weight.numel() != N or bias is None or bias.numel() != N:
-        raise ValueError(f"a GEMV's LayerNorm takes one row and vectors of its {N} outputs")
-    m = torch.empty_like(y)
-    return (residual.contiguous(), weight, bias, m, counters(y.device)), float(alpha), float(eps), \
-        min(1 << (N - 1).bit_length(), 1024), m
-
-
 def gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-         config=None, gelu: bool = False, norm=None) -> torch.Tensor:
+         config=None, gelu: bool = False) -> torch.Tensor:
     """x [M, K] fp16/bf16 (contiguous), w [N, K] in x's dtype, or int8 with scale [N]; bias [N] or None
-    -> y [M, N] in x's dtype; gelu: GELU (tanh) applied before rounding to it; norm (one row; see
-    norm_operands): LayerNorm(y + alpha residual) returned instead. config (one of CONFIGS) skips the tuning."""
+    -> y [M, N] in x's dtype; gelu: GELU (tanh) applied before rounding to it. config (one of CONFIGS)
+    skips the tuning."""
     global _built
     if _built is None:
         _built = _build()
@@ -97,13 +82,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
     if quant != (scale is not None):
         raise ValueError("an int8 weight needs its row scales, and only an int8 weight takes them")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    tail, alpha, eps, norm_block, out = norm_operands(y, norm)
-    args = (x, w, scale if quant else w, bias if bias is not None else w, y, *tail, M, N, K, rows_bucket(M), alpha, eps)
+    args = (x, w, scale if quant else w, bias if bias is not None else w, y, M, N, K, rows_bucket(M))
     # on a GPU only: Triton's interpreter (CPU tensors, the CPU tests) cannot run the packed path's PTX
     packed = quant and w.is_cuda and K % 4 == 0 and w.data_ptr() % 4 == 0
-    launch(tuned, plain, args, dict(QUANT=quant, HAS_BIAS=bias is not None, GELU=gelu, NORM_BLOCK=norm_block,
-                                    PACKED=packed), M, N, config, "BLOCK_K")
-    return out
+    launch(tuned, plain, args, dict(QUANT=quant, HAS_BIAS=bias is not None, GELU=gelu, PACKED=packed), M, N, config,
+           "BLOCK_K")
+    return y
 
 
 def launch(tuned, plain, args, constants: dict, M: int, N: int, config, third: str) -> None:
@@ -121,13 +105,10 @@ def launch(tuned, plain, args, constants: dict, M: int, N: int, config, third: s
 # torch.compile traces through this as one op (the kernel itself is launched by gemv() at run time)
 @torch.library.custom_op("visualglm::gemv", mutates_args=())
 def gemv_op(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-            gelu: bool = False, residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
-            norm_bias: Optional[torch.Tensor] = None, alpha: float = 1.0, eps: float = 1e-5) -> torch.Tensor:
-    """gemv(); with residual, its norm (residual, norm_weight, norm_bias, alpha, eps)."""
-    return gemv(x, w, scale, bias, gelu=gelu, norm=None if residual is None else
-                (residual, norm_weight, norm_bias, alpha, eps))
+            gelu: bool = False) -> torch.Tensor:
+    return gemv(x, w, scale, bias, gelu=gelu)
 
 
 @gemv_op.register_fake
-def _(x, w, scale, bias, gelu=False, residual=None, norm_weight=None, norm_bias=None, alpha=1.0, eps=1e-5):
+def _(x, w, scale, bias, gelu=False):
     return x.new_empty(x.shape[0], w.shape[0])

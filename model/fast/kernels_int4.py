@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .kernels import AVAILABLE, launch, norm_operands, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
+from .kernels import AVAILABLE, launch, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
 
 # (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps)
 CONFIGS = ((1, 2, 8, 4), (1, 4, 2, 2), (1, 4, 4, 4), (1, 4, 8, 4), (1, 4, 8, 8), (1, 4, 16, 8), (1, 8, 1, 2),
@@ -52,9 +52,9 @@ def _build():
 
 
 def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         config=None, gelu: bool = False, norm=None) -> torch.Tensor:
+         config=None, gelu: bool = False) -> torch.Tensor:
     """x [M, K] (contiguous), words [N, K/8] int32 (pack_words), scales [N, K/G]; bias [N] or None
-    -> y [M, N] in x's dtype; gelu and norm as in kernels.gemv. config (one of CONFIGS) skips the tuning."""
+    -> y [M, N] in x's dtype; gelu as in kernels.gemv. config (one of CONFIGS) skips the tuning."""
     global _built
     if _built is None:
         _built = _build()
@@ -64,25 +64,20 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optio
     if words.dtype != torch.int32 or words.shape != (N, K // 8) or K % groups or (K // groups) % 8:
         raise ValueError(f"int4 words {tuple(words.shape)} {words.dtype} and {groups} groups do not fit x [{M}, {K}]")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    tail, alpha, eps, norm_block, out = norm_operands(y, norm)
-    args = (x, words, scales, bias if bias is not None else scales, y, *tail, M, N, K // 8, groups, rows_bucket(M),
-            alpha, eps)
+    args = (x, words, scales, bias if bias is not None else scales, y, M, N, K // 8, groups, rows_bucket(M))
     # fp16x2 PTX: fp16 x, read as 32-bit words (its rows start on 4-byte boundaries: K is a multiple of 32)
     asm = x.is_cuda and x.dtype == torch.float16 and x.data_ptr() % 4 == 0
-    launch(tuned, plain, args, dict(W=K // groups // 8, HAS_BIAS=bias is not None, GELU=gelu, NORM_BLOCK=norm_block,
-                                    ASM=asm), M, N, config, "BLOCK_G")
-    return out
+    launch(tuned, plain, args, dict(W=K // groups // 8, HAS_BIAS=bias is not None, GELU=gelu, ASM=asm), M, N, config,
+           "BLOCK_G")
+    return y
 
 
 @torch.library.custom_op("visualglm::gemv_int4", mutates_args=())
 def gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
-            gelu: bool = False, residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
-            norm_bias: Optional[torch.Tensor] = None, alpha: float = 1.0, eps: float = 1e-5) -> torch.Tensor:
-    """gemv(); with residual, its norm (as kernels.gemv_op)."""
-    return gemv(x, words, scales, bias, gelu=gelu, norm=None if residual is None else
-                (residual, norm_weight, norm_bias, alpha, eps))
+            gelu: bool = False) -> torch.Tensor:
+    return gemv(x, words, scales, bias, gelu=gelu)
 
 
 @gemv_op.register_fake
-def _(x, words, scales, bias, gelu=False, residual=None, norm_weight=None, norm_bias=None, alpha=1.0, eps=1e-5):
+def _(x, words, scales, bias, gelu=False):
     return x.new_empty(x.shape[0], words.shape[0])

@@ -9,15 +9,13 @@ int4  per group of GROUP input columns (fewer for narrow layers), symmetric: w ~
       docs/benchmarks.md); elsewhere the same values are dequantized and multiplied, so the CPU path
       computes the same function.
 """
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant import dequantize, quantize_weight
 from . import kernels, kernels_int4  # import no Triton until a kernel is first run
-from .glm import Then, activate, add_norm, norm_args
+from .glm import activate
 
 GROUP = 128            # int4: input columns per scale
 SMALL_M = 16           # int8: rows of input that still take the Triton GEMV kernel
@@ -35,18 +33,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(weight.dtype))
         self.bias = bias
 
-    def forward(self, x, then: Optional[Then] = None):
+    def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        tail = norm_args(then, x2.shape[0])
         if x.is_cuda and x2.shape[0] <= SMALL_M:
             # an opaque op inside a compiled step (inductor's own fusion of int8 -> matmul measured slower)
-            y = kernels.gemv_op(x2.contiguous(), self.qweight, self.scale, self.bias, self.gelu, *tail)
+            y = kernels.gemv_op(x2.contiguous(), self.qweight, self.scale, self.bias, self.gelu)
         else:
-            tail = ()
             y = activate(self, F.linear(x2, dequantize(self.qweight, self.scale, 8, x.dtype), self.bias))
-        y = y.reshape(*shape[:-1], -1)
-        return y if tail else add_norm(y, then)
+        return y.reshape(*shape[:-1], -1)
 
 
 # -- int4 ------------------------------------------------------------------------------------------
@@ -141,20 +136,17 @@ class Int4Linear(nn.Module):
         """The weight (its output rows `rows`) as the float values the kernel computes with."""
         return dequantize_int4_groups(unpack_words(self.qweight[rows], self.group), self.scales[rows], dtype)
 
-    def forward(self, x, then: Optional[Then] = None):
+    def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        tail = norm_args(then, x2.shape[0])
         if x.is_cuda and kernels_int4.AVAILABLE and x2.shape[0] <= SMALL_M_INT4:
-            y = kernels_int4.gemv_op(x2.contiguous(), self.qweight, self.scales, self.bias, self.gelu, *tail)
+            y = kernels_int4.gemv_op(x2.contiguous(), self.qweight, self.scales, self.bias, self.gelu)
         else:
-            tail = ()
             N = self.qweight.shape[0]
             y = activate(self, torch.cat([F.linear(x2, self.dequantized(x.dtype, slice(n, n + self.CHUNK)),
                                                    None if self.bias is None else self.bias[n:n + self.CHUNK])
                                           for n in range(0, N, self.CHUNK)], dim=-1))
-        y = y.reshape(*shape[:-1], -1)
-        return y if tail else add_norm(y, then)
+        return y.reshape(*shape[:-1], -1)
 
 
 # -- rewriting a model --------------------------------------------------------------------------------

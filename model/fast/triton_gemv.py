@@ -17,45 +17,10 @@ def epilogue(y, cols, b_ptr, N, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
 
 
 @triton.jit
-def norm_tail(y_ptr, r_ptr, nw_ptr, nb_ptr, m_ptr, count_ptr, N, alpha, eps, NORM_BLOCK: tl.constexpr):
-    """Run by every program of a one-row GEMV once it stored its part of y: the last to finish (an atomic
-    count, which it resets for the next launch) writes m = LayerNorm(y + alpha r) (weight nw, bias nb; in
-    fp32, from y as stored), the work of a kernel of its own after the GEMV (2.7 us on an H200, plus the gap
-    between kernels). NORM_BLOCK (a power of two, 1024 at most) elements at a time: a whole row of 4096 at
-    once took up to 208 registers a thread, which every program of the GEMV would be given."""
-    tl.debug_barrier()                        # every thread's part of y stored before the count moves
-    if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) * tl.num_programs(1) - 1:
-        c = tl.arange(0, NORM_BLOCK)
-        # sums of h - h[0] (shifted: no cancellation when the mean is large against the spread)
-        shift = tl.load(y_ptr, cache_modifier=".cg").to(tl.float32) + alpha * tl.load(r_ptr).to(tl.float32)
-        total = tl.zeros((NORM_BLOCK,), tl.float32)
-        squares = tl.zeros((NORM_BLOCK,), tl.float32)
-        for n0 in range(0, N, NORM_BLOCK):
-            inside = n0 + c < N
-            h = tl.load(y_ptr + n0 + c, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float32) + \
-                alpha * tl.load(r_ptr + n0 + c, mask=inside, other=0.0).to(tl.float32)
-            h = tl.where(inside, h - shift, 0.0)
-            total += h
-            squares += h * h
-        mean = tl.sum(total, axis=0) / N                                     # of h - shift
-        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(squares, axis=0) / N - mean * mean, 0.0) + eps)
-        for n0 in range(0, N, NORM_BLOCK):
-            inside = n0 + c < N
-            h = tl.load(y_ptr + n0 + c, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float32) + \
-                alpha * tl.load(r_ptr + n0 + c, mask=inside, other=0.0).to(tl.float32)
-            m = (h - shift - mean) * rstd * tl.load(nw_ptr + n0 + c, mask=inside, other=0.0).to(tl.float32) + \
-                tl.load(nb_ptr + n0 + c, mask=inside, other=0.0).to(tl.float32)
-            tl.store(m_ptr + n0 + c, m.to(m_ptr.dtype.element_ty), mask=inside)
-        tl.store(count_ptr, 0)
-
-
-@triton.jit
-def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, m_ptr, count_ptr, M, N, K, ROWS, alpha, eps,
-           QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM_BLOCK: tl.constexpr,
-           PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+           GELU: tl.constexpr, PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # ROWS (rows_bucket(M)) is only the tuning key; QUANT: w is int8 with a scale per output row;
-    # PACKED: int8 rows read as int32 words of 4 weights (K % 4 == 0, rows 4-byte aligned, on a GPU);
-    # NORM_BLOCK > 0 (one row only): norm_tail with r, nw, nb, m, alpha, eps after y is stored
+    # PACKED: int8 rows read as int32 words of 4 weights (K % 4 == 0, rows 4-byte aligned, on a GPU)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)     # rows of x of this program
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)     # output features of this program
     if BLOCK_M == 1 and PACKED:
@@ -123,5 +88,3 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, m_ptr, coun
     y = epilogue(y, cols, b_ptr, N, HAS_BIAS, GELU)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
-    if NORM_BLOCK > 0:
-        norm_tail(y_ptr, r_ptr, nw_ptr, nb_ptr, m_ptr, count_ptr, N, alpha, eps, NORM_BLOCK)

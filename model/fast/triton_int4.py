@@ -11,7 +11,7 @@ word's sum is then scaled by 8 * its group's scale into an fp32 accumulator.
 import triton
 import triton.language as tl
 
-from .triton_gemv import epilogue, norm_tail
+from .triton_gemv import epilogue
 
 WORD_DOT = tl.constexpr("""{
 .reg .b32 t0, t1, t2, t3, w8, s0, b0, s1, b1, acc;
@@ -48,11 +48,9 @@ def nibble(w, shift):
 
 
 @triton.jit
-def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, m_ptr, count_ptr, M, N, KW, GROUPS, ROWS, alpha,
-           eps, W: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM_BLOCK: tl.constexpr, ASM: tl.constexpr,
-           EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+           GELU: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     # x [M, K = 8 KW], w [N, KW] int32 words, s [N, GROUPS] group scales; ROWS is the tuning key only;
-    # NORM_BLOCK > 0 (one row only): triton_gemv.norm_tail after y is stored;
     # EVEN: N and GROUPS are multiples of the tile (no masks). KW and GROUPS come as arguments, not derived
     # from K, so that Triton knows their divisibility and loads 4 words at a time.
     # Weight k = g G + 2 (p W + j) + e of a row is pair p, element e of its word g W + j (G = 8 W).
@@ -130,5 +128,3 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, nb_ptr, m_ptr, coun
     y = epilogue(y, cols, b_ptr, N, HAS_BIAS, GELU)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
-    if NORM_BLOCK > 0:
-        norm_tail(y_ptr, r_ptr, nw_ptr, nb_ptr, m_ptr, count_ptr, N, alpha, eps, NORM_BLOCK)
