@@ -99,8 +99,9 @@ def test_decode_attention_equals_torch_in_the_interpreter():
 def check_fast_path_with_the_kernel(compile: bool, device: str = "cpu") -> None:
     """The fast backend's batch-1 decoding with the kernel (on the CPU forced on, for tensors that only
     Triton's interpreter can run) against the same backend without it, in fp32: every step's logits, greedy
-    tokens, and the cache it leaves. compile: the step through torch.compile too, which must keep the
-    kernel's writes into the cache (the op mutates its keys and values)."""
+    tokens, and the cache it leaves; on a GPU, the greedy tokens against the sat backend too. compile: the
+    step through torch.compile too, which must keep the kernel's writes into the cache (the op mutates its
+    keys and values)."""
     from model.configs import tiny_config
     from model.fast import FastBackend, attention
     from model.generation import Request, generate
@@ -130,6 +131,9 @@ def check_fast_path_with_the_kernel(compile: bool, device: str = "cpu") -> None:
         attention.fits = shipped
     (tokens, logits, keys, values), (tokens_f, logits_f, keys_f, values_f) = runs
     assert tokens_f == tokens and len(tokens) == 60 - 7
+    if device == "cuda":                 # the GPU's GEMVs (GELU in their epilogue) too, against sat's model
+        from model.sat.backend import SatBackend
+        assert [step[0] for step in generate(SatBackend(net), [Request(**request)], 3, [])] == tokens
     assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(logits, logits_f))
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(keys + values, keys_f + values_f))
 
