@@ -5,7 +5,8 @@ Why: decoding attends a single query per head to a few hundred cached positions,
 cuDNN's flash attention took 8.5 us per layer for it at batch 1 on an H200 (docs/benchmarks.md), about
 three times what reading the keys and values takes. And around it, a compiled step launched three small
 kernels per layer (rotary, key write, value write) and a second one to merge the split-K partials: on an
-H200 these four took 4.4 us per layer, plus ~0.45 us of gap each between kernels, of a 2.2 ms int4 token.
+H200 these four took 5.2 us per layer, plus ~0.45 us of gap each between kernels, of a 2.2 ms int4 token
+(torch.profiler; the kernel took int4 from 465 to 495 tokens/s, docs/benchmarks.md).
 
 How (split-K, "flash decoding"): program (row, head, chunk) rotates q and the new k (both rounded to the
 cache's dtype, as the unfused step stores them), takes one chunk of positions 0..slot, and keeps a running
