@@ -2,6 +2,7 @@
 the quantization error allows, and a quantized FastBackend still generating."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.fast import FastBackend
 from model.fast.quant import (Int4Linear, Int8Linear, dequantize_int4_groups, group_size, pack_words,
@@ -129,15 +130,17 @@ def gemv_tolerance(dtype, exact):
 
 
 def epilogues(config, configs, bias):
-    """The biases to check a tile with: none, and `bias` on the first tile and the last (a one-row tile and a
-    tl.dot one). The epilogue is the same code under every tile, and each variant is one more compilation
-    (the GPU run of this test is mostly Triton compiling)."""
-    return (None, bias) if config in (configs[0], configs[-1]) else (None,)
+    """(bias, GELU) pairs to check a tile with: neither, and on the first tile and the last (a one-row tile
+    and a tl.dot one) the bias and bias + GELU. The epilogue is the same code under every tile, and each
+    variant is one more compilation (the GPU run of this test is mostly Triton compiling)."""
+    if config in (configs[0], configs[-1]):
+        return (None, False), (bias, False), (bias, True)
+    return ((None, False),)
 
 
 def check_every_gemv_tile(device: str) -> None:
-    """The Triton GEMV under each of its tiles against x @ W.T (+ bias), for int8 weights (every value
-    -128..127, with row scales) and for weights in x's dtype."""
+    """The Triton GEMV under each of its tiles against x @ W.T (+ bias, + GELU in the epilogue), for int8
+    weights (every value -128..127, with row scales) and for weights in x's dtype."""
     from model.fast import kernels
     dtype = torch.float16 if device == "cuda" else torch.float32
     torch.manual_seed(3)
@@ -153,10 +156,11 @@ def check_every_gemv_tile(device: str) -> None:
                             (float_w, None, x.float() @ float_w.float().T)):             # exact [M, N]
             tol = gemv_tolerance(dtype, exact)
             for config in kernels.CONFIGS:
-                for b in epilogues(config, kernels.CONFIGS, bias):
+                for b, gelu in epilogues(config, kernels.CONFIGS, bias):
                     want = exact if b is None else exact + b.float()
-                    got = kernels.gemv(x, w, s, b, config=config).float()
-                    assert (got - want).abs().max() <= tol, (config, M, w.dtype, (got - want).abs().max())
+                    want = F.gelu(want, approximate="tanh") if gelu else want
+                    got = kernels.gemv(x, w, s, b, config=config, gelu=gelu).float()
+                    assert (got - want).abs().max() <= tol, (config, M, w.dtype, gelu, (got - want).abs().max())
 
 
 def check_every_int4_tile(device: str) -> None:
@@ -176,10 +180,11 @@ def check_every_int4_tile(device: str) -> None:
         for config in kernels_int4.CONFIGS:
             if config[0] > 1 and config[2] * group // 8 < 16:
                 continue                                   # tl.dot takes 16 or more words per step
-            for b in epilogues(config, kernels_int4.CONFIGS, bias):
+            for b, gelu in epilogues(config, kernels_int4.CONFIGS, bias):
                 want = exact if b is None else exact + b.float()
-                got = kernels_int4.gemv(x, layer.qweight, layer.scales, b, config=config).float()
-                assert (got - want).abs().max() <= tol, (config, M, K, (got - want).abs().max())
+                want = F.gelu(want, approximate="tanh") if gelu else want
+                got = kernels_int4.gemv(x, layer.qweight, layer.scales, b, config=config, gelu=gelu).float()
+                assert (got - want).abs().max() <= tol, (config, M, K, gelu, (got - want).abs().max())
 
 
 def check_triton_kernels(device: str) -> None:

@@ -22,3 +22,8 @@ class KVCache(torch.nn.Module):
         self.k[layer].index_copy_(2, slots, k)
         self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
+
+    def decode_target(self, layer: int, slots: torch.Tensor):
+        """Where attention.decode_attention writes one new token per row: that layer's keys and values
+        [B, nh, T, hd] and each row's slot [B] (slots [1]: the batch shares it)."""
+        return self.k[layer], self.v[layer], slots.expand(self.batch)

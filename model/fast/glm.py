@@ -6,7 +6,8 @@ embeddings applied separately to the two halves of each head (position ids on th
 position ids on the second), GELU (tanh), a final LayerNorm and an untied LM head. Differences are in
 the mechanics only: a static key/value cache written by index, and attention through
 scaled_dot_product_attention with a boolean mask (the GLM prefix mask: bidirectional over the prompt,
-causal after it).
+causal after it); batch-1 decoding on a GPU does rotary, cache write and attention in one kernel
+(attention.py).
 """
 import contextlib
 import math
@@ -28,10 +29,17 @@ from .embedding import Embedding
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def activate(layer, y: torch.Tensor) -> torch.Tensor:
+    """The GELU (tanh) of a linear layer whose `gelu` is set, where its kernel did not apply it already."""
+    return F.gelu(y, approximate="tanh") if layer.gelu else y
+
+
 class Linear(nn.Module):
     """y = x W^T + b over existing tensors; quantized variants replace it (model/fast/quant.py).
     One row on a GPU (decoding at batch 1) goes through the Triton GEMV (kernels.py), faster there than
-    cuBLAS at every layer shape of the 7.8B model; anything else through F.linear."""
+    cuBLAS at every layer shape of the 7.8B model; anything else through F.linear.
+    gelu: GELU (tanh) after it; the GEMV applies it in its epilogue (one kernel fewer per layer)."""
+    gelu = False
 
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
@@ -39,19 +47,9 @@ class Linear(nn.Module):
 
     def forward(self, x):
         if x.is_cuda and x.numel() == x.shape[-1] and kernels.AVAILABLE:
-            y = kernels.gemv_op(x.reshape(1, -1).contiguous(), self.weight, None, self.bias)     # [1, N]
+            y = kernels.gemv_op(x.reshape(1, -1).contiguous(), self.weight, None, self.bias, self.gelu)  # [1, N]
             return y.view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight, self.bias)
-
-
-def attend(q, keys, values, mask):
-    """q [B, nh, S, hd] over keys, values [B, nh, T, hd] with mask [B, 1, S, T] bool. One query of one row
-    on a GPU (batch-1 decoding, where it was measured faster) goes through the Triton kernel of
-    attention.py; prompts and batched decoding (the server's, measured with SDPA) through SDPA."""
-    B, _, S, hd = q.shape
-    if B == 1 and S == 1 and q.is_cuda and attention.AVAILABLE and hd & (hd - 1) == 0:     # (tl.arange: 2^k)
-        return attention.decode_attention_op(q, keys, values, mask)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return activate(self, F.linear(x, self.weight, self.bias))
 
 
 def linear_of(module) -> Linear:
@@ -82,21 +80,29 @@ class Block(nn.Module):
         self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
         self.qkv, self.dense = linear_of(layer.attention.query_key_value), linear_of(layer.attention.dense)
         self.up, self.down = linear_of(layer.mlp.dense_h_to_4h), linear_of(layer.mlp.dense_4h_to_h)
+        self.up.gelu = True                                                      # GELU in up's epilogue
         self.alpha, self.heads = alpha, heads
 
     def forward(self, x, rope, cache: KVCache, index: int, slots, mask):
         B, S, H = x.shape
         cos, sin, perm = rope                                                      # [B, S, 1, 1, hd] x2, [hd]
         a = self.ln1(x)
-        qkv = self.qkv(a).view(B, S, 3, self.heads, -1)                            # [B, S, 3, nh, hd]
-        qk = qkv[:, :, :2]
-        qk = qk * cos + qk[..., perm] * sin                                        # q and k rotated together
-        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))   # [B, nh, S, hd]
-        keys, values = cache.update(index, slots, k, v)                           # [B, nh, T, hd]
-        attn = attend(q, keys, values, mask)                                      # [B, nh, S, hd]
+        qkv = self.qkv(a)                                                          # [B, S, 3 * nh * hd]
+        if attention.fits(B, S, H // self.heads, x.is_cuda):
+            # rotary, cache write and attention in one kernel (attention.py)
+            keys, values, at = cache.decode_target(index, slots)
+            attn = attention.decode_attention_op(qkv.view(B, -1), cos.view(B, -1), sin.view(B, -1), perm, keys, values,
+                                                 mask.view(B, -1), at)             # [B, nh, 1, hd]
+        else:
+            qkv = qkv.view(B, S, 3, self.heads, -1)                                # [B, S, 3, nh, hd]
+            qk = qkv[:, :, :2]
+            qk = qk * cos + qk[..., perm] * sin                                    # q and k rotated together
+            q, k, v = (t.transpose(1, 2) for t in (qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]))   # [B, nh, S, hd]
+            keys, values = cache.update(index, slots, k, v)                       # [B, nh, T, hd]
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, nh, S, hd]
         h = torch.add(self.dense(attn.transpose(1, 2).reshape(B, S, H)), a, alpha=self.alpha)
         m = self.ln2(h)
-        return torch.add(self.down(F.gelu(self.up(m), approximate="tanh")), m, alpha=self.alpha)
+        return torch.add(self.down(self.up(m)), m, alpha=self.alpha)
 
 
 class FastGLM(nn.Module):

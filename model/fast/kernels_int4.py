@@ -52,9 +52,9 @@ def _build():
 
 
 def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         config=None) -> torch.Tensor:
+         config=None, gelu: bool = False) -> torch.Tensor:
     """x [M, K] (contiguous), words [N, K/8] int32 (pack_words), scales [N, K/G]; bias [N] or None
-    -> y [M, N] in x's dtype. config (one of CONFIGS) skips the tuning."""
+    -> y [M, N] in x's dtype; gelu as in kernels.gemv. config (one of CONFIGS) skips the tuning."""
     global _built
     if _built is None:
         _built = _build()
@@ -67,15 +67,17 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optio
     args = (x, words, scales, bias if bias is not None else scales, y, M, N, K // 8, groups, rows_bucket(M))
     # fp16x2 PTX: fp16 x, read as 32-bit words (its rows start on 4-byte boundaries: K is a multiple of 32)
     asm = x.is_cuda and x.dtype == torch.float16 and x.data_ptr() % 4 == 0
-    launch(tuned, plain, args, dict(W=K // groups // 8, HAS_BIAS=bias is not None, ASM=asm), M, N, config, "BLOCK_G")
+    launch(tuned, plain, args, dict(W=K // groups // 8, HAS_BIAS=bias is not None, GELU=gelu, ASM=asm), M, N, config,
+           "BLOCK_G")
     return y
 
 
 @torch.library.custom_op("visualglm::gemv_int4", mutates_args=())
-def gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return gemv(x, words, scales, bias)
+def gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+            gelu: bool = False) -> torch.Tensor:
+    return gemv(x, words, scales, bias, gelu=gelu)
 
 
 @gemv_op.register_fake
-def _(x, words, scales, bias):
+def _(x, words, scales, bias, gelu=False):
     return x.new_empty(x.shape[0], words.shape[0])

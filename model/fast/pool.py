@@ -70,3 +70,7 @@ class _DecodeView:
         self.pool.k[layer][rows, :, index] = k[:, :, 0]
         self.pool.v[layer][rows, :, index] = v[:, :, 0]
         return self.pool.k[layer][:self.n, :, :self.span], self.pool.v[layer][:self.n, :, :self.span]
+
+    def decode_target(self, layer: int, index: torch.Tensor):
+        """As KVCache.decode_target: the pool's keys and values (rows 0..n-1 are slots 0..n-1) and index."""
+        return self.pool.k[layer], self.pool.v[layer], index

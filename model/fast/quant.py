@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..quant import dequantize, quantize_weight
 from . import kernels, kernels_int4  # import no Triton until a kernel is first run
+from .glm import activate
 
 GROUP = 128            # int4: input columns per scale
 SMALL_M = 16           # int8: rows of input that still take the Triton GEMV kernel
@@ -23,6 +24,8 @@ SMALL_M_INT4 = 256     # int4: rows that take its GEMV (it reads the weight once
 
 # -- int8 ------------------------------------------------------------------------------------------
 class Int8Linear(nn.Module):
+    gelu = False                       # as glm.Linear's
+
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
         q, scale = quantize_weight(weight, 8)                        # [N, K] int8, [N]
@@ -35,9 +38,9 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x.is_cuda and x2.shape[0] <= SMALL_M:
             # an opaque op inside a compiled step (inductor's own fusion of int8 -> matmul measured slower)
-            y = kernels.gemv_op(x2.contiguous(), self.qweight, self.scale, self.bias)
+            y = kernels.gemv_op(x2.contiguous(), self.qweight, self.scale, self.bias, self.gelu)
         else:
-            y = F.linear(x2, dequantize(self.qweight, self.scale, 8, x.dtype), self.bias)
+            y = activate(self, F.linear(x2, dequantize(self.qweight, self.scale, 8, x.dtype), self.bias))
         return y.reshape(*shape[:-1], -1)
 
 
@@ -119,6 +122,7 @@ class Int4Linear(nn.Module):
     tile of 16-64 rows. More rows (long prompts), or off CUDA: the weight dequantized CHUNK output rows at
     a time and multiplied, so a layer never holds more than a slice of itself in float."""
     CHUNK = 8192
+    gelu = False                       # as glm.Linear's
 
     def __init__(self, weight: torch.Tensor, bias):
         super().__init__()
@@ -136,12 +140,12 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x.is_cuda and kernels_int4.AVAILABLE and x2.shape[0] <= SMALL_M_INT4:
-            y = kernels_int4.gemv_op(x2.contiguous(), self.qweight, self.scales, self.bias)
+            y = kernels_int4.gemv_op(x2.contiguous(), self.qweight, self.scales, self.bias, self.gelu)
         else:
             N = self.qweight.shape[0]
-            y = torch.cat([F.linear(x2, self.dequantized(x.dtype, slice(n, n + self.CHUNK)),
-                                    None if self.bias is None else self.bias[n:n + self.CHUNK])
-                           for n in range(0, N, self.CHUNK)], dim=-1)
+            y = activate(self, torch.cat([F.linear(x2, self.dequantized(x.dtype, slice(n, n + self.CHUNK)),
+                                                   None if self.bias is None else self.bias[n:n + self.CHUNK])
+                                          for n in range(0, N, self.CHUNK)], dim=-1))
         return y.reshape(*shape[:-1], -1)
 
 
@@ -164,6 +168,7 @@ def quantize_glm(glm, bits: int, release=None, device=None) -> None:
         old = getattr(owner, name)
         weight = old.weight if device is None else old.weight.to(device)     # [N, K] float, one at a time
         setattr(owner, name, make(weight, old.bias))
+        getattr(owner, name).gelu = old.gelu
         del weight
         if release is not None:
             release(old.weight)

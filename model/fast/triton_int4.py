@@ -11,6 +11,8 @@ word's sum is then scaled by 8 * its group's scale into an fp32 accumulator.
 import triton
 import triton.language as tl
 
+from .triton_gemv import epilogue
+
 WORD_DOT = tl.constexpr("""{
 .reg .b32 t0, t1, t2, t3, w8, s0, b0, s1, b1, acc;
 .reg .b16 lo, hi;
@@ -47,7 +49,7 @@ def nibble(w, shift):
 
 @triton.jit
 def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-           ASM: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+           GELU: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     # x [M, K = 8 KW], w [N, KW] int32 words, s [N, GROUPS] group scales; ROWS is the tuning key only;
     # EVEN: N and GROUPS are multiples of the tile (no masks). KW and GROUPS come as arguments, not derived
     # from K, so that Triton knows their divisibility and loads 4 words at a time.
@@ -123,7 +125,6 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.cons
             acc += tl.dot(tl.load(xs + 6 * W, mask=inside, other=0.0), (nibble(w, 12) * s8).to(dt))
             acc += tl.dot(tl.load(xs + 6 * W + 1, mask=inside, other=0.0), (nibble(w, 28) * s8).to(dt))
         y = acc
-    if HAS_BIAS:
-        y += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    y = epilogue(y, cols, b_ptr, N, HAS_BIAS, GELU)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
