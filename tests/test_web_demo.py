@@ -76,6 +76,26 @@ def toasts(page):
     return " ".join(t.inner_text() for t in page.locator(".toast-body").all())
 
 
+def record_answer(page, index):
+    """Record in the page every text bot message `index` takes (recorded_answer reads them back): in the
+    browser itself, since a Python poll of the DOM can miss a short answer's steps on a loaded machine
+    (CI once saw only the empty and the final text)."""
+    page.evaluate("""index => {
+        const root = document.querySelector('#chatbot'), seen = window.__answer = [];
+        const note = () => {
+            const bots = root.querySelectorAll("[data-testid='bot']");
+            const text = bots.length > index ? bots[index].innerText : "";
+            if (seen[seen.length - 1] !== text) seen.push(text);
+        };
+        new MutationObserver(note).observe(root, {subtree: true, childList: true, characterData: true});
+        note();
+    }""", index)
+
+
+def recorded_answer(page):
+    return page.evaluate("() => window.__answer")
+
+
 def watch_answer(page, index, timeout=60.0):
     """Poll bot message `index` until it stops changing; return every distinct text seen on the way."""
     seen, last_change, end = [], time.monotonic(), time.monotonic() + timeout
@@ -115,8 +135,10 @@ def test_upload_ask_stream_follow_up_and_clear(page, image_file):
     page.wait_for_function("() => document.body.innerText.includes('Please type a question')")
 
     query.fill("描述这张图片。")
+    record_answer(page, 0)
     page.locator("#send").click()
-    seen = watch_answer(page, 0)
+    watch_answer(page, 0)
+    seen = recorded_answer(page)
     growing = [t for t in seen if t]
     assert len(growing) >= 3, f"the answer did not stream: {[len(t) for t in seen]}"
     assert all(len(a) <= len(b) for a, b in zip(growing, growing[1:]))
