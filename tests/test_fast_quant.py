@@ -138,6 +138,12 @@ def epilogues(config, configs, bias):
     return ((None, False),)
 
 
+def with_epilogue(exact, bias, gelu):
+    """The exact product [M, N] fp32 with a GEMV's epilogue applied: + bias, then GELU (tanh)."""
+    want = exact if bias is None else exact + bias.float()
+    return F.gelu(want, approximate="tanh") if gelu else want
+
+
 def check_every_gemv_tile(device: str) -> None:
     """The Triton GEMV under each of its tiles against x @ W.T (+ bias, + GELU in the epilogue), for int8
     weights (every value -128..127, with row scales) and for weights in x's dtype."""
@@ -157,8 +163,7 @@ def check_every_gemv_tile(device: str) -> None:
             tol = gemv_tolerance(dtype, exact)
             for config in kernels.CONFIGS:
                 for b, gelu in epilogues(config, kernels.CONFIGS, bias):
-                    want = exact if b is None else exact + b.float()
-                    want = F.gelu(want, approximate="tanh") if gelu else want
+                    want = with_epilogue(exact, b, gelu)
                     got = kernels.gemv(x, w, s, b, config=config, gelu=gelu).float()
                     assert (got - want).abs().max() <= tol, (config, M, w.dtype, gelu, (got - want).abs().max())
 
@@ -181,8 +186,7 @@ def check_every_int4_tile(device: str) -> None:
             if config[0] > 1 and config[2] * group // 8 < 16:
                 continue                                   # tl.dot takes 16 or more words per step
             for b, gelu in epilogues(config, kernels_int4.CONFIGS, bias):
-                want = exact if b is None else exact + b.float()
-                want = F.gelu(want, approximate="tanh") if gelu else want
+                want = with_epilogue(exact, b, gelu)
                 got = kernels_int4.gemv(x, layer.qweight, layer.scales, b, config=config, gelu=gelu).float()
                 assert (got - want).abs().max() <= tol, (config, M, K, gelu, (got - want).abs().max())
 
