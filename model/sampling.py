@@ -1,7 +1,8 @@
 """Sampling: how one next token is chosen from a row's logits.
 
 It follows sat's BaseStrategy (spec 7.1):
-  1. NaN logits are an error; +inf logits leave only those tokens in play;
+  1. NaN logits are an error; +inf logits leave only those tokens in play (checked on the scaled
+     logits that steps 2-3 leave: a masked one is out, one that overflowed its division is in);
   2. logits / temperature, and ids already *generated* (not the prompt) are further divided by
      repetition_penalty (sign-agnostic division, as sat does);
   3. invalid_slices are masked out;
@@ -9,9 +10,9 @@ It follows sat's BaseStrategy (spec 7.1):
   5. softmax -> multinomial.
 Greedy (argmax) when top_k == 1 or temperature == 0.
 
-Every accepted setting is numerically safe: the divisor is kept within [1e-30, 1e30] and scaled logits
-within fp32's finite range, and masked tokens get -inf rather than sat's -65504 (a tiny temperature or
-penalty can push kept logits far below -65504). So softmax never sees inf - inf and never gives NaN.
+Every accepted setting is numerically safe: the divisor is kept within [1e-30, 1e30], and masked tokens
+get -inf rather than sat's -65504 (a tiny temperature or penalty can push kept logits far below -65504).
+So softmax never sees inf - inf and never gives NaN.
 """
 import math
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ from .transfer import PinnedRing
 
 MIN_TEMPERATURE = 1e-5         # below this a temperature acts as this (0 itself means greedy)
 MIN_DIVISOR, MAX_DIVISOR = 1e-30, 1e30   # |fp16 logit| / 1e-30 stays well inside fp32
-FP32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -100,27 +100,30 @@ class Ranked:
     empty: torch.Tensor          # [B] bool: nothing left to sample
 
 
-def rank_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings) -> Ranked:
-    """logits [B, V], seen [B, V] bool (tokens each row generated) -> Ranked: steps 1-4 above for every
-    row at once, with no host synchronisation. Only what changes the order (the repetition penalty,
-    invalid slices) touches all V logits (130,528 for VisualGLM-6B); the rest works on the R ranked ones,
-    so a step launches a few small kernels, not dozens over the whole vocabulary."""
+def candidates(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings):
+    """Steps 2-3 and the ranking of step 4: logits [B, V], seen [B, V] bool (tokens each row generated)
+    -> (values [B, R] fp32, descending, tokens [B, R]): each row's best `rows.ranks` logits, divided by
+    their divisors only when the penalty changes the order (otherwise a row's one positive divisor keeps
+    it, and filter_ranked divides R values, not V). NaN ranks above everything (torch.topk and torch.sort
+    both put it first), so a row with a NaN logit has NaN first."""
     x = logits.float()
-    top = x.amax(-1, keepdim=True)                              # [B, 1] NaN if the row has one: one pass
-    nan = torch.isnan(top[:, 0])
-    certain = top == float("inf")                               # a token is infinitely likely
     if rows.penalises:                                          # generated tokens are divided by more
         x = x / torch.where(seen, rows.penalised[:, None], rows.plain[:, None])
     if rows.invalid is not None:
         x = x.masked_fill(rows.invalid, float("-inf"))
     if rows.ranks < x.shape[-1]:
-        values, tokens = torch.topk(x, rows.ranks, dim=-1)                         # [B, R], descending
-    else:
-        values, tokens = torch.sort(x, dim=-1, descending=True)                    # [B, V]
-    if not rows.penalises:                   # a positive divisor per row keeps the order: divide R, not V
+        return torch.topk(x, rows.ranks, dim=-1)                                   # [B, R], descending
+    return torch.sort(x, dim=-1, descending=True)                                  # [B, V]
+
+
+def filter_ranked(values: torch.Tensor, tokens: torch.Tensor, rows: RowSettings) -> Ranked:
+    """candidates() -> Ranked: steps 1 and 4 on the R ranked values of each row."""
+    if not rows.penalises:
         values = values / rows.plain[:, None]
-    values = torch.where(torch.isinf(values), values, values.clamp(-FP32_MAX, FP32_MAX))   # -inf stays impossible
-    # +inf tokens, if any, are ranked first: only they stay in play, equally likely
+    nan = torch.isnan(values[:, 0])
+    # +inf tokens (ranked first; a logit that overflowed its division counts as one) are all that stay
+    # in play, equally likely: softmax never sees inf - inf
+    certain = values[:, :1] == float("inf")
     values = torch.where(certain, torch.where(values == float("inf"), 0.0, float("-inf")), values)
     use_k = (rows.top_k > 0)[:, None]
     kth = values.gather(1, (rows.top_k.clamp(1, values.shape[-1]) - 1)[:, None])   # [B, 1]
@@ -131,6 +134,14 @@ def rank_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings) -> 
     return Ranked(values, tokens, nan, ~torch.isfinite(values[:, 0]))
 
 
+def rank_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings) -> Ranked:
+    """logits [B, V], seen [B, V] bool -> Ranked: steps 1-4 above for every row at once, with no host
+    synchronisation. Only what changes the order (the repetition penalty, invalid slices) touches all V
+    logits (130,528 for VisualGLM-6B); the rest works on the R ranked ones, so a step launches a few small
+    kernels, not dozens over the whole vocabulary."""
+    return filter_ranked(*candidates(logits, seen, rows), rows)
+
+
 def filter_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings):
     """rank_logits over the whole vocabulary: (filtered fp32 logits [B, V] with removed tokens -inf,
     nan [B], empty [B])."""
@@ -139,26 +150,37 @@ def filter_logits(logits: torch.Tensor, seen: torch.Tensor, rows: RowSettings):
     return filtered, ranked.nan, ranked.empty
 
 
-def draw(ranked: Ranked, rows: RowSettings, generators: Sequence[Optional[torch.Generator]],
-         ring: Optional[PinnedRing] = None) -> torch.Tensor:
-    """Ranked candidates -> tokens [B]: for greedy rows the best (the lowest id among equal best, as
-    argmax over the row), otherwise a draw from the softmax by inverse CDF, in vocabulary order, with one
-    uniform number per row (from the row's own generator when it has one, so a seed gives the same answer
-    on any device; ring: their copy to the device does not wait for the GPU)."""
-    values = ranked.values
-    device = values.device
+def uniforms(generators: Sequence[Optional[torch.Generator]], device,
+             ring: Optional[PinnedRing] = None) -> torch.Tensor:
+    """One uniform number per row [B] on `device`: from the row's own generator when it has one, so a seed
+    gives the same answer on any device (ring: their copy to the device does not wait for the GPU),
+    otherwise all from the device's generator."""
     if any(g is not None for g in generators):
         u = [torch.rand((), generator=g).item() for g in generators]
-        u = ring.to_device(u, torch.float32, device) if ring is not None else torch.tensor(u).to(device)
-    else:
-        u = torch.rand(values.shape[0], device=device)
+        return ring.to_device(u, torch.float32, device) if ring is not None else torch.tensor(u).to(device)
+    return torch.rand(len(generators), device=device)
+
+
+def pick(ranked: Ranked, rows: RowSettings, u: torch.Tensor) -> torch.Tensor:
+    """Ranked candidates and uniforms u [B] -> tokens [B]: for greedy rows the best (the lowest id among
+    equal best, as argmax over the row), otherwise a draw from the softmax by inverse CDF, in vocabulary
+    order: the first token whose cumulative probability reaches (1 - u) x the total."""
+    values = ranked.values
     ids, order = ranked.tokens.sort(dim=-1)                                   # [B, R] vocabulary order
     cdf = torch.softmax(values, dim=-1).gather(1, order).cumsum(-1)
     target = ((1.0 - u) * cdf[:, -1])[:, None]                       # in (0, total]: zero-probability
-    pick = torch.searchsorted(cdf, target).clamp_(max=values.shape[-1] - 1)  # tokens never win
-    drawn = ids.gather(1, pick).squeeze(1)
-    best = torch.where(values == values[:, :1], ranked.tokens, torch.iinfo(torch.long).max).amin(-1)
+    at = torch.searchsorted(cdf, target).clamp_(max=values.shape[-1] - 1)    # tokens never win
+    drawn = ids.gather(1, at).squeeze(1)
+    best = values == values[:, :1]
+    best[:, 0] = True                                  # a NaN row's first (flagged; never an id out of range)
+    best = torch.where(best, ranked.tokens, torch.iinfo(torch.long).max).amin(-1)
     return torch.where(rows.greedy, best, drawn)
+
+
+def draw(ranked: Ranked, rows: RowSettings, generators: Sequence[Optional[torch.Generator]],
+         ring: Optional[PinnedRing] = None) -> torch.Tensor:
+    """pick() with a uniform number per row from uniforms()."""
+    return pick(ranked, rows, uniforms(generators, ranked.values.device, ring))
 
 
 class StepSampler:

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from model.sampling import Ranked, RowSettings, SamplingParams, draw, filter_logits, rank_logits
+from model.sampling import Ranked, RowSettings, SamplingParams, StepSampler, draw, filter_logits, rank_logits
 
 
 def reference_filter(logits, generated, p):
@@ -123,3 +123,15 @@ def test_infinite_logits_leave_only_those_tokens_in_play():
     torch.manual_seed(1)
     tokens = draw(ranked, rows, [None] * 400)
     assert set(tokens.tolist()) == {3, 7} and not ranked.empty.any()
+
+
+def test_a_nan_row_is_flagged_and_still_names_a_token_of_the_vocabulary():
+    """A step records every row's token (the repetition penalty's marks) before generate() reads the
+    flags: a greedy NaN row once named id 2^63 - 1, out of range there (a device assert on a GPU)."""
+    logits = torch.randn(3, 10)
+    logits[0, 4] = logits[2, 1] = float("nan")
+    params = [SamplingParams(top_k=1), SamplingParams(top_k=1), SamplingParams(top_k=5, temperature=0.7)]
+    rows = RowSettings.of(params, 10, "cpu")
+    tokens, flags = StepSampler(rows, 3, 10, "cpu", [None] * 3)(logits)
+    assert flags[1].tolist() == [1, 0, 1] and tokens.tolist()[1] == logits[1].argmax().item()
+    assert ((tokens >= 0) & (tokens < 10)).all()

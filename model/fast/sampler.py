@@ -14,8 +14,20 @@ from typing import Optional
 
 import torch
 
-from ..sampling import RowSettings, StepSampler
+from ..sampling import RowSettings, StepSampler, candidates, uniforms
+from . import sampling_kernel
 from .graphs import try_record
+
+
+class KernelStepSampler(StepSampler):
+    """StepSampler with everything after the ranking in one kernel (sampling_kernel.py): the same
+    candidates and uniform numbers, so the same tokens but for draws within rounding of a boundary."""
+
+    def __call__(self, logits: torch.Tensor):
+        values, tokens = candidates(logits, self.seen, self.rows)                   # [B, R]
+        u = uniforms(self.generators, logits.device, self.ring)                     # [B]
+        out = sampling_kernel.sample(values, tokens, self.rows, u, self.seen)       # [3, B]
+        return out[0], out
 
 
 class CapturedSampler:
@@ -25,7 +37,8 @@ class CapturedSampler:
         self.rows = RowSettings(rows.plain.clone(), rows.penalised.clone(), rows.top_k.clone(), rows.top_p.clone(),
                                 rows.greedy.clone(), rows.ranks, rows.penalises,
                                 None if rows.invalid is None else rows.invalid.clone())
-        self.step = StepSampler(self.rows, batch, vocab, device, [None] * batch)
+        fused = sampling_kernel.fits(rows.ranks, torch.device(device).type == "cuda")
+        self.step = (KernelStepSampler if fused else StepSampler)(self.rows, batch, vocab, device, [None] * batch)
         recorded = try_record(lambda: self.step(self.logits)[1], self.logits, "sampling step")
         self.graph, self.out = recorded if recorded is not None else (None, None)     # out [3, B]
 
