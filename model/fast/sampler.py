@@ -8,7 +8,8 @@ How: one graph per (batch, vocabulary, ranks, penalty on/off, invalid slices or 
 across calls. It reads static copies of the logits and of the rows' settings, which each generate() call
 loads (load()), and its own record of the rows' generated tokens, cleared there. Its random numbers come
 from the GPU's generator inside the graph, so rows with a torch.Generator of their own (a seed) are not
-served by it: they keep the eager step, whose draws come from their generators.
+served by it: they keep the eager step, whose draws come from their generators. On a GPU with Triton the
+captured step is KernelStepSampler: everything after the ranking in one kernel (sampling_kernel.py).
 """
 from typing import Optional
 
