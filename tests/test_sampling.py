@@ -135,3 +135,15 @@ def test_a_nan_row_is_flagged_and_still_names_a_token_of_the_vocabulary():
     tokens, flags = StepSampler(rows, 3, 10, "cpu", [None] * 3)(logits)
     assert flags[1].tolist() == [1, 0, 1] and tokens.tolist()[1] == logits[1].argmax().item()
     assert ((tokens >= 0) & (tokens < 10)).all()
+
+
+def test_an_infinite_logit_in_an_invalid_slice_is_masked_not_certain():
+    """+inf is read after invalid slices are masked (sat masks them too, before it samples): the masked
+    token is out and the others stay in play."""
+    logits = torch.zeros(200, 10)
+    logits[:, 2] = float("inf")
+    rows = RowSettings.of([SamplingParams(top_k=5, top_p=1.0, temperature=1.0, invalid_slices=[slice(0, 3)])] * 200,
+                          10, "cpu")
+    ranked = rank_logits(logits, torch.zeros(200, 10, dtype=torch.bool), rows)
+    tokens = draw(ranked, rows, [None] * 200)
+    assert not ranked.empty.any() and set(tokens.tolist()) <= set(range(3, 10)) and len(set(tokens.tolist())) > 1
