@@ -11,6 +11,8 @@ JSON line per input line (id, response, finish_reason, tokens, seconds, settings
 appended as batches complete; rerunning skips the ids already there, so an interrupted run resumes.
 """
 import argparse
+import contextlib
+import signal
 import sys
 
 
@@ -98,8 +100,9 @@ def main(argv=None) -> int:
     progress = None
 
     def on_done(out):
-        output.write(out)
-        summary.add(out)
+        with _no_interrupt():          # a Ctrl-C between the two left written lines uncounted in the summary
+            output.write(out)
+            summary.add(out)
         progress.update(len(out))
     try:
         if args.ray is not None:
@@ -126,6 +129,19 @@ def main(argv=None) -> int:
     _close(progress)
     print(summary.text())
     return 0
+
+
+@contextlib.contextmanager
+def _no_interrupt():
+    """SIGINT held back (delivered on leaving) where the OS lets a thread block it; elsewhere a no-op."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _close(progress) -> None:
