@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..backend_base import LoadedModelBackend
+from . import kernels
 from .cache import CacheOverflow, KVCache
 from .embedding import quantize_embedding
 from .glm import FastGLM
@@ -32,6 +33,15 @@ from .vision import FastImageEncoder, shared_image_encoder
 log = logging.getLogger("visualglm.fast")
 
 MIN_CACHE = 256
+
+
+def _compile_options(device: torch.device) -> dict:
+    """torch.compile's options for the decode step: where our own kernels launch with PDL (kernels.pdl),
+    the LayerNorm and residual kernels that inductor generates between them do too, so that each kernel
+    of the step starts while the one before it ends (torch 2.10+ has the option)."""
+    import torch._inductor.config as inductor
+
+    return {"triton.enable_pdl": True} if kernels.pdl(device) and hasattr(inductor.triton, "enable_pdl") else {}
 
 
 def _release(weight: torch.Tensor) -> None:
@@ -74,7 +84,8 @@ class FastBackend(LoadedModelBackend):
         self.buckets = self.cuda_graph if buckets is None else buckets
         self.sample_graph = self.cuda_graph      # generate()'s sampling step replayed as a graph (sampler.py)
         self._samplers = SamplerCache()
-        self._decode = torch.compile(self._step, dynamic=False) if self.compiled else self._step
+        self._decode = (torch.compile(self._step, dynamic=False, options=_compile_options(self.device))
+                        if self.compiled else self._step)
         self._cache: Optional[KVCache] = None
         self._graph: Optional[_Graph] = None
         self._prefill: Optional[BucketedPrefill] = None

@@ -55,6 +55,30 @@ def _build():
     return triton, kernel, tuned
 
 
+_pdl = {}             # device -> whether its kernels launch with PDL (pdl())
+
+
+def pdl(device) -> bool:
+    """Whether the fast path's kernels on `device` launch with programmatic dependent launch: on CUDA GPUs
+    of compute capability 9.0 and later (the PTX `griddepcontrol` they call needs it). Each such kernel
+    starts while the one before it still runs, reads its first weights then, and waits for it before
+    touching anything that kernel may write (triton_gemv.after_previous)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _pdl:
+        _pdl[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _pdl[device]
+
+
+def pdl_options(device) -> dict:
+    """A kernel's PDL constant and launch option on `device` (the option only with PDL: Triton's
+    interpreter takes no such option)."""
+    return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
+
+
 def counters(device, n: int = 1) -> torch.Tensor:
     """Zeroed int32 counters on `device`, at least n, for kernels whose last program to finish completes
     the work (attention.py's merge); each kernel leaves them zero again. Kernels on a device run one at a
@@ -85,14 +109,16 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor] = None,
     args = (x, w, scale if quant else w, bias if bias is not None else w, y, M, N, K, rows_bucket(M))
     # on a GPU only: Triton's interpreter (CPU tensors, the CPU tests) cannot run the packed path's PTX
     packed = quant and w.is_cuda and K % 4 == 0 and w.data_ptr() % 4 == 0
-    launch(tuned, plain, args, dict(QUANT=quant, HAS_BIAS=bias is not None, GELU=gelu, PACKED=packed), M, N, config,
-           "BLOCK_K")
+    launch(tuned, plain, args, dict(QUANT=quant, HAS_BIAS=bias is not None, GELU=gelu, PACKED=packed,
+                                    **pdl_options(x.device)),
+           M, N, config, "BLOCK_K")
     return y
 
 
 def launch(tuned, plain, args, constants: dict, M: int, N: int, config, third: str) -> None:
     """Run a GEMV kernel (this one or kernels_int4's) over its grid of (N / BLOCK_N, M / BLOCK_M) programs:
-    the autotuned form, or `plain` at config = (BLOCK_M, BLOCK_N, the tile's third size named `third`, warps)."""
+    the autotuned form, or `plain` at config = (BLOCK_M, BLOCK_N, the tile's third size named `third`, warps).
+    constants: the kernel's constants and launch options (pdl_options among them)."""
     import triton
     if config is None:
         tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))](*args, **constants)

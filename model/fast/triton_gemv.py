@@ -2,6 +2,19 @@
 it is loaded on first use)."""
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
+
+
+@triton.jit
+def after_previous(PDL: tl.constexpr):
+    """With programmatic dependent launch (kernels.pdl(): Hopper and later), a kernel starts while the one
+    before it in the stream still runs: what it does before this call may read only what no earlier kernel
+    writes (weights), and it must store nothing. This waits for the previous kernel to finish, then lets
+    the next one start. Triggering only after the wait keeps the chain safe for the kernels torch.compile
+    makes with PDL (they read two kernels back without a wait)."""
+    if PDL:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -18,9 +31,12 @@ def epilogue(y, cols, b_ptr, N, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
 
 @triton.jit
 def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-           GELU: tl.constexpr, PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+           GELU: tl.constexpr, PACKED: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # ROWS (rows_bucket(M)) is only the tuning key; QUANT: w is int8 with a scale per output row;
-    # PACKED: int8 rows read as int32 words of 4 weights (K % 4 == 0, rows 4-byte aligned, on a GPU)
+    # PACKED: int8 rows read as int32 words of 4 weights (K % 4 == 0, rows 4-byte aligned, on a GPU);
+    # PDL: see after_previous. The one-row loops load each weight tile one step ahead, the first before
+    # waiting for x: a chain of the 7.8B model's fp16 GEMVs and LayerNorms in a CUDA graph took 3.21 ms
+    # without PDL, 3.12 with PDL waiting first and 3.05 with the first tile read ahead (H200, docs/benchmarks.md)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)     # rows of x of this program
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)     # output features of this program
     if BLOCK_M == 1 and PACKED:
@@ -32,10 +48,15 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr
         quad = tl.arange(0, BLOCK_K // 4)
         words = w_ptr.to(tl.pointer_type(tl.int32))
         acc2 = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+        w_next = tl.load(words + cols[:, None] * K4 + quad[None, :], mask=(cols[:, None] < N) & (quad[None, :] < K4),
+                         other=0, eviction_policy="evict_first")                        # [BN, BK/4], tile 0
+        after_previous(PDL)
         for k0 in range(0, K, BLOCK_K):
             k4 = k0 // 4 + quad                                                          # word index
-            w = tl.load(words + cols[:, None] * K4 + k4[None, :], mask=(cols[:, None] < N) & (k4[None, :] < K4),
-                        other=0, eviction_policy="evict_first")                         # [BN, BK/4]
+            w = w_next
+            ahead = k4 + BLOCK_K // 4
+            w_next = tl.load(words + cols[:, None] * K4 + ahead[None, :], mask=(cols[:, None] < N) & (ahead[None, :] < K4),
+                             other=0, eviction_policy="evict_first")                    # the next step's tile
             w0, w1, w2, w3 = tl.inline_asm_elementwise(
                 asm="""{
                 .reg .b32 t, m;
@@ -58,12 +79,18 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr
         acc = tl.sum(acc2, axis=1)[None, :]                                             # [1, BN]
     elif BLOCK_M == 1:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)     # summed over K once, after the loop
+        ks = tl.arange(0, BLOCK_K)
+        w_next = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
+                         other=0, eviction_policy="evict_first")                        # [BN, BK], tile 0
+        after_previous(PDL)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
+            w = w_next
+            ahead = ks + BLOCK_K
+            w_next = tl.load(w_ptr + cols[:, None] * K + ahead[None, :], mask=(cols[:, None] < N) & (ahead[None, :] < K),
+                             other=0, eviction_policy="evict_first")                    # the next step's tile
             x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
                         other=0.0).to(tl.float32)                                       # [1, BK]
-            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
-                        other=0, eviction_policy="evict_first")                         # [BN, BK]
             if QUANT:
                 # q + 128 in 0..255 as the low bits of 2^23's mantissa: integer ops and one subtraction
                 # instead of int->float conversions, which run at a quarter of the rate (measured
@@ -74,6 +101,7 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr
             acc2 += wf * x
         acc = tl.sum(acc2, axis=1)[None, :]                                             # [1, BN]
     else:
+        after_previous(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
