@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from .kernels import AVAILABLE, launch, pdl_options, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
+# (AVAILABLE: callers ask this module too)
+from .kernels import AVAILABLE, graph_bench, launch, pdl_options, rows_bucket  # noqa: F401
 
 # (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps)
 CONFIGS = ((1, 2, 8, 4), (1, 4, 2, 2), (1, 4, 4, 4), (1, 4, 8, 4), (1, 4, 8, 8), (1, 4, 16, 8), (1, 8, 1, 2),
@@ -47,7 +48,7 @@ def _build():
     even = triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["GROUPS"] % a["BLOCK_G"] == 0})(kernel)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_G": g}, num_warps=w) for m, n, g, w in CONFIGS]
     tuned = triton.autotune(configs=configs, key=["ROWS", "N", "KW", "W"],
-                            prune_configs_by={"early_config_prune": _prune})(even)
+                            prune_configs_by={"early_config_prune": _prune}, do_bench=graph_bench)(even)
     return even, tuned
 
 
