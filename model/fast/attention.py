@@ -21,8 +21,8 @@ head)'s chunks to finish, found by an atomic counter that it resets to zero, mer
     mask [B, T] bool (the new slot included), slots [B] each row's new cache slot (< T; any stride: a
     batch that shares one slot passes it expanded) -> [B, nh, 1, hd] in qkv's dtype
 
-Like kernels.py, nothing imports Triton at load time, and torch.compile sees one opaque op,
-visualglm::decode_attention, which writes into keys and values.
+Like kernels.py, nothing imports Triton at load time (the kernel is in triton_attention.py), and
+torch.compile sees one opaque op, visualglm::decode_attention, which writes into keys and values.
 """
 import math
 

@@ -31,7 +31,8 @@ def epilogue(y, cols, b_ptr, N, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
 
 @triton.jit
 def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-           GELU: tl.constexpr, PACKED: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+           GELU: tl.constexpr, PACKED: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr):
     # ROWS (rows_bucket(M)) is only the tuning key; QUANT: w is int8 with a scale per output row;
     # PACKED: int8 rows read as int32 words of 4 weights (K % 4 == 0, rows 4-byte aligned, on a GPU);
     # PDL: see after_previous. The one-row loops load each weight tile one step ahead, the first before
@@ -55,8 +56,9 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr
             k4 = k0 // 4 + quad                                                          # word index
             w = w_next
             ahead = k4 + BLOCK_K // 4
-            w_next = tl.load(words + cols[:, None] * K4 + ahead[None, :], mask=(cols[:, None] < N) & (ahead[None, :] < K4),
-                             other=0, eviction_policy="evict_first")                    # the next step's tile
+            w_next = tl.load(words + cols[:, None] * K4 + ahead[None, :],
+                             mask=(cols[:, None] < N) & (ahead[None, :] < K4), other=0,
+                             eviction_policy="evict_first")                             # the next step's tile
             w0, w1, w2, w3 = tl.inline_asm_elementwise(
                 asm="""{
                 .reg .b32 t, m;
@@ -87,8 +89,9 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, ROWS, QUANT: tl.constexpr
             ks = k0 + tl.arange(0, BLOCK_K)
             w = w_next
             ahead = ks + BLOCK_K
-            w_next = tl.load(w_ptr + cols[:, None] * K + ahead[None, :], mask=(cols[:, None] < N) & (ahead[None, :] < K),
-                             other=0, eviction_policy="evict_first")                    # the next step's tile
+            w_next = tl.load(w_ptr + cols[:, None] * K + ahead[None, :],
+                             mask=(cols[:, None] < N) & (ahead[None, :] < K), other=0,
+                             eviction_policy="evict_first")                             # the next step's tile
             x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K),
                         other=0.0).to(tl.float32)                                       # [1, BK]
             if QUANT:
