@@ -205,7 +205,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--one", help=argparse.SUPPRESS)                  # run one variant (child process)
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--check", action="store_true", help="first check the kernels and fast-vs-sat greedy agreement (a failed check is marked WRONG "
+    p.add_argument("--check", action="store_true",
+                   help="first check the kernels and fast-vs-sat greedy agreement (a failed check is marked WRONG "
                         "and the exit status is 1)")
     args = p.parse_args(argv)
     if args.one:
