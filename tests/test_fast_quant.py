@@ -146,8 +146,7 @@ def with_epilogue(exact, bias, gelu):
 
 def long_rows(device: str) -> tuple:
     """On a GPU also one row of 16384 (the 7.8B model's down projection: a hundred steps of a tile's loop,
-    N a multiple of every tile): bench_inference --check once found the int4 GEMV wrong there alone.
-    Too slow for the interpreter."""
+    N a multiple of every tile). Too slow for the interpreter."""
     return ((1, 64, 16384),) if device == "cuda" else ()
 
 
@@ -208,6 +207,31 @@ def test_triton_gemvs_compute_the_dequantized_products_on_the_gpu():
     """The Triton GEMV (int8 and float weights) under every tile it may be tuned to."""
     pytest.importorskip("triton", reason="Triton is not installed on this CUDA machine")
     check_triton_kernels("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the autotuning's timing runs on the GPU only")
+def test_tile_timing_starts_after_the_work_queued_before_it():
+    """kernels.graph_bench (the GEMVs' autotuning) times tiles on a stream of its own: it must wait for the
+    current stream, or a tile writes its output block while earlier work still reads that block as a freed
+    temporary (seen as a wrong product on an H200). The GPU is kept busy for ~1 s; the first timed call
+    must find that work done."""
+    pytest.importorskip("triton", reason="Triton is not installed on this CUDA machine")
+    from model.fast import kernels
+    counter = torch.zeros(1, device="cuda")
+    kernels.graph_bench(lambda: counter.add_(1), quantiles=(0.5, 0.2, 0.8))   # imports done, streams made
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2 * 10 ** 9)                               # ~1 s of spinning at ~2 GHz
+    busy_done = torch.cuda.Event()
+    busy_done.record()
+    seen = []
+
+    def kernel_call():
+        if not seen:
+            seen.append(busy_done.query())
+        counter.add_(1)
+
+    kernels.graph_bench(kernel_call, quantiles=(0.5, 0.2, 0.8))
+    assert seen == [True]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves (the test above); the "

@@ -48,8 +48,13 @@ def graph_bench(kernel_call, quantiles):
     """How the GEMVs' autotuning times a tile: launched back to back in a CUDA graph, each launch starting
     as the last one ends (PDL), as a decoding step runs them. Triton's default times one launch at a time
     after flushing L2, which on an H200 chose a tile for the 7.8B model's qkv layer that took 26.7 us a
-    layer in a chain of its 28 layers where the best took 24.8 (docs/benchmarks.md)."""
+    layer in a chain of its 28 layers where the best took 24.8 (docs/benchmarks.md).
+    Triton runs the tiles on a stream of its own that does not wait for the current one, so everything
+    queued before is finished first: else a tile could write the output, a block the caching allocator
+    just handed over, while work queued earlier still reads that block as a freed temporary (on an H200
+    this corrupted a reference product queued before an int8 GEMV's first call, bench_inference --check)."""
     from triton.testing import do_bench_cudagraph
+    torch.cuda.synchronize()
     return do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
 
 
