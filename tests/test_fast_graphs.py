@@ -146,21 +146,24 @@ def test_recording_keeps_no_autograd_state(monkeypatch):
     assert grad_modes == [False, False, False] and not out.requires_grad and out.grad_fn is None
 
 
-def test_kernels_launched_with_pdl_give_the_tokens_of_plain_launches(net, tiny_config, monkeypatch):
+@pytest.mark.parametrize("quant", [None, 4])
+def test_kernels_launched_with_pdl_give_the_tokens_of_plain_launches(net, tiny_config, monkeypatch, quant):
     """On Hopper and later the fast path's kernels and the compiled step's own launch with programmatic
     dependent launch (each starts while the one before it ends): a read before its wait would show here
-    as other tokens than with PDL off. Batch 1, so the one-row GEMVs and the attention kernel run."""
+    as other tokens than with PDL off. Batch 1, so the one-row GEMVs (float or int4) and the attention
+    kernel run."""
     if not torch.cuda.is_available():
         pytest.skip(NO_GPU)
     from model.fast import kernels
     if not kernels.pdl("cuda"):
         pytest.skip("programmatic dependent launch needs compute capability 9.0 or later")
-    gpu = build_model(tiny_config, device="cuda").eval()
-    gpu.load_state_dict(net.state_dict())
-    emb = FastBackend(gpu).encode_image(torch.randn(1, 3, 224, 224, device="cuda"))[0]
 
     def tokens():
-        backend = FastBackend(gpu)
+        gpu = build_model(tiny_config, device="cuda").eval()       # afresh: quantizing releases its weights
+        gpu.load_state_dict(net.state_dict())
+        backend = FastBackend(gpu, quant=quant)
+        emb = backend.encode_image(torch.randn(1, 3, 224, 224, device="cuda", generator=torch.Generator(
+            device="cuda").manual_seed(0)))[0]
         return [list(generate(backend, [request], 1, [])) for request in mixed_batch(tiny_config, emb)]
 
     with_pdl = tokens()

@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from .kernels import AVAILABLE, launch, rows_bucket  # noqa: F401  (AVAILABLE: callers ask this module too)
+# (AVAILABLE: callers ask this module too)
+from .kernels import AVAILABLE, graph_bench, launch, pdl_options, rows_bucket  # noqa: F401
 
 # (BLOCK_M rows, BLOCK_N output features, BLOCK_G groups per step along K, warps)
 CONFIGS = ((1, 2, 8, 4), (1, 4, 2, 2), (1, 4, 4, 4), (1, 4, 8, 4), (1, 4, 8, 8), (1, 4, 16, 8), (1, 8, 1, 2),
@@ -47,7 +48,7 @@ def _build():
     even = triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK_N"] == 0 and a["GROUPS"] % a["BLOCK_G"] == 0})(kernel)
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_G": g}, num_warps=w) for m, n, g, w in CONFIGS]
     tuned = triton.autotune(configs=configs, key=["ROWS", "N", "KW", "W"],
-                            prune_configs_by={"early_config_prune": _prune})(even)
+                            prune_configs_by={"early_config_prune": _prune}, do_bench=graph_bench)(even)
     return even, tuned
 
 
@@ -67,8 +68,8 @@ def gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optio
     args = (x, words, scales, bias if bias is not None else scales, y, M, N, K // 8, groups, rows_bucket(M))
     # fp16x2 PTX: fp16 x, read as 32-bit words (its rows start on 4-byte boundaries: K is a multiple of 32)
     asm = x.is_cuda and x.dtype == torch.float16 and x.data_ptr() % 4 == 0
-    launch(tuned, plain, args, dict(W=K // groups // 8, HAS_BIAS=bias is not None, GELU=gelu, ASM=asm), M, N, config,
-           "BLOCK_G")
+    launch(tuned, plain, args, dict(W=K // groups // 8, HAS_BIAS=bias is not None, GELU=gelu, ASM=asm,
+                                    **pdl_options(x.device)), M, N, config, "BLOCK_G")
     return y
 
 

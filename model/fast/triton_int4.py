@@ -11,7 +11,7 @@ word's sum is then scaled by 8 * its group's scale into an fp32 accumulator.
 import triton
 import triton.language as tl
 
-from .triton_gemv import epilogue
+from .triton_gemv import after_previous, epilogue
 
 WORD_DOT = tl.constexpr("""{
 .reg .b32 t0, t1, t2, t3, w8, s0, b0, s1, b1, acc;
@@ -49,7 +49,7 @@ def nibble(w, shift):
 
 @triton.jit
 def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-           GELU: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+           GELU: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     # x [M, K = 8 KW], w [N, KW] int32 words, s [N, GROUPS] group scales; ROWS is the tuning key only;
     # EVEN: N and GROUPS are multiples of the tile (no masks). KW and GROUPS come as arguments, not derived
     # from K, so that Triton knows their divisibility and loads 4 words at a time.
@@ -69,14 +69,24 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.cons
         else:
             xs = x_ptr + tl.program_id(1) * K + g * G + 2 * j                     # pair 0, element 0
         acc = tl.zeros((BLOCK_N, BLOCK_G, W), dtype=tl.float32)
+        # each step's words and scales are loaded one step ahead, the first before after_previous (see there)
+        if EVEN:
+            w_next = tl.load(ws, eviction_policy="evict_first")                   # [BN, BG, W] int32
+            s_next = tl.load(ss)                                                  # [BN, BG, 1]
+        else:
+            live = (n < N) & (g < GROUPS)
+            w_next = tl.load(ws, mask=live, other=0, eviction_policy="evict_first")        # live broadcasts
+            s_next = tl.load(ss, mask=live, other=0.0)
+        after_previous(PDL)
         for g0 in range(0, GROUPS, BLOCK_G):
-            if EVEN:
-                w = tl.load(ws, eviction_policy="evict_first")                    # [BN, BG, W] int32
-                s8 = tl.load(ss).to(tl.float32) * 8                               # [BN, BG, 1]
-            else:
-                live = (n < N) & (g0 + g < GROUPS)
-                w = tl.load(ws, mask=live, other=0, eviction_policy="evict_first")         # live broadcasts
-                s8 = tl.load(ss, mask=live, other=0.0).to(tl.float32) * 8
+            w, s8 = w_next, s_next.to(tl.float32) * 8
+            ws += BLOCK_G * W
+            ss += BLOCK_G
+            live = g0 + BLOCK_G + g < GROUPS                                      # [1, BG, 1]: the next step
+            if not EVEN:
+                live = live & (n < N)
+            w_next = tl.load(ws, mask=live, other=0, eviction_policy="evict_first")
+            s_next = tl.load(ss, mask=live, other=0.0)
             inside = (g0 + g < GROUPS) | EVEN                                    # [1, BG, 1]
             if ASM:
                 x0 = tl.load(xs, mask=inside, other=0)                          # pair 0's two fp16 as a word
@@ -97,13 +107,12 @@ def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.cons
                         + nibble(w, 28) * tl.load(xs + 6 * W + 1, mask=inside, other=0.0).to(tl.float32))
                 xs += BLOCK_G * G
             acc += part * s8
-            ws += BLOCK_G * W
-            ss += BLOCK_G
         y = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]                      # [1, BN]
     else:
         # up to BLOCK_M rows through tl.dot: each (pair, element) plane of the words dequantized on its own
         # and multiplied by its own columns of x (a sum over K in any order is the same sum)
         BKW: tl.constexpr = BLOCK_G * W                                       # words per step
+        after_previous(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for w0 in range(0, KW, BKW):
             word = w0 + tl.arange(0, BKW)                                     # [BKW] word of the row
