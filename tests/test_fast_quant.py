@@ -209,7 +209,7 @@ def test_triton_gemvs_compute_the_dequantized_products_on_the_gpu():
     check_triton_kernels("cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the autotuning's timing runs on the GPU only")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: tile timing runs on the GPU only")
 def test_tile_timing_starts_after_the_work_queued_before_it():
     """kernels.graph_bench (the GEMVs' autotuning) times tiles on a stream of its own: it must wait for the
     current stream, or a tile writes its output block while earlier work still reads that block as a freed
@@ -218,7 +218,7 @@ def test_tile_timing_starts_after_the_work_queued_before_it():
     pytest.importorskip("triton", reason="Triton is not installed on this CUDA machine")
     from model.fast import kernels
     counter = torch.zeros(1, device="cuda")
-    kernels.graph_bench(lambda: counter.add_(1), quantiles=(0.5, 0.2, 0.8))   # imports done, streams made
+    kernels.graph_bench(lambda: counter.add_(1), quantiles=(0.5, 0.2, 0.8))    # imports and streams made
     torch.cuda.synchronize()
     torch.cuda._sleep(2 * 10 ** 9)                               # ~1 s of spinning at ~2 GHz
     busy_done = torch.cuda.Event()

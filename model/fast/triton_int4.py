@@ -49,7 +49,8 @@ def nibble(w, shift):
 
 @triton.jit
 def kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, KW, GROUPS, ROWS, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-           GELU: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+           GELU: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     # x [M, K = 8 KW], w [N, KW] int32 words, s [N, GROUPS] group scales; ROWS is the tuning key only;
     # EVEN: N and GROUPS are multiples of the tile (no masks). KW and GROUPS come as arguments, not derived
     # from K, so that Triton knows their divisibility and loads 4 words at a time.
