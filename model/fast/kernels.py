@@ -73,11 +73,11 @@ _pdl = {}             # device -> whether its kernels launch with PDL (pdl())
 
 
 def pdl(device) -> bool:
-    """Whether the kernels that take pdl_options (this GEMV, attention.py's) and the decode step's compiled
-    kernels launch with programmatic dependent launch on `device`: CUDA GPUs of compute capability 9.0 and
-    later (the PTX `griddepcontrol` they call needs it). Such a kernel starts while the one before it
-    still runs, reads its first weights then, and waits for it before touching anything that kernel may
-    write (triton_gemv.after_previous)."""
+    """Whether the kernels that take pdl_options (this GEMV, kernels_int4.py's, attention.py's) and the
+    decode step's compiled kernels launch with programmatic dependent launch on `device`: CUDA GPUs of
+    compute capability 9.0 and later (the PTX `griddepcontrol` they call needs it). Such a kernel starts
+    while the one before it still runs, reads its first weights then, and waits for it before touching
+    anything that kernel may write (triton_gemv.after_previous)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False

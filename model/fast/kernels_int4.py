@@ -11,7 +11,9 @@ fp16x2 by inline PTX (16 instructions for 8 weights, no per-weight conversion to
 with the nibbles as fp32 floats was bound by its instructions at 1.0-1.5 TB/s, below torch's tinygemm);
 elsewhere (bf16 x, Triton's interpreter in the CPU tests) the nibbles are taken with shifts, the same
 values in fp32. Measured on an H200 (docs/benchmarks.md): a token's int4 GEMVs 1.52 ms against
-tinygemm's 1.96, relative error 4.5e-4 against the fp32 product (tinygemm, in bf16: 3.4e-3).
+tinygemm's 1.96, relative error 4.5e-4 against the fp32 product (tinygemm, in bf16: 3.4e-3). With PDL
+(kernels.pdl) each program reads its first words before waiting for the previous kernel, and every
+next step's one step ahead.
 
 BLOCK_M 16-64: that many rows through tl.dot, each (pair, element) plane dequantized and multiplied by its
 own columns of x, so batched decoding and prompts read and unpack each weight once per tile of rows.
